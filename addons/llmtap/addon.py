@@ -1,0 +1,357 @@
+"""The mitmproxy addon: watches completion exchanges and hands one record per exchange to sinks.
+
+It never changes what the app and upstream exchange (``--propagate`` is the one opt-in
+exception: it adds a ``traceparent`` header). Streams are forwarded chunk by chunk through
+``StreamTee``, which returns each chunk untouched and reads a copy. Every fault of llmtap's
+own is caught, counted in ``Health`` and logged once: the exchange always goes on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import random
+import sys
+import time
+from typing import Any
+
+from mitmproxy import ctx, http
+
+from llmtap import __version__
+from llmtap.config import OPTIONS, Settings
+from llmtap.health import Health
+from llmtap.pricing import PriceTable, resolve_cost
+from llmtap.protocols import pulze
+from llmtap.protocols.openai_compat import (
+    StreamAccumulator,
+    error_message,
+    operation_for,
+    provider_from,
+    request_fields,
+    response_fields,
+)
+from llmtap.protocols.values import load_json
+from llmtap.record import FIELD_NAMES, ExchangeRecord
+from llmtap.sinks import Sink
+from llmtap.sse import SSEDecoder, incremental_decoder
+
+log = logging.getLogger("llmtap")
+
+_METADATA_KEY = "llmtap"
+_PUBLIC_SALT = b"llmtap-key-fingerprint-v1"
+_RECORD_FIELDS = frozenset(FIELD_NAMES)
+
+
+def key_fingerprint(headers: Any, salt: str) -> str | None:
+    """A keyed hash prefix of the API key; the key itself goes no further than this function."""
+    auth = headers.get("authorization", "")
+    key = auth[7:].strip() if auth[:7].lower() == "bearer " else headers.get("api-key") or headers.get("x-api-key")
+    if not key:
+        return None
+    digest = hmac.new(salt.encode() if salt else _PUBLIC_SALT, key.encode(), hashlib.sha256).hexdigest()
+    return "fp_" + digest[:16]
+
+
+class StreamTee:
+    """``flow.response.stream`` callable: returns every chunk as-is, parses a copy.
+
+    Parsing problems switch parsing off for the rest of the stream (counted once); the
+    chunks keep flowing either way.
+    """
+
+    __slots__ = ("exchange", "health", "_decode", "_sse", "_done")
+
+    def __init__(self, exchange: Exchange, content_encoding: str | None, health: Health) -> None:
+        self.exchange = exchange
+        self.health = health
+        self._decode = incremental_decoder(content_encoding)
+        self._sse = SSEDecoder()
+        self._done = False
+        if self._decode is None:
+            exchange.parse_problem = f"unsupported content-encoding {content_encoding!r}"
+
+    def __call__(self, chunk: bytes) -> bytes:
+        if self._decode is not None:
+            try:
+                self._read(chunk)
+            except Exception as exc:  # fail open: stop parsing, keep forwarding
+                self._decode = None
+                self.exchange.parse_problem = f"stream parse failed: {type(exc).__name__}"
+                self.health.error("parse_stream", exc, self.exchange.path)
+        return chunk
+
+    def _read(self, chunk: bytes) -> None:
+        events = self._sse.feed(self._decode(chunk)) if chunk else self._sse.flush()
+        exchange = self.exchange
+        for data in events:
+            if data == b"[DONE]":
+                continue
+            if exchange.stream.add(load_json(data)) and exchange.first_token_at is None:
+                exchange.first_token_at = time.time()
+
+
+class Exchange:
+    """What is known about one exchange while it is in flight (lives in ``flow.metadata``)."""
+
+    __slots__ = (
+        "operation", "path", "fields", "stream", "first_token_at", "parse_problem", "finished",
+    )
+
+    def __init__(self, operation: str, path: str, fields: dict[str, Any]) -> None:
+        self.operation = operation
+        self.path = path
+        self.fields = fields
+        self.stream: StreamAccumulator | None = None
+        self.first_token_at: float | None = None
+        self.parse_problem: str | None = None
+        self.finished = False
+
+
+class LLMTap:
+    """mitmproxy addon. Sinks are built when the proxy starts and closed when it stops."""
+
+    def __init__(self) -> None:
+        self.settings = Settings()
+        self.health = Health()
+        self.prices = PriceTable.load()
+        self.sinks: list[Sink] = []
+        self._running = False
+
+    # --- options -------------------------------------------------------------------------
+    def load(self, loader) -> None:
+        for name, typespec, default, help_text in OPTIONS:
+            loader.add_option(name, typespec, default, help_text)
+
+    def configure(self, updated: set[str]) -> None:
+        if not any(name.startswith("llmtap_") for name in updated):
+            return
+        settings = Settings.from_options(ctx.options)
+        try:
+            prices = PriceTable.load(settings.prices or None)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            from mitmproxy.exceptions import OptionsError
+
+            raise OptionsError(f"llmtap_prices: cannot read {settings.prices!r}: {exc}") from exc
+        changed = settings != self.settings
+        self.settings, self.prices = settings, prices
+        if self._running and changed:
+            self._close_sinks()
+            self.sinks = self._build_sinks()
+
+    def running(self) -> None:
+        if not self._running:
+            self._running = True
+            self.sinks = self._build_sinks()
+            self._print_banner()
+
+    def done(self) -> None:
+        self._close_sinks()
+        self._running = False
+
+    def _build_sinks(self) -> list[Sink]:
+        """Audit first: its journal append must happen before anything else can fail."""
+        from llmtap.sinks.jsonl import JsonlSink
+
+        settings, health, sinks = self.settings, self.health, []
+        if settings.db:
+            from llmtap.sinks.audit import AuditSink
+
+            sinks.append(AuditSink(settings, health))
+        if settings.jsonl:
+            sinks.append(JsonlSink(settings.jsonl, health))
+        if settings.metrics_port >= 0:
+            from llmtap.sinks.metrics import MetricsSink
+
+            sinks.append(MetricsSink(settings, health))
+        if settings.otlp_configured:
+            from llmtap.sinks.spans import SpanSink
+
+            sinks.append(SpanSink(settings, health))
+        return sinks
+
+    def _print_banner(self) -> None:
+        """One short banner on stderr: what to give the app, and where everything goes."""
+        proxyserver = ctx.master.addons.get("proxyserver")
+        addrs = proxyserver.listen_addrs() if proxyserver else []
+        host, port = (addrs[0][0], addrs[0][1]) if addrs else (ctx.options.listen_host or "127.0.0.1", ctx.options.listen_port)
+        host = "127.0.0.1" if host in ("", "0.0.0.0", "::") else host
+        mode = ctx.options.mode[0] if ctx.options.mode else "regular"
+        if mode.startswith("reverse:"):
+            app = f"OPENAI_BASE_URL=http://{host}:{port}/v1   (upstream {mode.removeprefix('reverse:')})"
+        else:
+            app = f"HTTPS_PROXY=http://{host}:{port}   (trust {ctx.options.confdir}/mitmproxy-ca-cert.pem)"
+        metrics = next((s for s in self.sinks if s.name == "metrics"), None)
+        lines = [f"llmtap {__version__} listening: {app}"]
+        if metrics is not None:
+            lines.append(f"  metrics  http://{self.settings.metrics_host}:{metrics.port}/metrics")
+        lines.append(f"  audit    {self.settings.db or 'off'}")
+        if self.settings.jsonl:
+            lines.append(f"  jsonl    {self.settings.jsonl}")
+        lines.append(f"  spans    {'OTLP on' if self.settings.otlp_configured else 'off (no OTLP endpoint)'}")
+        lines.append(f"  content  {'CAPTURED (opt-in)' if self.settings.capture_content else 'not captured'}")
+        print("\n".join(lines), file=sys.stderr, flush=True)
+
+    def _close_sinks(self) -> None:
+        for sink in self.sinks:
+            try:
+                sink.close()
+            except Exception as exc:
+                self.health.error(f"close_{sink.name}", exc)
+        self.sinks = []
+
+    # --- hooks -----------------------------------------------------------------------------
+    def request(self, flow: http.HTTPFlow) -> None:
+        operation = operation_for(flow.request.method, flow.request.path)
+        if operation is None:
+            self._passthrough(flow.request.method)
+            return
+        try:
+            exchange = Exchange(operation, flow.request.path.split("?", 1)[0], self._request_fields(flow, operation))
+        except Exception as exc:  # fail open: the exchange goes on, recorded from what we can
+            self.health.error("parse_request", exc, flow.request.path)
+            exchange = Exchange(operation, flow.request.path.split("?", 1)[0], {"request_start": flow.request.timestamp_start})
+            exchange.parse_problem = f"request parse failed: {type(exc).__name__}"
+        flow.metadata[_METADATA_KEY] = exchange
+        self.health.in_flight += 1
+        if self.settings.propagate and exchange.fields.get("span_id"):
+            flow.request.headers["traceparent"] = f"00-{exchange.fields['trace_id']}-{exchange.fields['span_id']}-01"
+
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        exchange = flow.metadata.get(_METADATA_KEY)
+        if exchange is None or flow.response is None:
+            return
+        if "text/event-stream" in flow.response.headers.get("content-type", ""):
+            cap = self.settings.content_max_chars if self.settings.capture_content else None
+            exchange.stream = StreamAccumulator(cap)
+            flow.response.stream = StreamTee(exchange, flow.response.headers.get("content-encoding"), self.health)
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        self._finish(flow)
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        self._finish(flow)
+
+    # --- internals ---------------------------------------------------------------------------
+    def _passthrough(self, method: str) -> None:
+        for sink in self.sinks:
+            passthrough = getattr(sink, "passthrough", None)
+            if passthrough is not None:
+                passthrough(method)
+
+    def _request_fields(self, flow: http.HTTPFlow, operation: str) -> dict[str, Any]:
+        request = flow.request
+        headers = request.headers
+        capture = self.settings.content_max_chars if self.settings.capture_content else None
+        fields = request_fields(load_json(request.get_content(strict=False)), operation, capture)
+        fields.update(pulze.header_fields(headers))
+        traceparent = headers.get("traceparent")
+        incoming_trace = _trace_id_of(traceparent)
+        fields.update(
+            request_start=request.timestamp_start,
+            request_end=request.timestamp_end,
+            client_address=flow.client_conn.peername[0] if flow.client_conn.peername else None,
+            upstream_scheme=request.scheme,
+            upstream_host=request.host,
+            upstream_port=request.port,
+            key_fingerprint=key_fingerprint(headers, self.settings.key_salt),
+            traceparent=traceparent if incoming_trace else None,
+            trace_id=incoming_trace or f"{random.getrandbits(128) or 1:032x}",
+            span_id=f"{random.getrandbits(64) or 1:016x}",
+        )
+        return fields
+
+    def _finish(self, flow: http.HTTPFlow) -> None:
+        exchange: Exchange | None = flow.metadata.get(_METADATA_KEY)
+        if exchange is None or exchange.finished:
+            return
+        exchange.finished = True
+        self.health.in_flight -= 1
+        try:
+            record = self._build_record(flow, exchange)
+        except Exception as exc:  # a record must exist even when building it failed
+            self.health.error("build_record", exc, exchange.path)
+            record = ExchangeRecord(
+                exchange_id=flow.id, operation=exchange.operation, method=flow.request.method,
+                path=exchange.path, request_start=flow.request.timestamp_start,
+                response_end=time.time(), http_status=flow.response.status_code if flow.response else None,
+                error_type="llmtap_parse_error", error_message=f"{type(exc).__name__}: {exc}"[:300],
+            )
+        for sink in self.sinks:
+            try:
+                sink.emit(record)
+            except Exception as exc:  # fail open: one sink's fault touches neither the flow nor other sinks
+                self.health.error(sink.name, exc, exchange.path)
+
+    def _build_record(self, flow: http.HTTPFlow, exchange: Exchange) -> ExchangeRecord:
+        fields = dict(exchange.fields)
+        response = flow.response
+        capture = self.settings.content_max_chars if self.settings.capture_content else None
+        body = None
+        if exchange.stream is not None:
+            fields.update(exchange.stream.fields())
+            fields["stream"] = True
+        elif response is not None and response.raw_content is not None:
+            raw = response.get_content(strict=False)
+            body = load_json(raw)
+            if 200 <= response.status_code < 300:
+                if body is None and raw:
+                    exchange.parse_problem = "response body is not JSON"
+                fields.update(response_fields(body, capture))
+            else:
+                fields.update(error_message=error_message(body, raw))
+                if isinstance(body, dict):  # errors may still carry Pulze metadata
+                    fields.update(pulze.metadata_fields(body.get("metadata")))
+        if response is not None:
+            fields.update(
+                http_status=response.status_code,
+                response_start=response.timestamp_start,
+                response_end=response.timestamp_end or time.time(),
+            )
+        else:
+            fields["response_end"] = time.time()
+        fields["first_token_at"] = exchange.first_token_at
+        fields["error_type"] = _error_type(flow)
+        if flow.error is not None:
+            fields["error_message"] = flow.error.msg[:300]
+        elif exchange.parse_problem and fields["error_type"] is None:
+            self.health.error("parse_response", ValueError(exchange.parse_problem), exchange.path)
+        fields["router"] = "pulze" if (pulze.is_pulze_host(fields.get("upstream_host")) or fields.get("metadata")) else None
+        fields["provider"] = (fields.get("served_provider") or "").lower() or provider_from(
+            fields.get("upstream_host"), fields.get("served_namespace"), fields.get("response_model")
+        ) or ("pulze" if fields["router"] else None)
+        fields.update(resolve_cost(fields, self.prices))
+        kwargs = {k: v for k, v in fields.items() if k in _RECORD_FIELDS}
+        return ExchangeRecord(
+            exchange_id=flow.id, operation=exchange.operation, method=flow.request.method, path=exchange.path, **kwargs
+        )
+
+
+def _error_type(flow: http.HTTPFlow) -> str | None:
+    """A short, bounded name for what went wrong, or None for a complete 2xx/3xx exchange."""
+    if flow.error is not None:
+        message = flow.error.msg.lower()
+        if flow.error.msg == flow.error.KILLED_MESSAGE:
+            return "killed"
+        if "client" in message:
+            return "client_disconnected"
+        if flow.response is None:
+            return "connection_error"
+        return "upstream_disconnected"
+    if flow.response is not None and flow.response.status_code >= 400:
+        return f"http_{flow.response.status_code}"
+    return None
+
+
+def _trace_id_of(traceparent: str | None) -> str | None:
+    """The trace id of a valid W3C ``traceparent`` (version-traceid-spanid-flags)."""
+    if not traceparent:
+        return None
+    parts = traceparent.strip().split("-")
+    if len(parts) < 4 or len(parts[1]) != 32 or len(parts[2]) != 16 or parts[1] == "0" * 32:
+        return None
+    try:
+        int(parts[1], 16), int(parts[2], 16)
+    except ValueError:
+        return None
+    return parts[1].lower()

@@ -1,0 +1,100 @@
+"""The ``llmtap`` command: run the sidecar, the simulated upstream, the demo and the reports."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from llmtap import __version__
+from llmtap.config import DEFAULT_UPSTREAM
+from llmtap.report import audit, report
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="llmtap")
+def main() -> None:
+    """Observability and cost tracking for LLM completion traffic."""
+
+
+@main.command(context_settings={"ignore_unknown_options": False})
+@click.option("--upstream", default=DEFAULT_UPSTREAM, show_default=True, help="Upstream API (reverse mode).")
+@click.option("--mode", type=click.Choice(["reverse", "regular"]), default="reverse", show_default=True,
+              help="reverse: apps use llmtap as base URL. regular: apps set HTTPS_PROXY.")
+@click.option("--listen-host", default="127.0.0.1", show_default=True)
+@click.option("--listen-port", default=8080, show_default=True, type=int)
+@click.option("--metrics-host", default="127.0.0.1", show_default=True)
+@click.option("--metrics-port", default=9464, show_default=True, type=int, help="-1 disables /metrics.")
+@click.option("--db", default="./llmtap.db", show_default=True, help="SQLite audit log; '' disables it.")
+@click.option("--jsonl", default="", help="Also write records as JSON lines to PATH, or '-' for stdout.")
+@click.option("--otlp-endpoint", default="", help="OTLP traces endpoint (else the OTEL_* environment).")
+@click.option("--propagate", is_flag=True, help="Inject llmtap's traceparent upstream (changes requests).")
+@click.option("--capture-content", is_flag=True, help="Record prompt and completion text (off by default).")
+@click.option("--fsync", type=click.Choice(["never", "batch"]), default="never", show_default=True)
+@click.option("--retention-days", default=0, show_default=True, type=int, help="0 keeps rows forever.")
+@click.option("--metric-label", "metric_labels", multiple=True,
+              help="Pulze-Labels key (or 'key') to add as a metric label. Repeatable.")
+@click.option("--label-limit", default=50, show_default=True, type=int)
+@click.option("--prices", default="", help="JSON price file merged over the built-in table.")
+@click.option("--confdir", default="", help="mitmproxy confdir (CA certificates); default ~/.mitmproxy.")
+@click.option("--set", "extra_sets", multiple=True, metavar="OPTION=VALUE",
+              help="Any other mitmproxy option, as with mitmdump --set. Repeatable.")
+def run(upstream: str, mode: str, listen_host: str, listen_port: int, confdir: str,
+        extra_sets: tuple[str, ...], **llmtap_options) -> None:
+    """Run the sidecar (mitmproxy with the llmtap addon) in the foreground."""
+    from llmtap.server import serve
+
+    llmtap_options["metric_labels"] = list(llmtap_options["metric_labels"])
+    code = serve(upstream=upstream, mode=mode, listen_host=listen_host, listen_port=listen_port,
+                 confdir=confdir, extra_sets=extra_sets,
+                 options={f"llmtap_{k}": v for k, v in llmtap_options.items()})
+    sys.exit(code)
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8000, show_default=True, type=int)
+@click.option("--chunk-delay", default=0.02, show_default=True, type=float, help="Seconds between stream chunks.")
+@click.option("--first-byte-delay", default=0.0, show_default=True, type=float)
+@click.option("--fault-rate", default=0.0, show_default=True, type=float, help="Share of requests given a random fault.")
+def simulate(host: str, port: int, chunk_delay: float, first_byte_delay: float, fault_rate: float) -> None:
+    """Run the simulated Pulze API (for demos, tests and benchmarks)."""
+    from llmtap.simulator import serve
+
+    serve(host, port, chunk_delay, first_byte_delay, fault_rate=fault_rate)
+
+
+@main.command()
+@click.option("--base-url", required=True, help="Where the app would point, e.g. http://127.0.0.1:8080/v1")
+@click.option("--count", default=40, show_default=True, type=int, help="Requests to send; 0 = forever.")
+@click.option("--interval", default=0.0, show_default=True, type=float, help="Seconds between requests.")
+@click.option("--api-key", default="sk-demo-not-a-real-key", envvar="LLMTAP_DEMO_API_KEY")
+@click.option("--seed", default=1, type=int)
+def traffic(base_url: str, count: int, interval: float, api_key: str, seed: int) -> None:
+    """Send mixed completion traffic (chat and text, streamed and not, some faults) with the openai SDK."""
+    from llmtap.traffic import drive
+
+    summary = drive(base_url, api_key=api_key, count=count, interval=interval, seed=seed)
+    click.echo(summary.describe())
+
+
+@main.command()
+@click.option("--count", default=40, show_default=True, type=int, help="Demo requests to send.")
+@click.option("--exit", "exit_after", is_flag=True, help="Exit after the traffic instead of waiting for Ctrl-C.")
+@click.option("--dir", "workdir", default="demo-out", show_default=True, help="Where the DB and logs go.")
+@click.option("--listen-port", default=8080, show_default=True, type=int)
+@click.option("--metrics-port", default=9464, show_default=True, type=int)
+def demo(count: int, exit_after: bool, workdir: str, listen_port: int, metrics_port: int) -> None:
+    """Simulated Pulze upstream + llmtap + traffic; prints where metrics, DB and report are."""
+    from llmtap.demo import run_demo
+
+    sys.exit(run_demo(count=count, exit_after=exit_after, workdir=workdir,
+                      listen_port=listen_port, metrics_port=metrics_port))
+
+
+main.add_command(report)
+main.add_command(audit)
+
+
+if __name__ == "__main__":
+    main()

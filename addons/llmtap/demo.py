@@ -1,0 +1,75 @@
+"""``llmtap demo``: the simulated Pulze upstream, llmtap in front of it, and traffic through it."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from llmtap.simulator import Simulator
+from llmtap.traffic import drive
+
+
+def run_demo(*, count: int, exit_after: bool, workdir: str, listen_port: int, metrics_port: int) -> int:
+    out = Path(workdir).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    db, log_path = out / "llmtap.db", out / "llmtap.log"
+    simulator = Simulator(chunk_delay=0.02, fault_rate=0.0)
+    simulator.start()
+    args = [
+        sys.executable, "-m", "llmtap.cli", "run",
+        "--upstream", simulator.url,
+        "--listen-port", str(listen_port),
+        "--metrics-port", str(metrics_port),
+        "--db", str(db),
+        "--jsonl", str(out / "records.jsonl"),
+        "--confdir", str(out / "mitmproxy"),
+    ]
+    with log_path.open("wb") as log:
+        proxy = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        _wait_for_port(listen_port, proxy)
+        base_url = f"http://127.0.0.1:{listen_port}/v1"
+        print(f"simulated Pulze upstream  {simulator.url}")
+        print(f"llmtap proxy              {base_url}   (log: {log_path})")
+        print(f"sending {count} mixed requests with the openai SDK ...", flush=True)
+        summary = drive(base_url, api_key="sk-demo-not-a-real-key", count=count)
+        print(summary.describe())
+        time.sleep(1.0)  # let the audit writer catch up before the report reads the DB
+        subprocess.run([sys.executable, "-m", "llmtap.cli", "report", "--db", str(db), "--by", "model"], check=False)
+        print(f"\nmetrics   http://127.0.0.1:{metrics_port}/metrics")
+        print(f"audit DB  {db}")
+        print(f"report    llmtap report --db {db} --by provider --by day")
+        print(f"records   {out / 'records.jsonl'}")
+        if not exit_after:
+            print("\nllmtap keeps running; press Ctrl-C to stop.", flush=True)
+            try:
+                proxy.wait()
+            except KeyboardInterrupt:
+                pass
+    finally:
+        if proxy.poll() is None:
+            proxy.send_signal(signal.SIGINT)
+            try:
+                proxy.wait(30)
+            except subprocess.TimeoutExpired:
+                proxy.kill()
+        simulator.stop()
+    return 0
+
+
+def _wait_for_port(port: int, proc: subprocess.Popen, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"llmtap exited early (code {proc.returncode}); see its log")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.1)
+    raise SystemExit(f"llmtap did not listen on port {port} within {timeout}s")
+

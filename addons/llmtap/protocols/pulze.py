@@ -1,0 +1,99 @@
+"""Pulze.ai: its request headers and the ``metadata`` object of its responses.
+
+Facts that bite (see docs/facts): ``metadata.costs`` and ``metadata.cost_savings`` are USD
+amounts although their keys say ``*_tokens``; ``metadata.latency`` is the provider's time in
+seconds; ``metadata.model.namespace`` is the served model as ``provider/model``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any
+
+from llmtap.protocols.values import as_float, as_int, as_str
+
+#: Requested model names that ask Pulze to route dynamically.
+ROUTER_MODELS = frozenset({"pulze", "pulze-v0", "pulze-v0.1", "pulze-v1.0"})
+
+
+def is_pulze_host(host: str | None) -> bool:
+    return bool(host) and (host == "pulze.ai" or host.endswith(".pulze.ai"))
+
+
+def header_fields(headers: Mapping[str, str]) -> dict[str, Any]:
+    """``Pulze-Labels``, ``Pulze-Weights``, ``Pulze-Policies``: JSON objects, or None if absent/invalid."""
+    labels = _json_object(headers.get("pulze-labels"))
+    return {
+        "labels": {str(k): str(v) for k, v in labels.items()} if labels is not None else None,
+        "weights": _json_object(headers.get("pulze-weights")),
+        "policies": _json_object(headers.get("pulze-policies")),
+    }
+
+
+def metadata_fields(metadata: Any) -> dict[str, Any]:
+    """Record fields from a Pulze ``metadata`` object (missing or null parts stay None)."""
+    if not isinstance(metadata, Mapping):
+        return {}
+    model = _mapping(metadata.get("model"))
+    costs = _mapping(metadata.get("costs"))
+    savings = _mapping(metadata.get("cost_savings"))
+    scores = _mapping(metadata.get("scores"))
+    labels = metadata.get("labels")
+    return {
+        "metadata": dict(metadata),
+        "app_id": as_str(metadata.get("app_id")),
+        "served_model": as_str(model.get("model")),
+        "served_provider": as_str(model.get("provider")),
+        "served_owner": as_str(model.get("owner")),
+        "served_namespace": as_str(model.get("namespace")),
+        "served_at": as_str(model.get("at")),
+        "cost_prompt_usd": as_float(costs.get("prompt_tokens")),
+        "cost_completion_usd": as_float(costs.get("completion_tokens")),
+        "reported_cost_usd": _total(costs),
+        "cost_savings_prompt_usd": as_float(savings.get("prompt_tokens")),
+        "cost_savings_completion_usd": as_float(savings.get("completion_tokens")),
+        "cost_savings_usd": _total(savings),
+        "upstream_latency_s": as_float(metadata.get("latency")),
+        "retries": as_int(metadata.get("retries")),
+        "upstream_status_code": as_int(metadata.get("status_code")),
+        "score": as_float(metadata.get("score")),
+        "best_model": _best_model(scores.get("best_models")),
+        "candidate_count": len(scores["candidates"]) if isinstance(scores.get("candidates"), list) else None,
+        "response_labels": {str(k): str(v) for k, v in labels.items()} if isinstance(labels, Mapping) else None,
+        "warning": as_str(metadata.get("warning")),
+        "upstream_error": as_str(metadata.get("error")),
+        "category": as_str(metadata.get("category")),
+    }
+
+
+def _total(amounts: Mapping[str, Any]) -> float | None:
+    total = as_float(amounts.get("total_tokens"))
+    if total is not None:
+        return total
+    parts = [as_float(amounts.get(k)) for k in ("prompt_tokens", "completion_tokens")]
+    return None if None in parts else sum(parts)
+
+
+def _best_model(best_models: Any) -> str | None:
+    """``scores.best_models`` is a list of ``{namespace: score}`` maps (or plain names)."""
+    if not isinstance(best_models, list) or not best_models:
+        return None
+    first = best_models[0]
+    if isinstance(first, Mapping) and first:
+        return str(next(iter(first)))
+    return as_str(first)
+
+
+def _mapping(value: Any) -> Mapping[str, Any]:
+    return value if isinstance(value, Mapping) else {}
+
+
+def _json_object(raw: str | None) -> dict[str, Any] | None:
+    if not raw:
+        return None
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None

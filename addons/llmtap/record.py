@@ -1,0 +1,190 @@
+"""The one immutable record of an LLM exchange: the only thing sinks ever see.
+
+Times are Unix epoch seconds (floats). Money is USD. ``None`` always means "not known"
+(never a silent zero): a sink must keep the difference between ``None`` and ``0``.
+
+Serialisation is canonical JSON (sorted keys, compact separators, UTF-8): the journal,
+the JSON-lines export and the audit hash chain all depend on ``to_json`` being stable.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+#: Where ``cost_usd`` came from. ``reported`` beats ``computed`` beats ``unknown``.
+COST_SOURCES = ("reported", "computed", "unknown")
+
+#: Operations in the GenAI semantic conventions' vocabulary.
+OPERATIONS = ("chat", "text_completion")
+
+
+@dataclass(frozen=True, slots=True)
+class ExchangeRecord:
+    """Everything llmtap learned about one request/response pair."""
+
+    exchange_id: str
+    operation: str  # "chat" | "text_completion"
+    method: str
+    path: str
+
+    # --- timing (epoch seconds) ---
+    request_start: float
+    request_end: float | None = None
+    response_start: float | None = None  # first byte of the response headers
+    first_token_at: float | None = None  # first chunk carrying content (streams)
+    response_end: float | None = None
+    upstream_latency_s: float | None = None  # metadata.latency: the provider's own time
+
+    # --- where ---
+    client_address: str | None = None
+    upstream_scheme: str | None = None
+    upstream_host: str | None = None
+    upstream_port: int | None = None
+    router: str | None = None  # "pulze" when a Pulze router answered, else None
+    provider: str | None = None  # who served it: metadata.model.provider, or from the model/host
+    http_status: int | None = None
+    error_type: str | None = None  # None on success; e.g. "http_429", "client_disconnected"
+    error_message: str | None = None
+    stream: bool = False
+
+    # --- who ---
+    key_fingerprint: str | None = None  # keyed hash prefix of the API key, never the key
+    app_id: str | None = None
+    labels: Mapping[str, str] | None = None  # Pulze-Labels request header
+    weights: Mapping[str, Any] | None = None  # Pulze-Weights request header
+    policies: Mapping[str, Any] | None = None  # Pulze-Policies request header
+    traceparent: str | None = None  # the app's incoming W3C trace context, verbatim
+    trace_id: str | None = None  # 32 hex: the app's trace if it sent one, else a new one
+    span_id: str | None = None  # 16 hex: llmtap's own span for this exchange, chosen up front
+
+    # --- request parameters ---
+    request_model: str | None = None
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    n: int | None = None
+    best_of: int | None = None
+    stop: tuple[str, ...] | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logprobs: int | None = None
+    seed: int | None = None
+    tool_count: int | None = None
+    tool_names: tuple[str, ...] | None = None
+    tool_choice: str | None = None
+    response_format: str | None = None
+    logit_bias: bool | None = None  # present in the request (values are not kept)
+
+    # --- response ---
+    response_id: str | None = None
+    response_object: str | None = None
+    created_at: float | None = None  # Pulze `created` is in milliseconds; converted here
+    response_model: str | None = None  # top-level `model`: who actually served
+    served_model: str | None = None  # metadata.model.model
+    served_provider: str | None = None  # metadata.model.provider
+    served_owner: str | None = None  # metadata.model.owner
+    served_namespace: str | None = None  # metadata.model.namespace ("provider/model")
+    served_at: str | None = None  # metadata.model.at
+    input_tokens: int | None = None
+    output_tokens: int | None = None
+    total_tokens: int | None = None
+    cached_input_tokens: int | None = None
+    reasoning_tokens: int | None = None
+    finish_reasons: tuple[str, ...] | None = None
+    choice_count: int | None = None
+    chunk_count: int | None = None  # content-carrying SSE events (streams only)
+
+    # --- money (USD) ---
+    cost_usd: float | None = None
+    cost_prompt_usd: float | None = None
+    cost_completion_usd: float | None = None
+    cost_source: str = "unknown"
+    cost_savings_usd: float | None = None
+    cost_savings_prompt_usd: float | None = None
+    cost_savings_completion_usd: float | None = None
+
+    # --- Pulze metadata ---
+    retries: int | None = None
+    upstream_status_code: int | None = None  # metadata.status_code: the provider's status
+    score: float | None = None
+    best_model: str | None = None
+    candidate_count: int | None = None
+    response_labels: Mapping[str, str] | None = None  # metadata.labels
+    warning: str | None = None
+    upstream_error: str | None = None  # metadata.error
+    category: str | None = None
+    metadata: Mapping[str, Any] | None = None  # the raw metadata object, kept whole
+
+    # --- content: only ever filled when the user opted in (--capture-content) ---
+    # [{"role": ..., "content": ...}]; completions' prompt is one "user" message; each content
+    # is capped at llmtap_content_max_chars. Output messages also carry "finish_reason".
+    input_messages: tuple[Mapping[str, Any], ...] | None = None
+    output_messages: tuple[Mapping[str, Any], ...] | None = None
+
+    @property
+    def duration_s(self) -> float | None:
+        """Total time from the first request byte to the last response byte."""
+        end = self.response_end
+        return None if end is None else max(0.0, end - self.request_start)
+
+    @property
+    def time_to_first_token_s(self) -> float | None:
+        if self.first_token_at is None:
+            return None
+        return max(0.0, self.first_token_at - self.request_start)
+
+    @property
+    def time_to_first_byte_s(self) -> float | None:
+        if self.response_start is None:
+            return None
+        return max(0.0, self.response_start - self.request_start)
+
+    @property
+    def ok(self) -> bool:
+        return self.error_type is None
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready dict (tuples become lists)."""
+        return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+    def to_json(self) -> str:
+        return canonical_json(self.to_dict())
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ExchangeRecord:
+        """Inverse of ``to_dict``; unknown keys (from a newer llmtap) are ignored."""
+        kwargs = {}
+        for f in dataclasses.fields(cls):
+            if f.name in data:
+                value = data[f.name]
+                if isinstance(value, list):
+                    value = tuple(value)
+                kwargs[f.name] = value
+        return cls(**kwargs)
+
+    @classmethod
+    def from_json(cls, line: str | bytes) -> ExchangeRecord:
+        return cls.from_dict(json.loads(line))
+
+    def replace(self, **changes: Any) -> ExchangeRecord:
+        return dataclasses.replace(self, **changes)
+
+
+def canonical_json(value: Any) -> str:
+    """The llmtap JSON contract: sorted keys, no spaces, UTF-8 kept as-is."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, tuple):
+        return list(value)
+    if isinstance(value, Mapping):
+        return dict(value)
+    return value
+
+
+FIELD_NAMES: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(ExchangeRecord))

@@ -1,0 +1,64 @@
+"""``llmtap run``: mitmproxy in-process with the llmtap addon, as ``mitmdump -s`` would run it."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from mitmproxy import exceptions
+from mitmproxy.options import Options
+from mitmproxy.tools.dump import DumpMaster
+
+from llmtap.addon import LLMTap
+
+
+def mode_spec(mode: str, upstream: str) -> str:
+    return f"reverse:{upstream}" if mode == "reverse" else mode
+
+
+def serve(
+    *,
+    upstream: str,
+    mode: str,
+    listen_host: str,
+    listen_port: int,
+    confdir: str,
+    extra_sets: Sequence[str],
+    options: Mapping[str, Any],
+) -> int:
+    """Run until Ctrl-C or SIGTERM; sinks are flushed and closed before this returns."""
+
+    async def main() -> int:
+        logging.getLogger().setLevel(logging.INFO)
+        for noisy in ("tornado", "asyncio", "hpack", "quic"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
+        opts = Options()
+        master = DumpMaster(opts, with_termlog=True, with_dumper=False)
+        master.addons.add(LLMTap())
+        try:
+            if confdir:
+                opts.update(confdir=confdir)
+            opts.update(
+                mode=[mode_spec(mode, upstream)],
+                listen_host=listen_host,
+                listen_port=listen_port,
+                termlog_verbosity="warn",
+                **options,
+            )
+            if extra_sets:
+                opts.set(*extra_sets)
+        except exceptions.OptionsError as exc:
+            print(f"llmtap: {exc}", file=sys.stderr)
+            return 2
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, master.shutdown)
+        signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+        await master.run()
+        return 0
+
+    return asyncio.run(main())

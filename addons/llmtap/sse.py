@@ -1,0 +1,100 @@
+"""Incremental readers for streamed bodies: content decoding, then Server-Sent Events.
+
+Both are fed raw proxy chunks split at arbitrary byte boundaries, in the shape of httpx's
+``_decoders.py``: ``feed(chunk) -> output so far``, with any partial line kept for later.
+"""
+
+from __future__ import annotations
+
+import re
+import zlib
+from collections.abc import Callable
+
+_LINE_BREAK = re.compile(rb"\r\n|\r|\n")
+
+
+class SSEDecoder:
+    """Turns bytes into the ``data`` payloads of complete SSE events (WHATWG rules).
+
+    Handles LF, CRLF and lone CR line ends (a CRLF split across two chunks counts once),
+    comment lines, multi-line ``data`` fields and an optional space after the colon.
+    """
+
+    __slots__ = ("_partial", "_data", "_after_cr")
+
+    def __init__(self) -> None:
+        self._partial = b""
+        self._data: list[bytes] = []
+        self._after_cr = False
+
+    def feed(self, chunk: bytes) -> list[bytes]:
+        if self._after_cr and chunk.startswith(b"\n"):
+            chunk = chunk[1:]
+        if not chunk:
+            return []
+        self._after_cr = chunk.endswith(b"\r")
+        lines = _LINE_BREAK.split(self._partial + chunk)
+        self._partial = lines.pop()
+        events: list[bytes] = []
+        for line in lines:
+            if not line:
+                if self._data:
+                    events.append(b"\n".join(self._data))
+                    self._data = []
+            elif line.startswith(b"data"):
+                value = line[4:]
+                if value.startswith(b":"):
+                    value = value[2:] if value.startswith(b": ") else value[1:]
+                    self._data.append(value)
+                elif not value:
+                    self._data.append(b"")
+            # other fields (event, id, retry) and ":" comments carry nothing we record
+        return events
+
+    def flush(self) -> list[bytes]:
+        """The stream ended: an event not closed by a blank line still counts."""
+        if self._partial.startswith(b"data"):
+            self.feed(b"\n")
+        events = [b"\n".join(self._data)] if self._data else []
+        self._data = []
+        return events
+
+
+def incremental_decoder(content_encoding: str | None) -> Callable[[bytes], bytes] | None:
+    """A function that decodes a content-encoded body piece by piece; ``None`` if unsupported.
+
+    Identity encoding returns the chunk itself (no copy).
+    """
+    encoding = (content_encoding or "identity").strip().lower()
+    if encoding in ("identity", ""):
+        return lambda chunk: chunk
+    if encoding in ("gzip", "x-gzip"):
+        return zlib.decompressobj(zlib.MAX_WBITS | 16).decompress
+    if encoding == "deflate":
+        return _DeflateDecoder().decode
+    if encoding == "br":
+        import brotli
+
+        return brotli.Decompressor().process
+    if encoding == "zstd":
+        import zstandard
+
+        return zstandard.ZstdDecompressor().decompressobj().decompress
+    return None
+
+
+class _DeflateDecoder:
+    """HTTP "deflate" is zlib-wrapped by the spec but raw deflate in the wild; try both."""
+
+    def __init__(self) -> None:
+        self._inner = zlib.decompressobj()
+        self._first = True
+
+    def decode(self, chunk: bytes) -> bytes:
+        if self._first and chunk:
+            self._first = False
+            try:
+                return self._inner.decompress(chunk)
+            except zlib.error:
+                self._inner = zlib.decompressobj(-zlib.MAX_WBITS)
+        return self._inner.decompress(chunk)

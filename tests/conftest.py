@@ -1,0 +1,175 @@
+"""Shared fixtures: a real simulated Pulze upstream and a real llmtap proxy, on loopback only."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from llmtap.record import ExchangeRecord
+from llmtap.simulator import Simulator
+
+REPO = Path(__file__).resolve().parent.parent
+LLMTAP = str(Path(sys.executable).with_name("llmtap"))
+API_KEY = "sk-test-SECRET-4f1c2b9d8e7a6f5e4d3c2b1a"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(port: int, timeout: float = 30.0, proc: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode} before listening on {port}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"nothing listening on 127.0.0.1:{port} after {timeout}s")
+
+
+def wait_until(predicate, timeout: float = 10.0, interval: float = 0.05):
+    """Poll until ``predicate()`` is truthy (bounded); return its value or raise."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"condition not met within {timeout}s")
+        time.sleep(interval)
+
+
+@dataclass
+class TapProcess:
+    """A running ``llmtap run`` subprocess (real mitmproxy with the addon)."""
+
+    proc: subprocess.Popen
+    port: int
+    metrics_port: int
+    db: Path
+    jsonl: Path
+    log: Path
+    args: list[str] = field(default_factory=list)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    @property
+    def proxy_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.metrics_port}/metrics"
+
+    def records(self) -> list[ExchangeRecord]:
+        if not self.jsonl.exists():
+            return []
+        return [ExchangeRecord.from_json(line) for line in self.jsonl.read_text().splitlines() if line]
+
+    def wait_records(self, count: int, timeout: float = 15.0) -> list[ExchangeRecord]:
+        wait_until(lambda: len(self.records()) >= count, timeout)
+        return self.records()
+
+    def stop(self, timeout: float = 30.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+
+def start_tap(
+    workdir: Path,
+    upstream: str,
+    *extra: str,
+    mode: str = "reverse",
+    env: dict[str, str] | None = None,
+    db: Path | None = None,
+    jsonl: Path | None = None,
+) -> TapProcess:
+    """Start ``llmtap run`` on free loopback ports; returns once the proxy accepts connections."""
+    port, metrics_port = free_port(), free_port()
+    db = db or workdir / "llmtap.db"
+    jsonl = jsonl or workdir / "records.jsonl"
+    log = workdir / f"llmtap-{port}.log"
+    args = [
+        LLMTAP, "run",
+        "--mode", mode,
+        "--upstream", upstream,
+        "--listen-host", "127.0.0.1",
+        "--listen-port", str(port),
+        "--metrics-port", str(metrics_port),
+        "--db", str(db),
+        "--jsonl", str(jsonl),
+        "--confdir", str(workdir / "mitmproxy-conf"),
+        *extra,
+    ]
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy", "ALL_PROXY"):
+        full_env.pop(name, None)
+    with log.open("wb") as out:
+        proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=full_env, cwd=workdir)
+    tap = TapProcess(proc, port, metrics_port, db, jsonl, log, args)
+    try:
+        wait_for_port(port, proc=proc)
+    except Exception:
+        tap.kill()
+        raise RuntimeError(f"llmtap did not start:\n{tap.output()}")
+    return tap
+
+
+@pytest.fixture
+def simulator() -> Iterator[Simulator]:
+    sim = Simulator(host="127.0.0.1", port=0, chunk_delay=0.02)
+    sim.start()
+    yield sim
+    sim.stop()
+
+
+@pytest.fixture
+def tap(tmp_path: Path, simulator: Simulator) -> Iterator[TapProcess]:
+    """llmtap in reverse mode in front of the simulator, all local sinks on."""
+    proc = start_tap(tmp_path, simulator.url)
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture
+def openai_client(tap: TapProcess):
+    import openai
+
+    client = openai.OpenAI(base_url=tap.base_url, api_key=API_KEY, max_retries=0, timeout=30)
+    yield client
+    client.close()
+
+
+def read_json_lines(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import importlib
 import logging
 import random
 import sys
@@ -150,24 +151,26 @@ class LLMTap:
         self._running = False
 
     def _build_sinks(self) -> list[Sink]:
-        """Audit first: its journal append must happen before anything else can fail."""
-        from llmtap.sinks.jsonl import JsonlSink
+        """Audit first: its journal append must happen before anything else can fail.
 
-        settings, health, sinks = self.settings, self.health, []
-        if settings.db:
-            from llmtap.sinks.audit import AuditSink
-
-            sinks.append(AuditSink(settings, health))
-        if settings.jsonl:
-            sinks.append(JsonlSink(settings.jsonl, health))
-        if settings.metrics_port >= 0:
-            from llmtap.sinks.metrics import MetricsSink
-
-            sinks.append(MetricsSink(settings, health))
-        if settings.otlp_configured:
-            from llmtap.sinks.spans import SpanSink
-
-            sinks.append(SpanSink(settings, health))
+        A sink that cannot start (bad path, port taken) is counted and logged, and the proxy
+        runs without it: traffic is never refused because of llmtap.
+        """
+        settings = self.settings
+        wanted = [
+            ("audit", bool(settings.db), "llmtap.sinks.audit", "AuditSink"),
+            ("jsonl", bool(settings.jsonl), "llmtap.sinks.jsonl", "JsonlSink"),
+            ("metrics", settings.metrics_port >= 0, "llmtap.sinks.metrics", "MetricsSink"),
+            ("spans", settings.otlp_configured, "llmtap.sinks.spans", "SpanSink"),
+        ]
+        sinks: list[Sink] = []
+        for name, enabled, module, cls in wanted:
+            if not enabled:
+                continue
+            try:
+                sinks.append(getattr(importlib.import_module(module), cls)(settings, self.health))
+            except Exception as exc:
+                self.health.error(f"start_{name}", exc, "sink disabled")
         return sinks
 
     def _print_banner(self) -> None:

@@ -43,6 +43,9 @@ def serve(
             if confdir:
                 opts.update(confdir=confdir)
             opts.update(
+                # lazy: connect upstream once the request is read, so that a refused or failed
+                # upstream connection still produces a flow, an error hook and a record
+                connection_strategy="lazy" if mode == "reverse" else "eager",
                 mode=[mode_spec(mode, upstream)],
                 listen_host=listen_host,
                 listen_port=listen_port,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 
+from llmtap.config import Settings
 from llmtap.health import Health
 from llmtap.record import ExchangeRecord
 
@@ -34,8 +35,9 @@ class AppendOnlyFile:
 class JsonlSink:
     name = "jsonl"
 
-    def __init__(self, target: str, health: Health) -> None:
+    def __init__(self, settings: Settings, health: Health) -> None:
         self.health = health
+        target = settings.jsonl
         self._file = None if target == "-" else AppendOnlyFile(target)
         self._fd = 1 if self._file is None else self._file.fd
 

@@ -218,7 +218,9 @@ class LLMTap:
         flow.metadata[_METADATA_KEY] = exchange
         self.health.in_flight += 1
         if self.settings.propagate and exchange.fields.get("span_id"):
-            flow.request.headers["traceparent"] = f"00-{exchange.fields['trace_id']}-{exchange.fields['span_id']}-01"
+            incoming = exchange.fields.get("traceparent")
+            flags = incoming.strip()[-2:] if incoming else "01"  # keep the app's sampling decision
+            flow.request.headers["traceparent"] = f"00-{exchange.fields['trace_id']}-{exchange.fields['span_id']}-{flags}"
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         exchange = flow.metadata.get(_METADATA_KEY)

@@ -1,0 +1,202 @@
+"""Test OTLP trace receivers on loopback: OTLP/HTTP (protobuf, optionally gzip) and OTLP/gRPC.
+
+Both decode each export request with the official ``opentelemetry-proto`` messages and keep
+the decoded spans plus every request's (decompressed) protobuf bytes, so tests can assert on
+attributes and also search the raw wire data for text that must never leave llmtap.
+
+    with OTLPHTTPReceiver() as receiver:        # receiver.url = http://127.0.0.1:PORT
+        ...export to receiver.traces_url...
+        [span] = receiver.wait_spans(1)
+"""
+
+from __future__ import annotations
+
+import gzip
+import threading
+import time
+from concurrent import futures
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import grpc
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
+
+TRACES_PATH = "/v1/traces"
+
+
+@dataclass(frozen=True)
+class ReceivedSpan:
+    """One decoded span, ids as lower-case hex like the W3C header spells them."""
+
+    name: str
+    trace_id: str
+    span_id: str
+    parent_span_id: str  # "" for a root span
+    kind: int  # opentelemetry.proto.trace.v1.Span.SpanKind
+    start_ns: int
+    end_ns: int
+    status_code: int  # Status.StatusCode: 0 unset, 1 ok, 2 error
+    status_message: str
+    attributes: dict[str, Any]
+    resource: dict[str, Any]
+    scope: str
+
+
+def any_value(value: AnyValue) -> Any:
+    kind = value.WhichOneof("value")
+    if kind == "array_value":
+        return [any_value(item) for item in value.array_value.values]
+    if kind == "kvlist_value":
+        return key_values(value.kvlist_value.values)
+    return None if kind is None else getattr(value, kind)
+
+
+def key_values(pairs: list[KeyValue]) -> dict[str, Any]:
+    return {pair.key: any_value(pair.value) for pair in pairs}
+
+
+def decode_spans(request: trace_service_pb2.ExportTraceServiceRequest) -> list[ReceivedSpan]:
+    spans = []
+    for resource_spans in request.resource_spans:
+        resource = key_values(resource_spans.resource.attributes)
+        for scope_spans in resource_spans.scope_spans:
+            for span in scope_spans.spans:
+                spans.append(ReceivedSpan(
+                    name=span.name,
+                    trace_id=span.trace_id.hex(),
+                    span_id=span.span_id.hex(),
+                    parent_span_id=span.parent_span_id.hex(),
+                    kind=span.kind,
+                    start_ns=span.start_time_unix_nano,
+                    end_ns=span.end_time_unix_nano,
+                    status_code=span.status.code,
+                    status_message=span.status.message,
+                    attributes=key_values(span.attributes),
+                    resource=resource,
+                    scope=scope_spans.scope.name,
+                ))
+    return spans
+
+
+@dataclass
+class _Store:
+    """What a receiver got; shared by the HTTP and gRPC variants."""
+
+    spans: list[ReceivedSpan] = field(default_factory=list)
+    raw: list[bytes] = field(default_factory=list)  # each request's protobuf bytes, decompressed
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def add(self, body: bytes) -> None:
+        request = trace_service_pb2.ExportTraceServiceRequest.FromString(body)
+        with self.lock:
+            self.raw.append(body)
+            self.spans.extend(decode_spans(request))
+
+
+class _Receiver:
+    def __init__(self) -> None:
+        self.store = _Store()
+
+    @property
+    def spans(self) -> list[ReceivedSpan]:
+        with self.store.lock:
+            return list(self.store.spans)
+
+    def raw_bytes(self) -> bytes:
+        """Everything received so far, concatenated: for "this text never left" checks."""
+        with self.store.lock:
+            return b"".join(self.store.raw)
+
+    def wait_spans(self, count: int, timeout: float = 10.0) -> list[ReceivedSpan]:
+        deadline = time.monotonic() + timeout
+        while len(self.spans) < count:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{len(self.spans)} of {count} spans received within {timeout}s")
+            time.sleep(0.02)
+        return self.spans
+
+    def __enter__(self):
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+class OTLPHTTPReceiver(_Receiver):
+    """POST /v1/traces with protobuf (``Content-Encoding: gzip`` accepted); other paths 404."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.requests: list[tuple[str, dict[str, str]]] = []  # (path, headers) of every POST
+        store, requests = self.store, self.requests
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                requests.append((self.path, dict(self.headers)))
+                if self.path != TRACES_PATH:
+                    self.send_error(404)
+                    return
+                if self.headers.get("Content-Encoding") == "gzip":
+                    body = gzip.decompress(body)
+                store.add(body)
+                reply = trace_service_pb2.ExportTraceServiceResponse().SerializeToString()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/x-protobuf")
+                self.send_header("Content-Length", str(len(reply)))
+                self.end_headers()
+                self.wfile.write(reply)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(target=self._server.serve_forever, args=(0.05,), daemon=True)
+
+    @property
+    def url(self) -> str:
+        """Base URL: what ``OTEL_EXPORTER_OTLP_ENDPOINT`` takes."""
+        return f"http://127.0.0.1:{self._server.server_address[1]}"
+
+    @property
+    def traces_url(self) -> str:
+        """Full signal URL: what ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`` / ``--otlp-endpoint`` take."""
+        return self.url + TRACES_PATH
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+class OTLPGRPCReceiver(_Receiver):
+    """The OTLP TraceService over insecure gRPC."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        store = self.store
+
+        class Service(trace_service_pb2_grpc.TraceServiceServicer):
+            def Export(self, request, context):  # noqa: N802 (generated name)
+                store.add(request.SerializeToString())
+                return trace_service_pb2.ExportTraceServiceResponse()
+
+        self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+        trace_service_pb2_grpc.add_TraceServiceServicer_to_server(Service(), self._server)
+        self.port = self._server.add_insecure_port("127.0.0.1:0")
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        self._server.start()
+
+    def stop(self) -> None:
+        self._server.stop(grace=None)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import ssl
 import subprocess
 import sys
 import time
@@ -308,3 +309,51 @@ def test_capture_content_only_when_opted_in(tmp_path, simulator) -> None:
         assert record.output_messages[0]["content"] == sent
     finally:
         tap.stop()
+
+
+def self_signed_tls(tmp_path: Path):
+    """A server certificate for 127.0.0.1 and the SSL context that serves it."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "simulated-pulze")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(days=1))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
+            .sign(key, hashes.SHA256()))
+    cert_path, key_path = tmp_path / "sim-cert.pem", tmp_path / "sim-key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert_path, key_path)
+    return cert_path, context
+
+
+def test_regular_proxy_mode_over_https_with_the_mitmproxy_ca(tmp_path) -> None:
+    """HTTPS_PROXY-style use: the app trusts llmtap's CA, llmtap verifies the real upstream."""
+    cert_path, context = self_signed_tls(tmp_path)
+    with Simulator(tls=context) as sim:
+        tap = start_tap(tmp_path, sim.url, "--set", f"ssl_verify_upstream_trusted_ca={cert_path}", mode="regular")
+        ca = tmp_path / "mitmproxy-conf" / "mitmproxy-ca-cert.pem"
+        http_client = openai.DefaultHttpxClient(proxy=tap.proxy_url, verify=ssl.create_default_context(cafile=str(ca)))
+        client = openai.OpenAI(base_url=sim.url + "/v1", api_key=API_KEY, max_retries=0, http_client=http_client)
+        try:
+            raw = client.chat.completions.with_raw_response.create(
+                model="pulze", messages=[{"role": "user", "content": "over TLS"}], extra_headers=HEADERS)
+            assert raw.http_response.content == sim.exchanges[-1].decoded_body
+            [record] = tap.wait_records(1)
+            assert_record_matches(record, sim.exchanges[-1], operation="chat", stream=False)
+            assert record.upstream_scheme == "https"
+        finally:
+            client.close()
+            tap.stop()

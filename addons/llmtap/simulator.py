@@ -19,6 +19,7 @@ import json
 import random
 import secrets
 import signal
+import ssl
 import threading
 import time
 import zlib
@@ -267,8 +268,10 @@ class Simulator:
     """A Pulze-compatible API on loopback, run on its own event loop in a daemon thread."""
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0, chunk_delay: float = 0.02,
-                 first_byte_delay: float = 0.0, seed: int = 0, fault_rate: float = 0.0) -> None:
+                 first_byte_delay: float = 0.0, seed: int = 0, fault_rate: float = 0.0,
+                 tls: ssl.SSLContext | None = None) -> None:
         self.host, self.port = host, port
+        self.tls = tls  # serve HTTPS, for regular-proxy (HTTPS_PROXY) tests
         self.chunk_delay, self.first_byte_delay = chunk_delay, first_byte_delay
         self.seed, self.fault_rate = seed, fault_rate
         self.exchanges: list[SimExchange] = []  # appended only from the loop thread
@@ -285,7 +288,7 @@ class Simulator:
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        return f"{'https' if self.tls else 'http'}://{self.host}:{self.port}"
 
     def clear(self) -> None:
         self.exchanges.clear()
@@ -327,7 +330,7 @@ class Simulator:
         if handle_signals:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 self._loop.add_signal_handler(sig, self._stopping.set)
-        server = await asyncio.start_server(self._connection, self.host, self.port, backlog=4096)
+        server = await asyncio.start_server(self._connection, self.host, self.port, backlog=4096, ssl=self.tls)
         self.port = server.sockets[0].getsockname()[1]
         on_ready()
         await self._stopping.wait()

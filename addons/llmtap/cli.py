@@ -7,7 +7,7 @@ import sys
 import click
 
 from llmtap import __version__
-from llmtap.config import DEFAULT_UPSTREAM
+from llmtap.config import DEFAULT_UPSTREAM, OPTIONS
 from llmtap.report import audit, report
 
 
@@ -17,28 +17,31 @@ def main() -> None:
     """Observability and cost tracking for LLM completion traffic."""
 
 
-@main.command(context_settings={"ignore_unknown_options": False})
+def llmtap_options(command):
+    """One CLI flag per ``llmtap_*`` mitmproxy option: ``llmtap_metrics_port`` is ``--metrics-port``."""
+    for name, typespec, default, help_text in reversed(OPTIONS):
+        dest = name.removeprefix("llmtap_")
+        flag = "--" + dest.replace("_", "-")
+        if typespec is bool:
+            option = click.option(flag, dest, is_flag=True, help=help_text)
+        elif typespec in (str, int):
+            option = click.option(flag, dest, type=typespec, default=default, show_default=bool(default), help=help_text)
+        else:  # a sequence: a repeatable flag in the singular
+            option = click.option(flag.removesuffix("s"), dest, multiple=True, help=help_text + " Repeatable.")
+        command = option(command)
+    return command
+
+
+@main.command()
 @click.option("--upstream", default=DEFAULT_UPSTREAM, show_default=True, help="Upstream API (reverse mode).")
 @click.option("--mode", type=click.Choice(["reverse", "regular"]), default="reverse", show_default=True,
               help="reverse: apps use llmtap as base URL. regular: apps set HTTPS_PROXY.")
 @click.option("--listen-host", default="127.0.0.1", show_default=True)
 @click.option("--listen-port", default=8080, show_default=True, type=int)
-@click.option("--metrics-host", default="127.0.0.1", show_default=True)
-@click.option("--metrics-port", default=9464, show_default=True, type=int, help="-1 disables /metrics.")
-@click.option("--db", default="./llmtap.db", show_default=True, help="SQLite audit log; '' disables it.")
-@click.option("--jsonl", default="", help="Also write records as JSON lines to PATH, or '-' for stdout.")
-@click.option("--otlp-endpoint", default="", help="OTLP traces endpoint (else the OTEL_* environment).")
-@click.option("--propagate", is_flag=True, help="Inject llmtap's traceparent upstream (changes requests).")
-@click.option("--capture-content", is_flag=True, help="Record prompt and completion text (off by default).")
-@click.option("--fsync", type=click.Choice(["never", "batch"]), default="never", show_default=True)
-@click.option("--retention-days", default=0, show_default=True, type=int, help="0 keeps rows forever.")
-@click.option("--metric-label", "metric_labels", multiple=True,
-              help="Pulze-Labels key (or 'key') to add as a metric label. Repeatable.")
-@click.option("--label-limit", default=50, show_default=True, type=int)
-@click.option("--prices", default="", help="JSON price file merged over the built-in table.")
 @click.option("--confdir", default="", help="mitmproxy confdir (CA certificates); default ~/.mitmproxy.")
 @click.option("--set", "extra_sets", multiple=True, metavar="OPTION=VALUE",
               help="Any other mitmproxy option, as with mitmdump --set. Repeatable.")
+@llmtap_options
 def run(upstream: str, mode: str, listen_host: str, listen_port: int, confdir: str,
         extra_sets: tuple[str, ...], **llmtap_options) -> None:
     """Run the sidecar (mitmproxy with the llmtap addon) in the foreground."""

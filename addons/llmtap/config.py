@@ -29,7 +29,7 @@ OPTIONS: tuple[tuple[str, type, Any, str], ...] = (
     ("llmtap_content_max_chars", int, 16384, "Cap on captured prompt/completion text per exchange."),
     ("llmtap_fsync", str, "never", "Journal/DB durability: 'never' (OS decides, survives kill -9) or 'batch' (fsync per batch, survives power loss)."),
     ("llmtap_retention_days", int, 0, "Delete audit rows older than this many days; 0 keeps forever."),
-    ("llmtap_metric_labels", Sequence[str], [], "Extra metric labels: Pulze-Labels keys, or 'key' for the key fingerprint. Repeatable."),
+    ("llmtap_metric_labels", Sequence[str], [], "Extra metric labels: Pulze-Labels keys, or 'key' for the key fingerprint."),
     ("llmtap_label_limit", int, 50, "Distinct values per metric label before new values fold into 'other'."),
     ("llmtap_key_salt", str, "", "Secret for API-key fingerprints (else LLMTAP_KEY_SALT, else a fixed public salt)."),
     ("llmtap_prices", str, "", "JSON file of model prices (USD per million tokens) merged over the built-in table."),

@@ -31,7 +31,10 @@ def run_demo(*, count: int, exit_after: bool, workdir: str, listen_port: int, me
     with log_path.open("wb") as log:
         proxy = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
     try:
-        _wait_for_port(listen_port, proxy)
+        try:
+            wait_for_port(listen_port, proc=proxy)
+        except (RuntimeError, TimeoutError) as exc:
+            raise SystemExit(f"llmtap did not start: {exc}; see {log_path}") from exc
         base_url = f"http://127.0.0.1:{listen_port}/v1"
         print(f"simulated Pulze upstream  {simulator.url}")
         print(f"llmtap proxy              {base_url}   (log: {log_path})")
@@ -61,15 +64,15 @@ def run_demo(*, count: int, exit_after: bool, workdir: str, listen_port: int, me
     return 0
 
 
-def _wait_for_port(port: int, proc: subprocess.Popen, timeout: float = 30.0) -> None:
+def wait_for_port(port: int, timeout: float = 30.0, proc: subprocess.Popen | None = None) -> None:
+    """Wait until something accepts connections on 127.0.0.1:port (or ``proc`` dies)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"llmtap exited early (code {proc.returncode}); see its log")
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode} before listening on {port}")
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=0.5):
                 return
         except OSError:
-            time.sleep(0.1)
-    raise SystemExit(f"llmtap did not listen on port {port} within {timeout}s")
-
+            time.sleep(0.05)
+    raise TimeoutError(f"nothing listening on 127.0.0.1:{port} after {timeout}s")

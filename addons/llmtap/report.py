@@ -1,0 +1,244 @@
+"""``llmtap report`` and ``llmtap audit verify``: read the audit log, also while the proxy writes.
+
+Both open the database read-only; in WAL mode the proxy's writer is never blocked by them.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import re
+import sqlite3
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Sequence
+from datetime import datetime, timezone
+from typing import Any, NamedTuple
+
+import click
+
+from llmtap.sinks.audit import GENESIS, connect_readonly, verify_chain
+
+#: ``--by`` dimensions and the SQL expression each groups by (times are UTC).
+DIMENSIONS = {
+    "model": "coalesce(response_model, request_model)",
+    "provider": "provider",
+    "app": "app_id",
+    "key": "key_fingerprint",
+    "day": "strftime('%Y-%m-%d', request_start, 'unixepoch')",
+    "hour": "strftime('%Y-%m-%dT%H:00Z', request_start, 'unixepoch')",
+    "status": "coalesce(CAST(http_status AS TEXT), error_type)",
+}
+METRICS = (
+    "requests", "errors", "input_tokens", "output_tokens", "cost_usd", "cost_savings_usd",
+    "p50_s", "p95_s", "unknown_cost",
+)
+_SUMS = """count(*) AS requests,
+    sum(error_type IS NOT NULL) AS errors,
+    sum(input_tokens) AS input_tokens,
+    sum(output_tokens) AS output_tokens,
+    sum(cost_usd) AS cost_usd,
+    sum(cost_savings_usd) AS cost_savings_usd,
+    sum(cost_usd IS NULL) AS unknown_cost"""
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+class When(click.ParamType):
+    """A moment: a duration back from now (``90m``, ``24h``, ``7d``) or an ISO date/time (UTC if naive)."""
+
+    name = "when"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> float:
+        if isinstance(value, float):
+            return value
+        try:
+            return parse_when(value, time.time())
+        except ValueError:
+            self.fail(f"{value!r} is neither a duration like 24h or 7d nor an ISO date", param, ctx)
+
+
+def parse_when(text: str, now: float) -> float:
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)([smhdw])", text.strip())
+    if match:
+        return now - float(match[1]) * _UNITS[match[2]]
+    moment = datetime.fromisoformat(text.strip())
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=timezone.utc)
+    return moment.timestamp()
+
+
+class Grouping(NamedTuple):
+    names: list[str]  # as the user wrote them: "model", "label:team"
+    exprs: list[str]  # SQL expressions
+    params: list[str]  # bound parameters of the expressions (label JSON paths)
+
+
+def grouping(by: Sequence[str]) -> Grouping:
+    names, exprs, params = [], [], []
+    for dimension in by:
+        if dimension.startswith("label:") and len(dimension) > 6 and '"' not in dimension:
+            exprs.append("json_extract(labels, ?)")
+            params.append(f'$."{dimension[6:]}"')
+        elif dimension in DIMENSIONS:
+            exprs.append(DIMENSIONS[dimension])
+        else:
+            raise click.BadParameter(
+                f"{dimension!r}: use one of {', '.join(DIMENSIONS)} or label:NAME", param_hint="--by"
+            )
+        names.append(dimension)
+    return Grouping(names, exprs, params)
+
+
+def percentile(sorted_values: Sequence[float], p: float) -> float | None:
+    """Nearest-rank percentile (a value that really occurred), None for no values."""
+    if not sorted_values:
+        return None
+    return sorted_values[max(0, math.ceil(p * len(sorted_values)) - 1)]
+
+
+def spend(conn: sqlite3.Connection, by: Sequence[str], since: float | None, until: float | None
+          ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Rows per group and the totals row, as plain dicts (group names first, then METRICS)."""
+    group = grouping(by)
+    where, where_params = ["1"], []
+    if since is not None:
+        where.append("request_start >= ?")
+        where_params.append(since)
+    if until is not None:
+        where.append("request_start < ?")
+        where_params.append(until)
+    where_sql = " AND ".join(where)
+    keys = [f"g{i}" for i in range(len(group.exprs))]
+    select = "".join(f"{expr} AS {key}, " for expr, key in zip(group.exprs, keys))
+    order = f"GROUP BY {', '.join(keys)} ORDER BY {', '.join(keys)}" if keys else ""
+    sums = conn.execute(f"SELECT {select}{_SUMS} FROM exchanges WHERE {where_sql} {order}",
+                        [*group.params, *where_params]).fetchall()
+    totals = dict(conn.execute(f"SELECT {_SUMS} FROM exchanges WHERE {where_sql}", where_params).fetchone())
+    latencies: dict[tuple, list[float]] = defaultdict(list)
+    for row in conn.execute(f"SELECT {select}duration_s FROM exchanges WHERE {where_sql} AND duration_s IS NOT NULL",
+                            [*group.params, *where_params]):
+        latencies[tuple(row)[:-1]].append(row[-1])
+    everything = sorted(v for values in latencies.values() for v in values)
+    totals.update(p50_s=percentile(everything, 0.5), p95_s=percentile(everything, 0.95))
+    rows = []
+    for row in sums:
+        key = tuple(row[k] for k in keys)
+        values = sorted(latencies.get(key, ()))
+        rows.append({
+            **dict(zip(group.names, key)),
+            **{m: row[m] for m in METRICS if m in row.keys()},
+            "p50_s": percentile(values, 0.5),
+            "p95_s": percentile(values, 0.95),
+        })
+    return rows, {**dict.fromkeys(group.names), **{m: totals[m] for m in METRICS}}
+
+
+def _open(db: str) -> sqlite3.Connection:
+    try:
+        return connect_readonly(db)
+    except (OSError, ValueError, sqlite3.Error) as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+@click.command()
+@click.option("--db", default="./llmtap.db", show_default=True, help="The audit log to read.")
+@click.option("--since", type=When(), help="Start: a duration back from now (24h, 7d) or an ISO date (UTC).")
+@click.option("--until", type=When(), help="End (exclusive), same forms as --since.")
+@click.option("--by", multiple=True, metavar="DIMENSION",
+              help=f"Group by {', '.join(DIMENSIONS)} or label:NAME. Repeatable.")
+@click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table", show_default=True)
+def report(db: str, since: float | None, until: float | None, by: tuple[str, ...], fmt: str) -> None:
+    """Spend report from the audit log: requests, errors, tokens, USD and latency per group."""
+    group = grouping(by)  # validate before opening anything
+    conn = _open(db)
+    try:
+        rows, totals = spend(conn, group.names, since, until)
+    finally:
+        conn.close()
+    if fmt == "json":
+        click.echo(json.dumps({"since": since, "until": until, "by": group.names, "rows": rows, "totals": totals},
+                              indent=2))
+    elif fmt == "csv":
+        writer = csv.writer(sys.stdout, lineterminator="\n")
+        writer.writerow([*group.names, *METRICS])
+        for row in rows:
+            writer.writerow([_csv(row[c]) for c in (*group.names, *METRICS)])
+        label = ["TOTAL", *[""] * (len(group.names) - 1)] if group.names else []
+        writer.writerow([*label, *(_csv(totals[m]) for m in METRICS)])
+    else:
+        _print_table(group.names, rows, totals, since, until)
+
+
+def _csv(value: Any) -> Any:
+    return "" if value is None else value
+
+
+def _print_table(names: list[str], rows: list[dict[str, Any]], totals: dict[str, Any],
+                 since: float | None, until: float | None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    def when(ts: float | None, default: str) -> str:
+        return default if ts is None else datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+
+    table = Table(title=f"llmtap spend, {when(since, 'start')} to {when(until, 'now')}", title_justify="left")
+    for name in names:
+        table.add_column(name, overflow="fold")
+    for header in ("requests", "errors", "in tokens", "out tokens", "cost USD", "saved USD", "p50", "p95", "no cost"):
+        table.add_column(header, justify="right", no_wrap=True)
+    for i, row in enumerate(rows):
+        table.add_row(*[_cell(row[n]) for n in names], *_metric_cells(row), end_section=i == len(rows) - 1)
+    label = ["TOTAL", *[""] * (len(names) - 1)] if names else []
+    table.add_row(*label, *_metric_cells(totals), style="bold")
+    Console(width=None if sys.stdout.isatty() else 200).print(table)  # piped: don't cut columns
+
+
+def _metric_cells(row: dict[str, Any]) -> list[str]:
+    return [
+        f"{row['requests']:,}", f"{row['errors'] or 0:,}",
+        _count(row["input_tokens"]), _count(row["output_tokens"]),
+        _usd(row["cost_usd"]), _usd(row["cost_savings_usd"]),
+        _seconds(row["p50_s"]), _seconds(row["p95_s"]),
+        f"{row['unknown_cost'] or 0:,}",
+    ]
+
+
+def _cell(value: Any) -> str:
+    return "(none)" if value is None else str(value)
+
+
+def _count(value: int | None) -> str:
+    return "-" if value is None else f"{value:,}"
+
+
+def _usd(value: float | None) -> str:
+    return "unknown" if value is None else f"{value:,.6f}"
+
+
+def _seconds(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}s"
+
+
+@click.group()
+def audit() -> None:
+    """Audit log maintenance."""
+
+
+@audit.command()
+@click.option("--db", default="./llmtap.db", show_default=True, help="The audit log to check.")
+def verify(db: str) -> None:
+    """Check the hash chain; name the first broken row and exit 1 if there is one."""
+    conn = _open(db)
+    try:
+        check = verify_chain(conn)
+    finally:
+        conn.close()
+    start = "genesis" if check.anchor == GENESIS else f"retention anchor {check.anchor}"
+    if check.ok:
+        click.echo(f"OK: {check.rows} rows, hash chain intact from {start}")
+        return
+    click.echo(f"BROKEN at row id={check.broken_id} exchange_id={check.broken_exchange_id}: {check.reason} "
+               f"({check.rows} rows before it verified, from {start})")
+    click.get_current_context().exit(1)

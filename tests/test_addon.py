@@ -152,3 +152,22 @@ def test_api_key_only_as_fingerprint(tap) -> None:
     run_flow(tap, chat_flow())
     text = sink.records[0].to_json()
     assert "sk-secret" not in text and sink.records[0].key_fingerprint.startswith("fp_")
+
+
+def test_stream_record_is_emitted_at_done_before_that_chunk_is_released(tap) -> None:
+    """The openai SDK stops reading at [DONE]: the record must exist by then."""
+    sink = ListSink()
+    tap.sinks = [sink]
+    flow = chat_flow(b"", content_type="text/event-stream")
+    tap.request(flow)
+    tap.responseheaders(flow)
+    tee = flow.response.stream
+    event = {"id": "s1", "model": "openai/gpt-4o", "choices": [{"index": 0, "delta": {"content": "hi"}}],
+             "usage": {"prompt_tokens": 2, "completion_tokens": 1, "total_tokens": 3}}
+    assert tee(b"data: " + json.dumps(event).encode() + b"\n\n") and sink.records == []
+    tee(b"data: [DONE]\n\n")
+    [record] = sink.records  # emitted inside the call that returns the [DONE] chunk
+    assert record.output_tokens == 1 and record.chunk_count == 1 and record.error_type is None
+    tee(b"")
+    tap.response(flow)
+    assert len(sink.records) == 1 and tap.health.in_flight == 0

@@ -15,6 +15,7 @@ import logging
 import random
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 from mitmproxy import ctx, http
@@ -44,6 +45,20 @@ _PUBLIC_SALT = b"llmtap-key-fingerprint-v1"
 _RECORD_FIELDS = frozenset(FIELD_NAMES)
 
 
+def header_map(headers: http.Headers) -> dict[str, str]:
+    """Headers as one plain dict with lower-case names, repeated headers joined as mitmproxy does.
+
+    Each ``Headers.get`` scans and re-decodes every header (~3 µs); the request path needs
+    six of them, so one pass is cheaper.
+    """
+    found: dict[str, str] = {}
+    for name, value in headers.fields:
+        key = name.decode("utf-8", "surrogateescape").lower()
+        text = value.decode("utf-8", "surrogateescape")
+        found[key] = f"{found[key]}, {text}" if key in found else text
+    return found
+
+
 def key_fingerprint(headers: Any, salt: str) -> str | None:
     """A keyed hash prefix of the API key; the key itself goes no further than this function."""
     auth = headers.get("authorization", "")
@@ -57,18 +72,21 @@ def key_fingerprint(headers: Any, salt: str) -> str | None:
 class StreamTee:
     """``flow.response.stream`` callable: returns every chunk as-is, parses a copy.
 
+    The record is finished when ``data: [DONE]`` is seen, before that chunk is returned:
+    clients such as the openai SDK stop reading there, so that is when the client has it all.
     Parsing problems switch parsing off for the rest of the stream (counted once); the
     chunks keep flowing either way.
     """
 
-    __slots__ = ("exchange", "health", "_decode", "_sse", "_done")
+    __slots__ = ("exchange", "health", "on_done", "_decode", "_sse")
 
-    def __init__(self, exchange: Exchange, content_encoding: str | None, health: Health) -> None:
+    def __init__(self, exchange: Exchange, content_encoding: str | None, health: Health,
+                 on_done: Callable[[], None]) -> None:
         self.exchange = exchange
         self.health = health
+        self.on_done = on_done
         self._decode = incremental_decoder(content_encoding)
         self._sse = SSEDecoder()
-        self._done = False
         if self._decode is None:
             exchange.parse_problem = f"unsupported content-encoding {content_encoding!r}"
 
@@ -87,7 +105,8 @@ class StreamTee:
         exchange = self.exchange
         for data in events:
             if data == b"[DONE]":
-                continue
+                self.on_done()
+                return
             if exchange.stream.add(load_json(data)) and exchange.first_token_at is None:
                 exchange.first_token_at = time.time()
 
@@ -229,7 +248,9 @@ class LLMTap:
         if "text/event-stream" in flow.response.headers.get("content-type", ""):
             cap = self.settings.content_max_chars if self.settings.capture_content else None
             exchange.stream = StreamAccumulator(cap)
-            flow.response.stream = StreamTee(exchange, flow.response.headers.get("content-encoding"), self.health)
+            flow.response.stream = StreamTee(
+                exchange, flow.response.headers.get("content-encoding"), self.health, lambda: self._finish(flow)
+            )
 
     def response(self, flow: http.HTTPFlow) -> None:
         self._finish(flow)
@@ -246,7 +267,7 @@ class LLMTap:
 
     def _request_fields(self, flow: http.HTTPFlow, operation: str) -> dict[str, Any]:
         request = flow.request
-        headers = request.headers
+        headers = header_map(request.headers)
         capture = self.settings.content_max_chars if self.settings.capture_content else None
         fields = request_fields(load_json(request.get_content(strict=False)), operation, capture)
         fields.update(pulze.header_fields(headers))
@@ -289,7 +310,7 @@ class LLMTap:
                 self.health.error(sink.name, exc, exchange.path)
 
     def _build_record(self, flow: http.HTTPFlow, exchange: Exchange) -> ExchangeRecord:
-        fields = dict(exchange.fields)
+        fields = exchange.fields  # finished exactly once: built up in place, no copy
         response = flow.response
         capture = self.settings.content_max_chars if self.settings.capture_content else None
         body = None

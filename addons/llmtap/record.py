@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 #: Where ``cost_usd`` came from. ``reported`` beats ``computed`` beats ``unknown``.
@@ -125,6 +125,9 @@ class ExchangeRecord:
     input_messages: tuple[Mapping[str, Any], ...] | None = None
     output_messages: tuple[Mapping[str, Any], ...] | None = None
 
+    # the canonical JSON, made once on first use: several sinks write the same line
+    _json: str | None = field(default=None, init=False, repr=False, compare=False)
+
     @property
     def duration_s(self) -> float | None:
         """Total time from the first request byte to the last response byte."""
@@ -149,21 +152,23 @@ class ExchangeRecord:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready dict (tuples become lists)."""
-        return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
+        return {name: _plain(getattr(self, name)) for name in FIELD_NAMES}
 
     def to_json(self) -> str:
-        return canonical_json(self.to_dict())
+        if self._json is None:
+            # json.dumps writes tuples as arrays itself; only non-dict mappings need help
+            line = canonical_json({name: getattr(self, name) for name in FIELD_NAMES})
+            object.__setattr__(self, "_json", line)
+        return self._json
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ExchangeRecord:
         """Inverse of ``to_dict``; unknown keys (from a newer llmtap) are ignored."""
         kwargs = {}
-        for f in dataclasses.fields(cls):
-            if f.name in data:
-                value = data[f.name]
-                if isinstance(value, list):
-                    value = tuple(value)
-                kwargs[f.name] = value
+        for name in FIELD_NAMES:
+            if name in data:
+                value = data[name]
+                kwargs[name] = tuple(value) if isinstance(value, list) else value
         return cls(**kwargs)
 
     @classmethod
@@ -176,7 +181,13 @@ class ExchangeRecord:
 
 def canonical_json(value: Any) -> str:
     """The llmtap JSON contract: sorted keys, no spaces, UTF-8 kept as-is."""
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=_plain_mapping)
+
+
+def _plain_mapping(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return dict(value)
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
 
 
 def _plain(value: Any) -> Any:
@@ -187,4 +198,4 @@ def _plain(value: Any) -> Any:
     return value
 
 
-FIELD_NAMES: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(ExchangeRecord))
+FIELD_NAMES: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(ExchangeRecord) if f.init)

@@ -26,20 +26,12 @@ import pytest
 from click.testing import CliRunner
 
 from conftest import API_KEY, start_tap, wait_until
+from llmtap.auditdb import GENESIS, MIGRATIONS, AuditStore, chain_hash, connect, verify_chain
 from llmtap.config import Settings
 from llmtap.health import Health
 from llmtap.record import FIELD_NAMES, ExchangeRecord, canonical_json
 from llmtap.report import audit
-from llmtap.sinks.audit import (
-    GENESIS,
-    MIGRATIONS,
-    AuditLogInUse,
-    AuditSink,
-    AuditStore,
-    chain_hash,
-    connect,
-    verify_chain,
-)
+from llmtap.sinks.audit import AuditLogInUse, AuditSink
 
 NOW = time.time()
 

@@ -19,11 +19,12 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from llmtap.auditdb import connect_readonly
 from llmtap.config import Settings
 from llmtap.health import Health
 from llmtap.record import ExchangeRecord
 from llmtap.report import parse_when, report, spend
-from llmtap.sinks.audit import AuditSink, connect_readonly
+from llmtap.sinks.audit import AuditSink
 
 NOW = time.time()
 MODELS = ("openai/gpt-4o-mini", "anthropic/claude-3-haiku", "meta/llama-3-8b-instruct")

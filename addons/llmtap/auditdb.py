@@ -1,0 +1,401 @@
+"""The audit database: schema, migrations, rows and the hash chain.
+
+Shared by the audit sink's writer thread (``AuditStore`` applies journal batches and prunes)
+and by the read-only ``llmtap report`` / ``llmtap audit verify`` (``connect_readonly``,
+``verify_chain``). Nothing here runs on mitmproxy's event loop.
+
+Hash chain (the contract ``llmtap audit verify`` checks)::
+
+    row_hash = "sha256:" + hex(sha256(utf8(prev_hash + canonical_json(body))))
+
+where ``body`` maps every column of the ``exchanges`` row except ``id``, ``prev_hash`` and
+``row_hash`` whose value is not NULL to the value as stored (JSON columns as their text),
+``canonical_json`` is sorted keys, ``","``/``":"`` separators, non-ASCII kept as UTF-8, floats
+in Python ``repr`` form. The first row's ``prev_hash`` is ``GENESIS``; after retention pruned
+the oldest rows, the chain restarts from the ``anchor_hash`` of the latest ``pruned`` row (the
+hash of the last row deleted). Migrations only ever add nullable columns, so old rows keep
+their hashes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import sqlite3
+import time
+from collections.abc import Callable, Mapping, Sequence
+from itertools import takewhile
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from sqlite_utils import Database
+
+from llmtap.record import canonical_json
+
+GENESIS = "sha256:" + "0" * 64
+#: Columns holding JSON text (the record's mappings and lists).
+JSON_COLUMNS = frozenset(
+    {"labels", "weights", "policies", "stop", "tool_names", "finish_reasons", "response_labels", "metadata_json"}
+)
+_UNHASHED = frozenset({"id", "prev_hash", "row_hash"})
+#: Per-row faults: the row is dropped and counted; anything else (locked, I/O) retries the batch.
+_ROW_SQL_FAULTS = (sqlite3.IntegrityError, sqlite3.InterfaceError, sqlite3.DataError)
+
+
+# --- schema: an append-only list of small migrations; PRAGMA user_version counts those applied ---
+
+def _create_exchanges(db: Database) -> None:
+    """One row per exchange: every record field, typed, plus derived timings and the chain."""
+    db["exchanges"].create(
+        {
+            "id": int,
+            "exchange_id": str, "operation": str, "method": str, "path": str,
+            "request_start": float, "request_end": float, "response_start": float,
+            "first_token_at": float, "response_end": float, "upstream_latency_s": float,
+            "duration_s": float, "ttft_s": float,
+            "client_address": str, "upstream_scheme": str, "upstream_host": str, "upstream_port": int,
+            "router": str, "provider": str, "http_status": int, "error_type": str, "error_message": str,
+            "stream": int,
+            "key_fingerprint": str, "app_id": str, "labels": str, "weights": str, "policies": str,
+            "traceparent": str, "trace_id": str, "span_id": str,
+            "request_model": str, "max_tokens": int, "temperature": float, "top_p": float, "n": int,
+            "best_of": int, "stop": str, "presence_penalty": float, "frequency_penalty": float,
+            "logprobs": int, "seed": int, "tool_count": int, "tool_names": str, "tool_choice": str,
+            "response_format": str, "logit_bias": int,
+            "response_id": str, "response_object": str, "created_at": float, "response_model": str,
+            "served_model": str, "served_provider": str, "served_owner": str, "served_namespace": str,
+            "served_at": str, "input_tokens": int, "output_tokens": int, "total_tokens": int,
+            "cached_input_tokens": int, "reasoning_tokens": int, "finish_reasons": str,
+            "choice_count": int, "chunk_count": int,
+            "cost_usd": float, "cost_prompt_usd": float, "cost_completion_usd": float, "cost_source": str,
+            "cost_savings_usd": float, "cost_savings_prompt_usd": float, "cost_savings_completion_usd": float,
+            "retries": int, "upstream_status_code": int, "score": float, "best_model": str,
+            "candidate_count": int, "response_labels": str, "warning": str, "upstream_error": str,
+            "category": str, "metadata_json": str,
+            "prev_hash": str, "row_hash": str,
+        },
+        pk="id",
+        not_null={"exchange_id", "prev_hash", "row_hash"},  # nothing else may cost a row
+    )
+    table = db["exchanges"]
+    table.create_index(["exchange_id"], unique=True)
+    for column in ("request_start", "response_model", "provider", "app_id", "key_fingerprint"):
+        table.create_index([column])
+
+
+def _create_content(db: Database) -> None:
+    """Opt-in prompt/completion text, kept apart so the main table never holds any."""
+    db["content"].create(
+        {"exchange_id": str, "input_messages": str, "output_messages": str, "truncated": int},
+        pk="exchange_id",
+        foreign_keys=[("exchange_id", "exchanges", "exchange_id")],
+    )
+
+
+def _create_journal_offsets(db: Database) -> None:
+    """How far each journal generation has been applied (written with the rows it covers)."""
+    db["journal_offsets"].create({"gen": int, "offset": int}, pk="gen", not_null={"offset"})
+
+
+def _create_pruned(db: Database) -> None:
+    """Retention's ledger: what was deleted, and the hash the remaining chain starts from."""
+    db["pruned"].create(
+        {"id": int, "pruned_at": float, "cutoff": float, "rows": int,
+         "first_id": int, "last_id": int, "anchor_hash": str},
+        pk="id",
+    )
+
+
+MIGRATIONS: tuple[Callable[[Database], None], ...] = (
+    _create_exchanges,
+    _create_content,
+    _create_journal_offsets,
+    _create_pruned,
+)
+
+
+def migrate(db: Database) -> None:
+    """Apply the pending migrations, each in one transaction with its user_version bump."""
+    version = db.execute("PRAGMA user_version").fetchone()[0]
+    for number, step in enumerate(MIGRATIONS[version:], start=version + 1):
+        with db.atomic():
+            step(db)
+            db.execute(f"PRAGMA user_version = {number}")
+
+
+def connect(path: str | os.PathLike[str], *, fsync_batch: bool = False) -> Database:
+    """Open (creating with mode 0600) and migrate the audit database, in WAL mode."""
+    if not os.path.exists(path):
+        os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))  # SQLite gives -wal/-shm the same mode
+    conn = sqlite3.connect(path, isolation_level=None, timeout=2.0)
+    try:
+        db = Database(conn)
+        db.enable_wal()
+        conn.execute(f"PRAGMA synchronous = {'FULL' if fsync_batch else 'NORMAL'}")
+        migrate(db)
+    except BaseException:
+        conn.close()
+        raise
+    return db
+
+
+def connect_readonly(path: str | os.PathLike[str]) -> sqlite3.Connection:
+    """A read-only connection (reports, verify) that works while the proxy is writing."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no audit log at {path}")
+    conn = sqlite3.connect(f"{Path(path).resolve().as_uri()}?mode=ro", uri=True, timeout=5.0)
+    conn.row_factory = sqlite3.Row
+    if not conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'exchanges'").fetchone():
+        conn.close()
+        raise ValueError(f"{path} is not an llmtap audit log")
+    return conn
+
+
+# --- rows and the hash chain -------------------------------------------------------------------
+
+def row_builder(types: Mapping[str, str]) -> Callable[[Mapping[str, Any]], dict[str, Any]]:
+    """A function from a journaled record (``ExchangeRecord.to_dict()`` as parsed from its JSON
+    line) to its ``exchanges`` row, each value coerced to its column's declared type.
+
+    Coercion makes every value read back exactly as it was hashed (SQLite would turn an int in
+    a REAL column into a float, a bool into 0/1, NaN into NULL). A value that does not fit its
+    type becomes NULL; the raw Pulze metadata is kept whole in ``metadata_json`` either way.
+    The writer maps the parsed dict directly, without rebuilding the record: this runs on the
+    proxy's GIL, once per exchange.
+    """
+    plan = [
+        (name, _SOURCES.get(name, name), _to_json if name in JSON_COLUMNS else _CONVERTERS.get(kind, _to_text))
+        for name, kind in types.items()
+        if name not in _ELAPSED
+    ]
+    elapsed = [(name, end) for name, end in _ELAPSED.items() if name in types]
+
+    def build(data: Mapping[str, Any]) -> dict[str, Any]:
+        row = {}
+        for name, key, convert in plan:
+            value = data.get(key)
+            row[name] = None if value is None else convert(value)
+        start = _to_real(data.get("request_start"))
+        for name, key in elapsed:
+            end = _to_real(data.get(key))
+            row[name] = None if start is None or end is None else max(0.0, end - start)
+        return row
+
+    return build
+
+
+def _to_integer(value: Any) -> int | None:
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    return int(value) if isinstance(value, int) and -(2**63) <= value < 2**63 else None
+
+
+def _to_real(value: Any) -> float | None:
+    if not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    return float(value) or 0.0  # -0.0 would read back as 0.0
+
+
+def _to_text(value: Any) -> str:
+    return _text(value if isinstance(value, str) else canonical_json(value))
+
+
+def _to_json(value: Any) -> str:
+    return _text(canonical_json(value))
+
+
+_CONVERTERS = {"INTEGER": _to_integer, "REAL": _to_real}
+#: Columns named differently from the record field they hold.
+_SOURCES = {"metadata_json": "metadata"}
+#: Derived columns: seconds from request_start to this field (ExchangeRecord.duration_s and
+#: .time_to_first_token_s, computed from the journaled dict).
+_ELAPSED = {"duration_s": "response_end", "ttft_s": "first_token_at"}
+
+
+def _text(value: str) -> str:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate from a JSON "\ud800" escape
+        value = value.encode("utf-8", "replace").decode("utf-8")
+    return value
+
+
+def chain_hash(prev_hash: str, row: Mapping[str, Any]) -> str:
+    """``row_hash`` of a row (see the module docstring for the canonical form)."""
+    body = {name: value for name, value in row.items() if value is not None and name not in _UNHASHED}
+    return "sha256:" + hashlib.sha256((prev_hash + canonical_json(body)).encode("utf-8")).hexdigest()
+
+
+def chain_anchor(conn: sqlite3.Connection) -> str:
+    """Where the chain starts: GENESIS, or the hash of the last row retention deleted."""
+    row = conn.execute("SELECT anchor_hash FROM pruned ORDER BY id DESC LIMIT 1").fetchone()
+    return row[0] if row else GENESIS
+
+
+class ChainCheck(NamedTuple):
+    rows: int  # rows checked before the first break (all of them when ok)
+    anchor: str  # GENESIS, or the anchor_hash of the latest pruning
+    broken_id: int | None = None
+    broken_exchange_id: str | None = None
+    reason: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.broken_id is None
+
+
+def verify_chain(conn: sqlite3.Connection) -> ChainCheck:
+    """Walk the chain in id order; stop at the first row that does not hash as recorded."""
+    anchor = chain_anchor(conn)
+    prev, checked = anchor, 0
+    cursor = conn.execute("SELECT * FROM exchanges ORDER BY id")
+    names = [d[0] for d in cursor.description]
+    for values in cursor:
+        row = dict(zip(names, values))
+        reason = None
+        if row["prev_hash"] != prev:
+            reason = "prev_hash does not match the row before it (a row was removed, inserted or reordered)"
+        elif row["row_hash"] != chain_hash(prev, row):
+            reason = "row_hash does not match the row's contents (the row was edited)"
+        if reason:
+            return ChainCheck(checked, anchor, row["id"], row["exchange_id"], reason)
+        prev, checked = row["row_hash"], checked + 1
+    return ChainCheck(checked, anchor)
+
+
+def cap_messages(messages: Sequence[Mapping[str, Any]], budget: int) -> tuple[list[dict[str, Any]], bool]:
+    """Keep messages in order until ``budget`` characters of content are used; say if any was cut."""
+    kept, cut = [], False
+    for message in messages:
+        if budget <= 0:
+            return kept, True
+        if not isinstance(message, Mapping):
+            message = {"content": message}
+        content = message.get("content")
+        if content is not None and not isinstance(content, str):
+            content = canonical_json(content)
+        if content is not None:
+            if len(content) > budget:
+                content, cut = content[:budget], True
+            budget -= len(content)
+        kept.append({**message, "content": content})
+    return kept, cut
+
+
+# --- the SQLite side (writer thread only) ---------------------------------------------------------
+
+class Batch(NamedTuple):
+    corrupt: list[Exception]  # lines that are not a record (a torn write): skipped
+    rejected: list[Exception]  # records SQLite refused: dropped and counted
+
+
+class AuditStore:
+    """The audit database as the writer thread sees it: applies journal batches, prunes."""
+
+    def __init__(self, path: str, *, fsync_batch: bool, capture_content: bool, content_max_chars: int) -> None:
+        self.db = connect(path, fsync_batch=fsync_batch)
+        self.conn = self.db.conn
+        self.capture_content = capture_content
+        self.content_max_chars = content_max_chars
+        try:
+            self.types = {c.name: c.type.upper() for c in self.db["exchanges"].columns if c.name != "id"}
+            self.offsets: dict[int, int] = dict(self.conn.execute("SELECT gen, offset FROM journal_offsets"))
+            head = self.conn.execute("SELECT row_hash FROM exchanges ORDER BY id DESC LIMIT 1").fetchone()
+            self.head = head[0] if head else chain_anchor(self.conn)
+        except BaseException:
+            self.conn.close()
+            raise
+        self._row = row_builder(self.types)
+        self._insert = (
+            f"INSERT OR IGNORE INTO exchanges ({', '.join(self.types)}) "
+            f"VALUES ({', '.join(':' + name for name in self.types)})"
+        )
+
+    def apply(self, gen: int, lines: list[bytes], end: int) -> Batch:
+        """Insert the records of ``lines`` and record ``end`` as gen's offset, atomically."""
+        head, corrupt, rejected = self.head, [], []
+        with self.db.atomic():
+            for line in lines:
+                try:
+                    data = json.loads(line)
+                    if not isinstance(data, dict) or not isinstance(data.get("exchange_id"), str):
+                        raise ValueError("not a journaled record")
+                except ValueError as exc:
+                    corrupt.append(exc)
+                    continue
+                try:
+                    row = self._row(data)
+                    row["prev_hash"] = head
+                    row["row_hash"] = chain_hash(head, row)
+                    content = self._content(data)
+                    if self.conn.execute(self._insert, row).rowcount != 1:
+                        continue  # already there (a replay): the chain is untouched
+                except sqlite3.Error as exc:
+                    if not isinstance(exc, _ROW_SQL_FAULTS):
+                        raise  # locked, read-only, I/O: the whole batch is retried
+                    rejected.append(exc)
+                    continue
+                except Exception as exc:  # a record that cannot become a row must not block the rest
+                    rejected.append(exc)
+                    continue
+                head = row["row_hash"]
+                if content is not None:
+                    self.conn.execute("INSERT OR REPLACE INTO content VALUES (?, ?, ?, ?)", content)
+            self.conn.execute("INSERT OR REPLACE INTO journal_offsets (gen, offset) VALUES (?, ?)", (gen, end))
+        self.head, self.offsets[gen] = head, end
+        return Batch(corrupt, rejected)
+
+    def _content(self, data: Mapping[str, Any]) -> tuple[str, str | None, str | None, int] | None:
+        """The ``content`` row, only when capture is on and the record carries text."""
+        if not self.capture_content or not (data.get("input_messages") or data.get("output_messages")):
+            return None
+        texts, truncated = [], False
+        for messages in (data.get("input_messages"), data.get("output_messages")):
+            if messages is None:
+                texts.append(None)
+                continue
+            if not isinstance(messages, list):
+                messages = [messages]
+            kept, cut = cap_messages(messages, self.content_max_chars)
+            truncated |= cut
+            texts.append(_text(canonical_json(kept)))
+        return data["exchange_id"], texts[0], texts[1], int(truncated)
+
+    def forget(self, gen: int) -> None:
+        """Drop a retired generation's offset (before its file goes: a replay is deduplicated)."""
+        with self.db.atomic():
+            self.conn.execute("DELETE FROM journal_offsets WHERE gen = ?", (gen,))
+        self.offsets.pop(gen, None)
+
+    def prune(self, cutoff: float, batch: int) -> int:
+        """Delete up to ``batch`` of the oldest rows started before ``cutoff``; ledger the anchor.
+
+        Called every writer cycle: when the oldest row is recent it costs one primary-key lookup.
+        """
+        first = self.conn.execute("SELECT request_start FROM exchanges ORDER BY id LIMIT 1").fetchone()
+        if first is None or (first[0] or 0.0) >= cutoff:
+            return 0
+        rows = self.conn.execute(
+            "SELECT id, request_start, row_hash FROM exchanges ORDER BY id LIMIT ?", (batch,)
+        ).fetchall()
+        old = list(takewhile(lambda r: (r[1] or 0.0) < cutoff, rows))  # a prefix keeps the chain whole
+        if not old:
+            return 0
+        last_id = old[-1][0]
+        with self.db.atomic():
+            self.conn.execute(
+                "DELETE FROM content WHERE exchange_id IN (SELECT exchange_id FROM exchanges WHERE id <= ?)",
+                (last_id,),
+            )
+            self.conn.execute("DELETE FROM exchanges WHERE id <= ?", (last_id,))
+            self.conn.execute(
+                "INSERT INTO pruned (pruned_at, cutoff, rows, first_id, last_id, anchor_hash) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                (time.time(), cutoff, len(old), old[0][0], last_id, old[-1][2]),
+            )
+        return len(old)
+
+    def close(self) -> None:
+        self.conn.close()

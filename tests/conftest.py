@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from llmtap.demo import wait_for_port
 from llmtap.record import ExchangeRecord
@@ -28,6 +29,18 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def metric_value(metrics_url: str, name: str, **labels: str) -> float:
+    """Sum of the samples called ``name`` on a /metrics page whose labels include ``labels`` (0 if none)."""
+    with urllib.request.urlopen(metrics_url, timeout=5) as response:
+        text = response.read().decode()
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == name and labels.items() <= sample.labels.items()
+    )
 
 
 def wait_until(predicate, timeout: float = 10.0, interval: float = 0.05):
@@ -65,6 +78,15 @@ class TapProcess:
     @property
     def metrics_url(self) -> str:
         return f"http://127.0.0.1:{self.metrics_port}/metrics"
+
+    def client(self):
+        """The official SDK pointed at this proxy; no retries, so every call is one exchange."""
+        import openai
+
+        return openai.OpenAI(base_url=self.base_url, api_key=API_KEY, max_retries=0, timeout=30)
+
+    def metric(self, name: str, **labels: str) -> float:
+        return metric_value(self.metrics_url, name, **labels)
 
     def records(self) -> list[ExchangeRecord]:
         if not self.jsonl.exists():
@@ -152,12 +174,6 @@ def tap(tmp_path: Path, simulator: Simulator) -> Iterator[TapProcess]:
 
 @pytest.fixture
 def openai_client(tap: TapProcess):
-    import openai
-
-    client = openai.OpenAI(base_url=tap.base_url, api_key=API_KEY, max_retries=0, timeout=30)
+    client = tap.client()
     yield client
     client.close()
-
-
-def read_json_lines(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line]

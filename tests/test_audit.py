@@ -29,6 +29,7 @@ from conftest import API_KEY, start_tap, wait_until
 from llmtap.auditdb import GENESIS, MIGRATIONS, AuditStore, chain_hash, connect, verify_chain
 from llmtap.config import Settings
 from llmtap.health import Health
+from llmtap.protocols.openai_compat import cap_messages
 from llmtap.record import FIELD_NAMES, ExchangeRecord, canonical_json
 from llmtap.report import audit
 from llmtap.sinks.audit import AuditLogInUse, AuditSink
@@ -190,7 +191,7 @@ def test_replay_after_a_crash_applies_each_record_exactly_once(tmp_path):
     lines = [(make_record(i).to_json() + "\n").encode() for i in range(10, 40)]
     journal = tmp_path / "llmtap.db.journal.7"
     journal.write_bytes(b"".join(lines) + lines[0][:40])
-    store = AuditStore(str(db), fsync_batch=False, capture_content=False, content_max_chars=100)
+    store = AuditStore(str(db), fsync_batch=False, capture_content=False)
     store.apply(7, lines[:12], sum(map(len, lines[:12])))
     store.close()
     health = Health()
@@ -211,7 +212,7 @@ def test_replay_is_deduplicated_when_the_offset_was_lost(tmp_path):
     db = tmp_path / "llmtap.db"
     lines = [(make_record(i).to_json() + "\n").encode() for i in range(20)]
     (tmp_path / "llmtap.db.journal.3").write_bytes(b"".join(lines))
-    store = AuditStore(str(db), fsync_batch=False, capture_content=False, content_max_chars=100)
+    store = AuditStore(str(db), fsync_batch=False, capture_content=False)
     store.apply(3, lines, sum(map(len, lines)))
     store.forget(3)
     store.close()
@@ -430,11 +431,12 @@ SECRET_PROMPT = "tell me the launch code PROMPT-7f3a"
 SECRET_ANSWER = "the code is ANSWER-91bc"
 
 
-def with_content(i: int) -> ExchangeRecord:
+def with_content(i: int, cap: int = 10_000) -> ExchangeRecord:
+    """Content as the parser captures it: capped per direction, cut messages marked."""
     return make_record(
         i,
-        input_messages=({"role": "system", "content": "be brief"}, {"role": "user", "content": SECRET_PROMPT}),
-        output_messages=({"role": "assistant", "content": SECRET_ANSWER, "finish_reason": "stop"},),
+        input_messages=cap_messages([{"role": "system", "content": "be brief"}, {"role": "user", "content": SECRET_PROMPT}], cap),
+        output_messages=cap_messages([{"role": "assistant", "content": SECRET_ANSWER, "finish_reason": "stop"}], cap),
     )
 
 
@@ -456,13 +458,14 @@ def test_content_is_not_written_anywhere_when_capture_is_off(tmp_path):
 
 def test_content_is_kept_apart_and_capped_when_capture_is_on(tmp_path):
     sink = new_sink(tmp_path, capture_content=True, content_max_chars=20)
-    sink.emit(with_content(1))
+    sink.emit(with_content(1, cap=20))
     sink.emit(make_record(2))  # nothing to capture: no content row
     sink.close()
     (content,) = db_rows(tmp_path / "llmtap.db", "content")
     assert content["exchange_id"] == "ex-00001"
     messages = json.loads(content["input_messages"])
-    assert messages == [{"role": "system", "content": "be brief"}, {"role": "user", "content": SECRET_PROMPT[:12]}]
+    assert messages == [{"role": "system", "content": "be brief"},
+                        {"role": "user", "content": SECRET_PROMPT[:12], "truncated": True}]
     assert json.loads(content["output_messages"])[0]["content"] == SECRET_ANSWER[:20]
     assert content["truncated"] == 1
     main = db_rows(tmp_path / "llmtap.db")[0]
@@ -551,13 +554,6 @@ def test_rows_match_the_traffic_exactly_and_survive_a_graceful_stop(tmp_path, si
     assert API_KEY not in tap.output()
 
 
-def metric(tap, name: str) -> float:
-    for line in httpx.get(tap.metrics_url, timeout=5).text.splitlines():
-        if line.startswith(name + " ") or line.startswith(name + "{"):
-            return float(line.rsplit(" ", 1)[1])
-    return 0.0
-
-
 def test_locked_database_mid_run_traffic_flows_then_rows_arrive(tmp_path, simulator):
     tap = start_tap(tmp_path, simulator.url)
     client = openai.OpenAI(base_url=tap.base_url, api_key=API_KEY, max_retries=0, timeout=30)
@@ -569,13 +565,13 @@ def test_locked_database_mid_run_traffic_flows_then_rows_arrive(tmp_path, simula
         answers = [client.chat.completions.create(model="pulze", messages=[{"role": "user", "content": f"q{i}"}])
                    for i in range(10)]
         assert all(a.usage.total_tokens for a in answers)  # served while the log is locked
-        wait_until(lambda: metric(tap, 'llmtap_internal_errors_total{stage="audit"}') >= 1, timeout=15)
-        assert metric(tap, "llmtap_audit_queue_depth") == 10
+        wait_until(lambda: tap.metric("llmtap_internal_errors_total", stage="audit") >= 1, timeout=15)
+        assert tap.metric("llmtap_audit_queue_depth") == 10
         blocker.execute("ROLLBACK")
         blocker.close()
         wait_until(lambda: row_count(tap.db) == 11, timeout=15)
-        assert metric(tap, "llmtap_audit_queue_depth") == 0
-        assert metric(tap, "llmtap_audit_dropped_total") == 0
+        assert tap.metric("llmtap_audit_queue_depth") == 0
+        assert tap.metric("llmtap_audit_dropped_total") == 0
     finally:
         client.close()
         tap.stop()

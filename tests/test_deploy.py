@@ -26,7 +26,6 @@ import subprocess
 import sys
 import sysconfig
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -35,7 +34,7 @@ import openai
 import pytest
 import yaml
 
-from conftest import API_KEY, REPO, free_port, start_tap, wait_for_port, wait_until
+from conftest import API_KEY, REPO, free_port, metric_value, start_tap, wait_for_port, wait_until
 from llmtap.simulator import Simulator
 from otlp_receiver import OTLPHTTPReceiver
 from prom import PrometheusServer
@@ -233,19 +232,13 @@ def prometheus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrometheusS
         # Two rounds with a scrape between, so that every counter grows between samples.
         for round_ in (1, 2):
             send_round(clients, round_)
-            seen = wait_until(lambda: _requests_total(tap.metrics_url), timeout=15)
+            seen = wait_until(lambda: tap.metric("llmtap_requests_total"), timeout=15)
             prom.wait_for("sum(llmtap_requests_total)", lambda s, n=seen: bool(s) and s[0].value >= n)
         # ...and every recording rule and alert evaluated after that last scrape.
         since = time.time()
         for name in [*recording_rules(), "ALERTS"]:
             prom.wait_for(f"min(timestamp({name})) > {since}", timeout=15)
         yield prom
-
-
-def _requests_total(metrics_url: str) -> float:
-    with urllib.request.urlopen(metrics_url, timeout=5) as response:
-        text = response.read().decode()
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith("llmtap_requests_total{"))
 
 
 def check_returns_data(prom: PrometheusServer, expr: str, legend: str = "") -> str | None:
@@ -469,7 +462,7 @@ def test_dockerfile_steps_work_in_a_clean_venv(tmp_path: Path) -> None:
             wait_for_port(metrics_port, proc=proc)
             with openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=API_KEY, max_retries=0) as client:
                 client.chat.completions.create(model="pulze", messages=[{"role": "user", "content": "hi"}])
-            wait_until(lambda: _requests_total(f"http://127.0.0.1:{metrics_port}/metrics") == 1, timeout=10)
+            wait_until(lambda: metric_value(f"http://127.0.0.1:{metrics_port}/metrics", "llmtap_requests_total") == 1, timeout=10)
             healthcheck = yaml.safe_load(COMPOSE.read_text())["x-llmtap-sidecar"]["healthcheck"]["test"]
             assert healthcheck[:2] == ["CMD", "python"]
             run(str(venv / "bin/python"), *[a.replace(":9464/", f":{metrics_port}/") for a in healthcheck[2:]])

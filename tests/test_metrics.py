@@ -258,6 +258,6 @@ def test_http_endpoint_binds_serves_and_releases_its_port() -> None:
 
 def test_fresh_registry_per_sink() -> None:
     """Two sinks in one process (tests, reloads) must not collide on metric names."""
-    a = MetricsSink(Settings(metrics_port=-1), Health())
-    b = MetricsSink(Settings(metrics_port=-1), Health())
-    assert a.registry is not b.registry
+    MetricsSink(Settings(metrics_port=-1), Health())
+    # on a shared registry, registering the same metric names again raises ValueError
+    MetricsSink(Settings(metrics_port=-1), Health())

@@ -126,8 +126,9 @@ def test_request_content_only_when_opted_in_and_capped() -> None:
                          {"role": "user", "content": [{"type": "text", "text": "x" * 50}]}]}
     assert "input_messages" not in request_fields(body, "chat", None)
     messages = request_fields(body, "chat", 10)["input_messages"]
+    # one budget for the whole prompt: 8 characters of system message leave 2 for the user's
     assert messages == ({"role": "system", "content": "be brief"},
-                        {"role": "user", "content": "x" * 10, "truncated": True})
+                        {"role": "user", "content": "xx", "truncated": True})
 
 
 def test_response_fields_follow_the_reference() -> None:
@@ -147,9 +148,12 @@ def test_response_fields_follow_the_reference() -> None:
         "response_labels": {"team": "search", "weights_cost": "0.5"},
         "warning": "fell back once", "upstream_error": None, "category": "general",
         "choice_count": 2, "finish_reasons": ("stop", "length"),
-        "metadata": REFERENCE_RESPONSE["metadata"],
+        # generated_artifacts / search_results are content: kept only when capture is on
+        "metadata": {k: v for k, v in REFERENCE_RESPONSE["metadata"].items()
+                     if k not in ("generated_artifacts", "search_results")},
     }
     assert fields == expected
+    assert response_fields(REFERENCE_RESPONSE, 100)["metadata"] == REFERENCE_RESPONSE["metadata"]
 
 
 def test_response_with_null_metadata_parts() -> None:
@@ -224,6 +228,21 @@ def test_error_message_is_short_and_content_free(body, raw, expected) -> None:
     message = error_message(body, raw)
     assert message == expected
     assert "secret prompt" not in (message or "")
+
+
+@pytest.mark.parametrize(
+    "body, raw",
+    [
+        ({"error": {"message": "Incorrect API key provided: sk-proj-abc123XYZ***wxyz. Find your key at..."}}, None),
+        ({"detail": "invalid key pulze_live_0123456789abcdef"}, None),
+        (None, b"401 Unauthorized: Bearer sk-abcdefgh12345678 rejected"),
+    ],
+)
+def test_error_messages_never_carry_credentials(body, raw) -> None:
+    message = error_message(body, raw)
+    assert "[redacted]" in message
+    for fragment in ("abc123", "0123456789abcdef", "sk-abcdefgh"):
+        assert fragment not in message
 
 
 def test_pulze_headers() -> None:

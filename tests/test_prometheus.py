@@ -12,7 +12,7 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import API_KEY, TapProcess, start_tap, wait_until
+from conftest import TapProcess, start_tap, wait_until
 from llmtap.config import Settings
 from llmtap.health import Health
 from llmtap.record import ExchangeRecord
@@ -21,10 +21,6 @@ from llmtap.sinks.metrics import MetricsSink
 from prom import PrometheusError, PrometheusServer, Sample
 
 P95 = "histogram_quantile(0.95, sum by (le) (rate(gen_ai_client_operation_duration_seconds_bucket[1m])))"
-
-
-def client_for(tap: TapProcess) -> openai.OpenAI:
-    return openai.OpenAI(base_url=tap.base_url, api_key=API_KEY, max_retries=0, timeout=30)
 
 
 def chat(client: openai.OpenAI, text: str, model: str = "pulze", **kwargs) -> None:
@@ -113,7 +109,7 @@ def test_hostile_labels_through_the_proxy_stay_under_the_cap(tmp_path: Path, sim
     """Distinct Pulze-Labels values and model names per request: series stop growing at the cap."""
     limit, rounds = 4, 30
     tap = start_tap(tmp_path, simulator.url, "--metric-label", "team", "--label-limit", str(limit))
-    client = client_for(tap)
+    client = tap.client()
 
     def hostile(i: int) -> None:
         # A named model keeps the served model fixed, so only the hostile values vary.

@@ -11,7 +11,6 @@ import logging
 import os
 import socket
 import threading
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -337,10 +336,6 @@ def test_provider_names(provider, router, expected) -> None:
 
 # --- end to end: the real proxy, the openai SDK, the simulator ------------------------------
 
-def client_for(tap) -> openai.OpenAI:
-    return openai.OpenAI(base_url=tap.base_url, api_key=API_KEY, max_retries=0, timeout=30)
-
-
 def chat(client: openai.OpenAI, stream: bool = False, **kwargs) -> None:
     messages = [{"role": "user", "content": PROMPT}]
     answer = client.chat.completions.create(model="pulze", messages=messages, max_tokens=16, stream=stream, **kwargs)
@@ -356,20 +351,12 @@ def complete(client: openai.OpenAI, stream: bool = False, **kwargs) -> None:
             pass
 
 
-def metric(tap, name: str) -> float | None:
-    with urllib.request.urlopen(tap.metrics_url, timeout=5) as response:
-        for line in response.read().decode().splitlines():
-            if line.startswith(name + " "):
-                return float(line.split()[1])
-    return None
-
-
 def test_e2e_http_streams_traceparent_errors_and_propagation(tmp_path: Path, simulator, receiver) -> None:
     """Base endpoint from the environment; four kinds of exchange, a child span, a fault, --propagate."""
     tap = start_tap(tmp_path, simulator.url, "--propagate",
                     env={"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.url, "OTEL_BSP_SCHEDULE_DELAY": "100"})
     try:
-        with client_for(tap) as client:
+        with tap.client() as client:
             chat(client, extra_headers={"traceparent": TRACEPARENT})
             chat(client, stream=True)
             complete(client)
@@ -428,7 +415,7 @@ def test_e2e_grpc_and_content_capped(tmp_path: Path, simulator, monkeypatch) -> 
                         "--set", "llmtap_content_max_chars=20",
                         env={"OTEL_EXPORTER_OTLP_PROTOCOL": "grpc", "OTEL_BSP_SCHEDULE_DELAY": "100"})
         try:
-            with client_for(tap) as client:
+            with tap.client() as client:
                 chat(client)
             [rec] = tap.wait_records(1)
             [span] = grpc_receiver.wait_spans(1)
@@ -449,7 +436,7 @@ def test_e2e_http_full_url_flag(tmp_path: Path, simulator, receiver) -> None:
     tap = start_tap(tmp_path, simulator.url, "--otlp-endpoint", receiver.traces_url,
                     env={"OTEL_BSP_SCHEDULE_DELAY": "60000"})
     try:
-        with client_for(tap) as client:
+        with tap.client() as client:
             complete(client)
         [rec] = tap.wait_records(1)
     finally:
@@ -464,11 +451,11 @@ def test_e2e_collector_down_traffic_flows_failures_counted(tmp_path: Path, simul
         "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{free_port()}", "OTEL_BSP_SCHEDULE_DELAY": "100",
     })
     try:
-        with client_for(tap) as client:
+        with tap.client() as client:
             chat(client)
             chat(client, stream=True)
             complete(client)
         assert len(tap.wait_records(3)) == 3
-        assert wait_until(lambda: (metric(tap, "llmtap_span_export_failures_total") or 0) >= 3, timeout=15)
+        assert wait_until(lambda: tap.metric("llmtap_span_export_failures_total") >= 3, timeout=15)
     finally:
         tap.stop()

@@ -30,6 +30,7 @@ from llmtap.protocols.openai_compat import (
     error_message,
     operation_for,
     provider_from,
+    redact,
     request_fields,
     response_fields,
 )
@@ -149,14 +150,17 @@ class LLMTap:
         settings = Settings.from_options(ctx.options)
         try:
             prices = PriceTable.load(settings.prices or None)
-        except (OSError, ValueError, KeyError, TypeError) as exc:
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
             from mitmproxy.exceptions import OptionsError
 
             raise OptionsError(f"llmtap_prices: cannot read {settings.prices!r}: {exc}") from exc
         changed = settings != self.settings
         self.settings, self.prices = settings, prices
         if self._running and changed:
-            self._close_sinks()
+            # An operator changed llmtap options at runtime (e.g. ``:set`` in mitmproxy's console).
+            # The old sinks are flushed and closed first, on the loop: the audit journal is locked
+            # by one sink at a time, and closing in the background would drop records in between.
+            self._close_sinks(self.sinks)
             self.sinks = self._build_sinks()
 
     def running(self) -> None:
@@ -166,7 +170,8 @@ class LLMTap:
             self._print_banner()
 
     def done(self) -> None:
-        self._close_sinks()
+        self._close_sinks(self.sinks)
+        self.sinks = []
         self._running = False
 
     def _build_sinks(self) -> list[Sink]:
@@ -214,13 +219,12 @@ class LLMTap:
         lines.append(f"  content  {'CAPTURED (opt-in)' if self.settings.capture_content else 'not captured'}")
         print("\n".join(lines), file=sys.stderr, flush=True)
 
-    def _close_sinks(self) -> None:
-        for sink in self.sinks:
+    def _close_sinks(self, sinks: list[Sink]) -> None:
+        for sink in sinks:
             try:
                 sink.close()
             except Exception as exc:
                 self.health.error(f"close_{sink.name}", exc)
-        self.sinks = []
 
     # --- hooks -----------------------------------------------------------------------------
     def request(self, flow: http.HTTPFlow) -> None:
@@ -231,8 +235,9 @@ class LLMTap:
         try:
             exchange = Exchange(operation, flow.request.path.split("?", 1)[0], self._request_fields(flow, operation))
         except Exception as exc:  # fail open: the exchange goes on, recorded from what we can
-            self.health.error("parse_request", exc, flow.request.path)
-            exchange = Exchange(operation, flow.request.path.split("?", 1)[0], {"request_start": flow.request.timestamp_start})
+            path = flow.request.path.split("?", 1)[0]  # a query string may hold a key: never logged
+            self.health.error("parse_request", exc, path)
+            exchange = Exchange(operation, path, {"request_start": flow.request.timestamp_start})
             exchange.parse_problem = f"request parse failed: {type(exc).__name__}"
         flow.metadata[_METADATA_KEY] = exchange
         self.health.in_flight += 1
@@ -246,11 +251,15 @@ class LLMTap:
         if exchange is None or flow.response is None:
             return
         if "text/event-stream" in flow.response.headers.get("content-type", ""):
-            cap = self.settings.content_max_chars if self.settings.capture_content else None
+            try:
+                cap = self.settings.content_max_chars if self.settings.capture_content else None
+                tee = StreamTee(exchange, flow.response.headers.get("content-encoding"), self.health,
+                                lambda: self._finish(flow))
+            except Exception as exc:  # fail open: without a tee mitmproxy buffers, but delivers
+                self.health.error("stream_setup", exc, exchange.path)
+                return
             exchange.stream = StreamAccumulator(cap)
-            flow.response.stream = StreamTee(
-                exchange, flow.response.headers.get("content-encoding"), self.health, lambda: self._finish(flow)
-            )
+            flow.response.stream = tee
 
     def response(self, flow: http.HTTPFlow) -> None:
         self._finish(flow)
@@ -263,7 +272,10 @@ class LLMTap:
         for sink in self.sinks:
             passthrough = getattr(sink, "passthrough", None)
             if passthrough is not None:
-                passthrough(method)
+                try:
+                    passthrough(method)
+                except Exception as exc:  # fail open
+                    self.health.error(sink.name, exc, "passthrough")
 
     def _request_fields(self, flow: http.HTTPFlow, operation: str) -> dict[str, Any]:
         request = flow.request
@@ -327,7 +339,7 @@ class LLMTap:
             else:
                 fields.update(error_message=error_message(body, raw))
                 if isinstance(body, dict):  # errors may still carry Pulze metadata
-                    fields.update(pulze.metadata_fields(body.get("metadata")))
+                    fields.update(pulze.metadata_fields(body.get("metadata"), capture is not None))
         if response is not None:
             fields.update(
                 http_status=response.status_code,
@@ -339,7 +351,7 @@ class LLMTap:
         fields["first_token_at"] = exchange.first_token_at
         fields["error_type"] = _error_type(flow)
         if flow.error is not None:
-            fields["error_message"] = flow.error.msg[:300]
+            fields["error_message"] = redact(flow.error.msg[:300])
         elif exchange.parse_problem and fields["error_type"] is None:
             self.health.error("parse_response", ValueError(exchange.parse_problem), exchange.path)
         fields["router"] = "pulze" if (pulze.is_pulze_host(fields.get("upstream_host")) or fields.get("metadata")) else None

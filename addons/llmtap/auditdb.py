@@ -25,7 +25,7 @@ import math
 import os
 import sqlite3
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from itertools import takewhile
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -265,25 +265,6 @@ def verify_chain(conn: sqlite3.Connection) -> ChainCheck:
     return ChainCheck(checked, anchor)
 
 
-def cap_messages(messages: Sequence[Mapping[str, Any]], budget: int) -> tuple[list[dict[str, Any]], bool]:
-    """Keep messages in order until ``budget`` characters of content are used; say if any was cut."""
-    kept, cut = [], False
-    for message in messages:
-        if budget <= 0:
-            return kept, True
-        if not isinstance(message, Mapping):
-            message = {"content": message}
-        content = message.get("content")
-        if content is not None and not isinstance(content, str):
-            content = canonical_json(content)
-        if content is not None:
-            if len(content) > budget:
-                content, cut = content[:budget], True
-            budget -= len(content)
-        kept.append({**message, "content": content})
-    return kept, cut
-
-
 # --- the SQLite side (writer thread only) ---------------------------------------------------------
 
 class Batch(NamedTuple):
@@ -294,11 +275,10 @@ class Batch(NamedTuple):
 class AuditStore:
     """The audit database as the writer thread sees it: applies journal batches, prunes."""
 
-    def __init__(self, path: str, *, fsync_batch: bool, capture_content: bool, content_max_chars: int) -> None:
+    def __init__(self, path: str, *, fsync_batch: bool, capture_content: bool) -> None:
         self.db = connect(path, fsync_batch=fsync_batch)
         self.conn = self.db.conn
         self.capture_content = capture_content
-        self.content_max_chars = content_max_chars
         try:
             self.types = {c.name: c.type.upper() for c in self.db["exchanges"].columns if c.name != "id"}
             self.offsets: dict[int, int] = dict(self.conn.execute("SELECT gen, offset FROM journal_offsets"))
@@ -348,19 +328,16 @@ class AuditStore:
         return Batch(corrupt, rejected)
 
     def _content(self, data: Mapping[str, Any]) -> tuple[str, str | None, str | None, int] | None:
-        """The ``content`` row, only when capture is on and the record carries text."""
-        if not self.capture_content or not (data.get("input_messages") or data.get("output_messages")):
+        """The ``content`` row, only when capture is on and the record carries text.
+
+        The parser already capped it (``llmtap_content_max_chars`` per direction) and marked
+        each cut message ``truncated``.
+        """
+        inputs, outputs = data.get("input_messages"), data.get("output_messages")
+        if not self.capture_content or not (inputs or outputs):
             return None
-        texts, truncated = [], False
-        for messages in (data.get("input_messages"), data.get("output_messages")):
-            if messages is None:
-                texts.append(None)
-                continue
-            if not isinstance(messages, list):
-                messages = [messages]
-            kept, cut = cap_messages(messages, self.content_max_chars)
-            truncated |= cut
-            texts.append(_text(canonical_json(kept)))
+        truncated = any(isinstance(m, Mapping) and m.get("truncated") for m in [*(inputs or ()), *(outputs or ())])
+        texts = [None if messages is None else _text(canonical_json(messages)) for messages in (inputs, outputs)]
         return data["exchange_id"], texts[0], texts[1], int(truncated)
 
     def forget(self, gen: int) -> None:

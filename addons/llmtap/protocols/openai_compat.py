@@ -6,6 +6,7 @@ Pulze's extras (``metadata``) are delegated to ``pulze.metadata_fields``.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -85,13 +86,13 @@ def response_fields(body: Any, content_cap: int | None) -> dict[str, Any]:
         return {}
     choices = body.get("choices")
     choice_list = [c for c in choices if isinstance(c, Mapping)] if isinstance(choices, list) else []
-    fields = _envelope(body)
+    fields = _envelope(body, content_cap is not None)
     fields["choice_count"] = len(choice_list) if isinstance(choices, list) else None
     reasons = tuple(r for c in choice_list if (r := as_str(c.get("finish_reason"))))
     fields["finish_reasons"] = reasons or None
     if content_cap is not None:
-        fields["output_messages"] = tuple(
-            _message("assistant", _choice_text(c), content_cap, as_str(c.get("finish_reason"))) for c in choice_list
+        fields["output_messages"] = cap_messages(
+            [_message("assistant", _choice_text(c), as_str(c.get("finish_reason"))) for c in choice_list], content_cap
         )
     return fields
 
@@ -138,25 +139,36 @@ class StreamAccumulator:
         return carried
 
     def fields(self) -> dict[str, Any]:
-        fields = _envelope(self.envelope)
+        fields = _envelope(self.envelope, self._cap is not None)
         fields["chunk_count"] = self.content_chunks
         fields["choice_count"] = len(self.choices_seen) if self.choices_seen else None
         reasons = tuple(self.finish_reasons[i] for i in sorted(self.finish_reasons))
         fields["finish_reasons"] = reasons or None
         if self.texts is not None:
-            fields["output_messages"] = tuple(
-                _message("assistant", "".join(self.texts.get(i, ())), self._cap, self.finish_reasons.get(i))
-                for i in sorted(self.choices_seen)
-            )
+            messages = [_message("assistant", "".join(self.texts.get(i, ())), self.finish_reasons.get(i))
+                        for i in sorted(self.choices_seen)]
+            fields["output_messages"] = cap_messages(messages, self._cap)
         return fields
 
 
+#: What looks like a credential inside an error text ("Incorrect API key provided: sk-…").
+_SECRET = re.compile(r"(?i)\bbearer\s+\S+|\b(?:sk|pk|rk|key|api|pulze)[-_][\w*.-]{6,}")
+
+
+def redact(text: str | None) -> str | None:
+    return None if text is None else _SECRET.sub("[redacted]", text)
+
+
 def error_message(body: Any, raw: bytes | None) -> str | None:
-    """A short, content-free description of an upstream error body.
+    """A short, content-free description of an upstream error body, credentials redacted.
 
     Only the provider's own message fields are taken: FastAPI/pydantic 422 bodies can echo
     the request (``input``), which must not leak into the record.
     """
+    return redact(_error_text(body, raw))
+
+
+def _error_text(body: Any, raw: bytes | None) -> str | None:
     if isinstance(body, Mapping):
         error = body.get("error")
         if isinstance(error, Mapping) and as_str(error.get("message")):
@@ -191,7 +203,7 @@ def provider_from(host: str | None, namespace: str | None, model: str | None) ->
     return PROVIDER_BY_HOST.get(host or "")
 
 
-def _envelope(body: Mapping[str, Any]) -> dict[str, Any]:
+def _envelope(body: Mapping[str, Any], keep_content: bool) -> dict[str, Any]:
     usage = body.get("usage") if isinstance(body.get("usage"), Mapping) else {}
     prompt_details = usage.get("prompt_tokens_details")
     completion_details = usage.get("completion_tokens_details")
@@ -206,7 +218,7 @@ def _envelope(body: Mapping[str, Any]) -> dict[str, Any]:
         "cached_input_tokens": as_int(prompt_details.get("cached_tokens")) if isinstance(prompt_details, Mapping) else None,
         "reasoning_tokens": as_int(completion_details.get("reasoning_tokens")) if isinstance(completion_details, Mapping) else None,
     }
-    fields.update(pulze.metadata_fields(body.get("metadata")))
+    fields.update(pulze.metadata_fields(body.get("metadata"), keep_content))
     return fields
 
 
@@ -251,10 +263,24 @@ def _text(content: Any) -> str:
     return ""
 
 
-def _message(role: str, content: str, cap: int | None, finish_reason: str | None = None) -> dict[str, Any]:
-    message: dict[str, Any] = {"role": role, "content": content[:cap] if cap is not None else content}
-    if cap is not None and len(content) > cap:
-        message["truncated"] = True
+def cap_messages(messages: list[dict[str, Any]], budget: int) -> tuple[dict[str, Any], ...]:
+    """Keep content in order until ``budget`` characters are used; mark each message cut.
+
+    One budget per direction (prompt, completion) of an exchange, so a record's captured
+    text is bounded however many messages it has.
+    """
+    capped = []
+    for message in messages:
+        content = message["content"]
+        if len(content) > budget:
+            message = {**message, "content": content[:budget], "truncated": True}
+        budget -= len(message["content"])
+        capped.append(message)
+    return tuple(capped)
+
+
+def _message(role: str, content: str, finish_reason: str | None = None) -> dict[str, Any]:
+    message: dict[str, Any] = {"role": role, "content": content}
     if finish_reason:
         message["finish_reason"] = finish_reason
     return message
@@ -263,11 +289,10 @@ def _message(role: str, content: str, cap: int | None, finish_reason: str | None
 def _input_messages(body: Mapping[str, Any], operation: str, cap: int) -> tuple[dict[str, Any], ...]:
     if operation == "chat":
         messages = body.get("messages")
-        return tuple(
-            _message(as_str(m.get("role")) or "user", _text(m.get("content")), cap)
-            for m in (messages if isinstance(messages, list) else ())
-            if isinstance(m, Mapping)
-        )
-    prompt = body.get("prompt")
-    prompts = [prompt] if isinstance(prompt, str) else [p for p in prompt if isinstance(p, str)] if isinstance(prompt, list) else []
-    return tuple(_message("user", p, cap) for p in prompts)
+        found = [_message(as_str(m.get("role")) or "user", _text(m.get("content")))
+                 for m in (messages if isinstance(messages, list) else ()) if isinstance(m, Mapping)]
+    else:
+        prompt = body.get("prompt")
+        prompts = [prompt] if isinstance(prompt, str) else [p for p in prompt if isinstance(p, str)] if isinstance(prompt, list) else []
+        found = [_message("user", p) for p in prompts]
+    return cap_messages(found, cap)

@@ -13,10 +13,6 @@ from typing import Any
 
 from llmtap.protocols.values import as_float, as_int, as_str
 
-#: Requested model names that ask Pulze to route dynamically.
-ROUTER_MODELS = frozenset({"pulze", "pulze-v0", "pulze-v0.1", "pulze-v1.0"})
-
-
 def is_pulze_host(host: str | None) -> bool:
     return bool(host) and (host == "pulze.ai" or host.endswith(".pulze.ai"))
 
@@ -25,14 +21,22 @@ def header_fields(headers: Mapping[str, str]) -> dict[str, Any]:
     """``Pulze-Labels``, ``Pulze-Weights``, ``Pulze-Policies``: JSON objects, or None if absent/invalid."""
     labels = _json_object(headers.get("pulze-labels"))
     return {
-        "labels": {str(k): str(v) for k, v in labels.items()} if labels is not None else None,
+        "labels": _str_map(labels),
         "weights": _json_object(headers.get("pulze-weights")),
         "policies": _json_object(headers.get("pulze-policies")),
     }
 
 
-def metadata_fields(metadata: Any) -> dict[str, Any]:
-    """Record fields from a Pulze ``metadata`` object (missing or null parts stay None)."""
+#: Parts of ``metadata`` that carry generated or retrieved text, not facts about the call.
+CONTENT_KEYS = frozenset({"generated_artifacts", "search_results"})
+
+
+def metadata_fields(metadata: Any, keep_content: bool) -> dict[str, Any]:
+    """Record fields from a Pulze ``metadata`` object (missing or null parts stay None).
+
+    The raw object is kept whole for the audit log, less ``CONTENT_KEYS`` unless the user
+    opted in to content capture.
+    """
     if not isinstance(metadata, Mapping):
         return {}
     model = _mapping(metadata.get("model"))
@@ -41,7 +45,7 @@ def metadata_fields(metadata: Any) -> dict[str, Any]:
     scores = _mapping(metadata.get("scores"))
     labels = metadata.get("labels")
     return {
-        "metadata": dict(metadata),
+        "metadata": dict(metadata) if keep_content else {k: v for k, v in metadata.items() if k not in CONTENT_KEYS},
         "app_id": as_str(metadata.get("app_id")),
         "served_model": as_str(model.get("model")),
         "served_provider": as_str(model.get("provider")),
@@ -60,7 +64,7 @@ def metadata_fields(metadata: Any) -> dict[str, Any]:
         "score": as_float(metadata.get("score")),
         "best_model": _best_model(scores.get("best_models")),
         "candidate_count": len(scores["candidates"]) if isinstance(scores.get("candidates"), list) else None,
-        "response_labels": {str(k): str(v) for k, v in labels.items()} if isinstance(labels, Mapping) else None,
+        "response_labels": _str_map(labels),
         "warning": as_str(metadata.get("warning")),
         "upstream_error": as_str(metadata.get("error")),
         "category": as_str(metadata.get("category")),
@@ -83,6 +87,11 @@ def _best_model(best_models: Any) -> str | None:
     if isinstance(first, Mapping) and first:
         return str(next(iter(first)))
     return as_str(first)
+
+
+def _str_map(value: Any) -> dict[str, str] | None:
+    """Labels are ``Dict[str, str]``; whatever else arrives is stringified, non-objects dropped."""
+    return {str(k): str(v) for k, v in value.items()} if isinstance(value, Mapping) else None
 
 
 def _mapping(value: Any) -> Mapping[str, Any]:

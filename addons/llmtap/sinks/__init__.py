@@ -1,8 +1,9 @@
 """Sinks receive finished records. They share one small interface.
 
 ``emit`` is called on mitmproxy's event loop, once per record, and must not block: a sink
-that does I/O hands the record to its own thread (see ``ThreadedSink``). The only I/O allowed
-on the loop is the audit journal's single ``write`` per record. ``flush`` waits until what was
+that does slow I/O hands the record to its own thread (``ThreadedSink``, or the OTLP SDK's
+batch processor). The only I/O on the loop is one append per record to a local file: the
+audit journal, and the JSON-lines file when one is configured. ``flush`` waits until what was
 emitted so far is durable or exported; ``close`` flushes and releases resources. A sink never
 raises into the proxy: the addon counts an exception from ``emit`` as an internal error.
 """
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 import queue
 import threading
-from typing import Protocol
+from typing import Any, Protocol
 
 from llmtap.health import Health
 from llmtap.record import ExchangeRecord
@@ -33,7 +34,7 @@ _STOP = object()
 class ThreadedSink:
     """Base for sinks whose work is slow: a bounded queue drained by one daemon thread.
 
-    Failure policy: when the queue is full the record is dropped and counted as an internal
+    Failure policy: when the queue is full the item is dropped and counted as an internal
     error of this sink's stage (the audit sink does not use this: its journal loses nothing).
     """
 
@@ -45,14 +46,14 @@ class ThreadedSink:
         self._thread = threading.Thread(target=self._run, name=f"llmtap-{self.name}", daemon=True)
         self._thread.start()
 
-    def handle(self, record: ExchangeRecord) -> None:
+    def handle(self, item: Any) -> None:
         raise NotImplementedError
 
-    def emit(self, record: ExchangeRecord) -> None:
+    def emit(self, item: Any) -> None:
         try:
-            self._queue.put_nowait(record)
+            self._queue.put_nowait(item)
         except queue.Full as exc:
-            self.health.error(self.name, exc, "queue full, record dropped")
+            self.health.error(self.name, exc, "queue full, dropped")
 
     def flush(self, timeout: float = 10.0) -> None:
         done = threading.Event()

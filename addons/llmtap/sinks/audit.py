@@ -319,7 +319,6 @@ class AuditSink:
                     store = AuditStore(
                         self.settings.db, fsync_batch=self._fsync,
                         capture_content=self.settings.capture_content,
-                        content_max_chars=self.settings.content_max_chars,
                     )
                 done = self._apply(store, final=stopping)
                 if not stopping:

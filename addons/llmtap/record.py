@@ -15,13 +15,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-#: Where ``cost_usd`` came from. ``reported`` beats ``computed`` beats ``unknown``.
-COST_SOURCES = ("reported", "computed", "unknown")
-
-#: Operations in the GenAI semantic conventions' vocabulary.
-OPERATIONS = ("chat", "text_completion")
-
-
 @dataclass(frozen=True, slots=True)
 class ExchangeRecord:
     """Everything llmtap learned about one request/response pair."""

@@ -179,6 +179,7 @@ class AuditSink:
     name = "audit"
     IDLE_SECONDS = 1.0
     MAX_BACKOFF_SECONDS = 5.0
+    DRAIN_BATCH = 100  # records moved from memory to the journal per lock hold
     CLOSE_TIMEOUT_SECONDS = 10.0
 
     def __init__(
@@ -338,15 +339,21 @@ class AuditSink:
             store.close()
 
     def _drain_memory(self) -> None:
-        """Move records held in memory (the journal was unwritable) into the journal."""
-        with self._cond:
-            if not self._memory:
-                return
-            if self._journal.fd is None:
-                self._journal.open()
-            while self._memory:
-                self._append(self._memory[0])
-                self._memory.popleft()
+        """Move records held in memory (the journal was unwritable) into the journal.
+
+        In batches, releasing the lock in between, so that ``emit`` (on the event loop) never
+        waits for more than a batch; new records join the memory queue's tail meanwhile, so the
+        order is kept.
+        """
+        while True:
+            with self._cond:
+                if not self._memory:
+                    return
+                if self._journal.fd is None:
+                    self._journal.open()
+                for _ in range(min(self.DRAIN_BATCH, len(self._memory))):
+                    self._append(self._memory[0])
+                    self._memory.popleft()
 
     def _apply(self, store: AuditStore, final: bool) -> bool:
         """Apply the journal; retire finished generations; True once nothing complete is pending."""

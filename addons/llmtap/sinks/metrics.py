@@ -13,8 +13,8 @@ Failure policy: ``emit`` is in-memory arithmetic on the event loop, with no I/O 
 contention (labelled children are cached). Amounts a Prometheus counter cannot take (negative,
 NaN, infinite) are left out rather than raised. Anything unexpected propagates to the addon,
 which counts it as an internal error; the exchange itself is never touched. The HTTP server
-runs in prometheus_client's daemon thread; failing to bind it at startup is a configuration
-error and raises, so a wrong port is not silently a missing endpoint.
+runs in prometheus_client's daemon thread; failing to bind it at startup raises, and the addon
+then serves traffic without the endpoint, logging it and counting ``start_metrics``.
 """
 
 from __future__ import annotations

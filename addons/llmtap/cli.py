@@ -41,15 +41,17 @@ def llmtap_options(command):
 @click.option("--confdir", default="", help="mitmproxy confdir (CA certificates); default ~/.mitmproxy.")
 @click.option("--set", "extra_sets", multiple=True, metavar="OPTION=VALUE",
               help="Any other mitmproxy option, as with mitmdump --set. Repeatable.")
+@click.option("--lean/--full", default=True, show_default=True,
+              help="lean: only the mitmproxy addons this mode needs (faster). full: all of mitmdump's.")
 @llmtap_options
 def run(upstream: str, mode: str, listen_host: str, listen_port: int, confdir: str,
-        extra_sets: tuple[str, ...], **llmtap_options) -> None:
+        extra_sets: tuple[str, ...], lean: bool, **llmtap_options) -> None:
     """Run the sidecar (mitmproxy with the llmtap addon) in the foreground."""
     from llmtap.server import serve
 
     llmtap_options["metric_labels"] = list(llmtap_options["metric_labels"])
     code = serve(upstream=upstream, mode=mode, listen_host=listen_host, listen_port=listen_port,
-                 confdir=confdir, extra_sets=extra_sets,
+                 confdir=confdir, extra_sets=extra_sets, lean=lean,
                  options={f"llmtap_{k}": v for k, v in llmtap_options.items()})
     sys.exit(code)
 

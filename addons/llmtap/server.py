@@ -14,6 +14,7 @@ from mitmproxy.options import Options
 from mitmproxy.tools.dump import DumpMaster
 
 from llmtap.addon import LLMTap
+from llmtap.lean import LeanMaster
 
 
 def mode_spec(mode: str, upstream: str) -> str:
@@ -29,15 +30,23 @@ def serve(
     confdir: str,
     extra_sets: Sequence[str],
     options: Mapping[str, Any],
+    lean: bool = True,
 ) -> int:
-    """Run until Ctrl-C or SIGTERM; sinks are flushed and closed before this returns."""
+    """Run until Ctrl-C or SIGTERM; sinks are flushed and closed before this returns.
+
+    ``lean`` runs ``LeanMaster`` (only the addons this mode needs, see ``llmtap.lean``);
+    otherwise mitmdump's full addon set.
+    """
 
     async def main() -> int:
         logging.getLogger().setLevel(logging.INFO)
         for noisy in ("tornado", "asyncio", "hpack", "quic"):
             logging.getLogger(noisy).setLevel(logging.WARNING)
         opts = Options()
-        master = DumpMaster(opts, with_termlog=True, with_dumper=False)
+        if lean:
+            master = LeanMaster(opts, mode)
+        else:
+            master = DumpMaster(opts, with_termlog=True, with_dumper=False)
         master.addons.add(LLMTap())
         try:
             if confdir:
@@ -55,7 +64,8 @@ def serve(
             if extra_sets:
                 opts.set(*extra_sets)
         except exceptions.OptionsError as exc:
-            print(f"llmtap: {exc}", file=sys.stderr)
+            hint = " (the lean proxy loads only the addons llmtap needs; try --full)" if lean else ""
+            print(f"llmtap: {exc}{hint}", file=sys.stderr)
             return 2
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):

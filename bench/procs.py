@@ -1,0 +1,138 @@
+"""Processes under test: started pinned to a core, read from /proc, stopped by their own pid.
+
+The machine has two cores. The proxy under test gets one to itself (``PROXY_CPU``); the load
+generator, the upstream simulator and this script share the other (``LOAD_CPU``), so the
+proxy's numbers are not disturbed by the work that feeds it.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+VENV_BIN = Path(sys.executable).parent
+CORES = os.cpu_count() or 1
+LOAD_CPU = 0
+PROXY_CPU = 1 if CORES > 1 else 0
+_TICKS = os.sysconf("SC_CLK_TCK")
+_PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_port(port: int, proc: subprocess.Popen, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{proc.args[:3]} exited with {proc.returncode} before listening on {port}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"nothing listening on {port} after {timeout}s")
+
+
+@dataclass
+class Proc:
+    """One started process; ``stop()`` signals only this pid."""
+
+    name: str
+    popen: subprocess.Popen
+    port: int
+    log: Path
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def cpu_seconds(self) -> float:
+        """user + system CPU of all the process's threads so far (/proc/PID/stat)."""
+        fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / _TICKS
+
+    def rss_mb(self) -> float:
+        pages = int(Path(f"/proc/{self.pid}/statm").read_text().split()[1])
+        return pages * _PAGE / 1e6
+
+    def stop(self, timeout: float = 30.0) -> None:
+        if self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGTERM)
+            try:
+                self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait(5)
+
+
+def start(name: str, argv: list[str], port: int, cpu: int, workdir: Path, env: dict | None = None) -> Proc:
+    """Start ``argv`` pinned to ``cpu`` (taskset), logging to ``workdir/name.log``; wait for ``port``."""
+    log = workdir / f"{name}.log"
+    out = log.open("wb")
+    popen = subprocess.Popen(
+        ["taskset", "-c", str(cpu), *argv], stdout=out, stderr=subprocess.STDOUT, cwd=ROOT,
+        env={**os.environ, **(env or {})},
+    )
+    out.close()
+    proc = Proc(name, popen, port, log)
+    try:
+        wait_port(port, popen)
+    except BaseException:
+        proc.stop(5)
+        raise
+    return proc
+
+
+def simulator(name: str, cpu: int, workdir: Path, chunk_delay: float = 0.0) -> Proc:
+    port = free_port()
+    argv = [str(VENV_BIN / "llmtap"), "simulate", "--port", str(port), "--chunk-delay", str(chunk_delay)]
+    return start(name, argv, port, cpu, workdir)
+
+
+def mitmdump(name: str, upstream: str, workdir: Path, *scripts: str, extra: list[str] = ()) -> Proc:
+    """Bare ``mitmdump --mode reverse:URL -q`` (plus ``-s`` scripts and ``extra`` arguments, if any)."""
+    port = free_port()
+    argv = [str(VENV_BIN / "mitmdump"), "--mode", f"reverse:{upstream}", "-q", "--listen-host", "127.0.0.1",
+            "--listen-port", str(port), "--set", f"confdir={workdir / 'mitmproxy'}"]
+    for script in scripts:
+        argv += ["-s", script]
+    return start(name, [*argv, *extra], port, PROXY_CPU, workdir)
+
+
+def llmtap(name: str, upstream: str, workdir: Path, *, lean: bool, otlp: str = "", db: bool = True,
+           metrics: bool = True) -> Proc:
+    """``llmtap run`` with the given sinks; the audit DB goes to ``workdir/name.db``."""
+    port, metrics_port = free_port(), free_port()
+    argv = [str(VENV_BIN / "llmtap"), "run", "--lean" if lean else "--full", "--upstream", upstream,
+            "--listen-port", str(port), "--metrics-port", str(metrics_port if metrics else -1),
+            "--db", str(workdir / f"{name}.db") if db else "", "--confdir", str(workdir / "mitmproxy")]
+    if otlp:
+        argv += ["--otlp-endpoint", otlp]
+    proc = start(name, argv, port, PROXY_CPU, workdir)
+    proc.extra.update(metrics_port=metrics_port, db=workdir / f"{name}.db")
+    return proc
+
+
+def pin_self(cpu: int) -> None:
+    os.sched_setaffinity(0, {cpu})
+
+
+def load_average() -> str:
+    """1, 5 and 15 minute load averages: other work on the machine shows up here."""
+    return " ".join(Path("/proc/loadavg").read_text().split()[:3])

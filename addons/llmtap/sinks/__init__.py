@@ -53,7 +53,11 @@ class ThreadedSink:
         try:
             self._queue.put_nowait(item)
         except queue.Full as exc:
-            self.health.error(self.name, exc, "queue full, dropped")
+            self.dropped(exc)
+
+    def dropped(self, exc: queue.Full) -> None:
+        """An item found the queue full; by default an internal error of this stage."""
+        self.health.error(self.name, exc, "queue full, dropped")
 
     def flush(self, timeout: float = 10.0) -> None:
         done = threading.Event()

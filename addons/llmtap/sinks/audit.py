@@ -180,6 +180,7 @@ class AuditSink:
     IDLE_SECONDS = 1.0
     MAX_BACKOFF_SECONDS = 5.0
     DRAIN_BATCH = 100  # records moved from memory to the journal per lock hold
+    BATCH_WINDOW_SECONDS = 0.05  # how long a woken writer gathers records before it applies them
     CLOSE_TIMEOUT_SECONDS = 10.0
 
     def __init__(
@@ -300,7 +301,10 @@ class AuditSink:
         delay, deadline = 0.0, None
         while True:
             if not delay:
-                self._wake.wait(self.IDLE_SECONDS)
+                if self._wake.wait(self.IDLE_SECONDS) and not self._stopping.is_set():
+                    # let what arrives in the next moment join the same transaction: one batch
+                    # per window instead of one per record (close cuts the window short)
+                    self._stopping.wait(self.BATCH_WINDOW_SECONDS)
             elif self._stopping.is_set():
                 time.sleep(delay)
             else:

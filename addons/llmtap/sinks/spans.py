@@ -49,6 +49,7 @@ from llmtap import __version__
 from llmtap.config import Settings
 from llmtap.health import Health
 from llmtap.record import ExchangeRecord, canonical_json
+from llmtap.sinks import ThreadedSink
 
 log = logging.getLogger("llmtap")
 
@@ -236,12 +237,18 @@ class _GuardedExporter(SpanExporter):
         return self._inner.force_flush(timeout_millis)
 
 
-class SpanSink:
-    """One OTLP span per record, exported in batches by the SDK's own thread."""
+class SpanSink(ThreadedSink):
+    """One OTLP span per record, exported in batches by the SDK's own thread.
+
+    Building a span (the SDK checks every attribute) takes a few hundred microseconds, so
+    ``emit`` only queues the record; this sink's thread builds the span and hands it to the
+    batch processor. A record that finds the queue full is counted as an export failure.
+    """
 
     name = "spans"
 
     def __init__(self, settings: Settings, health: Health) -> None:
+        super().__init__(health, maxsize=_max_queue())
         self.health = health
         self.capture_content = settings.capture_content
         inner = make_exporter(settings.otlp_endpoint or None)
@@ -253,7 +260,10 @@ class SpanSink:
         self._tracer = self._provider.get_tracer("llmtap", __version__)
         health.gauges["span_queue_depth"] = lambda: self._exporter.pending
 
-    def emit(self, record: ExchangeRecord) -> None:
+    def dropped(self, exc: Exception) -> None:
+        self.health.add_span_export_failures(1)
+
+    def handle(self, record: ExchangeRecord) -> None:
         parent = Context()
         if record.traceparent:
             parent = _PROPAGATOR.extract({"traceparent": record.traceparent}, context=parent)
@@ -279,10 +289,11 @@ class SpanSink:
         span.end(end_time=_ns(end))
 
     def flush(self, timeout: float = 10.0) -> None:
+        super().flush(timeout)
         self._provider.force_flush(int(timeout * 1000))
 
     def close(self) -> None:
-        self._provider.force_flush()
+        super().close()  # builds what is queued, then flushes
         self._provider.shutdown()
         self.health.gauges.pop("span_queue_depth", None)
         for logger, log_filter in self._log_filters:

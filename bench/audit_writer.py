@@ -15,13 +15,13 @@ import argparse
 import json
 import sqlite3
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 from llmtap.config import Settings
 from llmtap.health import Health
 from llmtap.record import ExchangeRecord
+from procs import PeakSampler
 
 #: What a typical Pulze chat completion turns into (metadata as the simulator sends it).
 TEMPLATE = ExchangeRecord(
@@ -59,30 +59,9 @@ def records(prefix: str, count: int) -> list[ExchangeRecord]:
     return [TEMPLATE.replace(exchange_id=f"{prefix}-{i}", request_start=TEMPLATE.request_start + i) for i in range(count)]
 
 
-class DepthSampler:
-    """Samples the sink's queue-depth gauge every millisecond on a thread; keeps the peak."""
-
-    def __init__(self, gauge) -> None:
-        self.gauge, self.peak = gauge, 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.wait(0.001):
-            self.peak = max(self.peak, self.gauge())
-
-    def __enter__(self) -> DepthSampler:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-
-
 def burst(sink, gauge, count: int) -> dict:
     batch = records("burst", count)
-    with DepthSampler(gauge) as depth:
+    with PeakSampler(gauge, 0.001) as depth:
         started = time.perf_counter()
         for record in batch:
             sink.emit(record)
@@ -99,7 +78,7 @@ def paced(sink, gauge, rate: int, seconds: float) -> dict:
     per_slice = max(1, rate // 100)
     slices = int(seconds * 100)
     batch = records("paced", per_slice * slices)
-    with DepthSampler(gauge) as depth:
+    with PeakSampler(gauge, 0.001) as depth:
         started = time.perf_counter()
         for i in range(slices):
             for record in batch[i * per_slice:(i + 1) * per_slice]:

@@ -8,13 +8,12 @@ Growth between the two is what would keep growing in production.
 from __future__ import annotations
 
 import sqlite3
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from load import CHAT_PATH, mix_script, wrk
-from procs import Proc
+from procs import PeakSampler, Proc
 
 
 @dataclass(frozen=True)
@@ -30,25 +29,6 @@ class MemoryResult:
     @property
     def growth_mb(self) -> float:
         return self.rss_after_mb - self.rss_before_mb
-
-
-class _PeakRSS:
-    def __init__(self, proc: Proc) -> None:
-        self.proc, self.peak = proc, proc.rss_mb()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.wait(0.5):
-            self.peak = max(self.peak, self.proc.rss_mb())
-
-    def __enter__(self) -> _PeakRSS:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
 
 
 def audit_rows(db: Path) -> int:
@@ -74,7 +54,7 @@ def run(proxy: Proc, workdir: Path, exchanges: int, warmup: int, connections: in
     wrk(url, mix_script(warmup), workdir, connections=connections, seconds=warmup / 50 + 60)
     recorded_before = settle(proxy)
     rss_before = proxy.rss_mb()
-    with _PeakRSS(proxy) as peak:
+    with PeakSampler(proxy.rss_mb, 0.5) as peak:
         started = time.monotonic()
         result = wrk(url, mix_script(exchanges), workdir, connections=connections, seconds=exchanges / 50 + 60)
         seconds = time.monotonic() - started

@@ -12,6 +12,8 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -124,3 +126,24 @@ def pin_self(cpu: int) -> None:
 def load_average() -> str:
     """1, 5 and 15 minute load averages: other work on the machine shows up here."""
     return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+
+
+class PeakSampler:
+    """Reads ``read()`` every ``interval`` seconds on a thread while in use; keeps the peak."""
+
+    def __init__(self, read: Callable[[], float], interval: float) -> None:
+        self.read, self.interval, self.peak = read, interval, read()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.peak = max(self.peak, self.read())
+
+    def __enter__(self) -> PeakSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()

@@ -325,7 +325,6 @@ class LLMTap:
         fields = exchange.fields  # finished exactly once: built up in place, no copy
         response = flow.response
         capture = self.settings.content_max_chars if self.settings.capture_content else None
-        body = None
         if exchange.stream is not None:
             fields.update(exchange.stream.fields())
             fields["stream"] = True

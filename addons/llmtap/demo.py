@@ -45,7 +45,7 @@ def run_demo(*, count: int, exit_after: bool, workdir: str, listen_port: int, me
         subprocess.run([sys.executable, "-m", "llmtap.cli", "report", "--db", str(db), "--by", "model"], check=False)
         print(f"\nmetrics   http://127.0.0.1:{metrics_port}/metrics")
         print(f"audit DB  {db}")
-        print(f"report    llmtap report --db {db} --by provider --by day")
+        print(f"report    {Path(sys.executable).with_name('llmtap')} report --db {db} --by provider --by day")
         print(f"records   {out / 'records.jsonl'}")
         if not exit_after:
             print("\nllmtap keeps running; press Ctrl-C to stop.", flush=True)

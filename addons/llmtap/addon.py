@@ -232,10 +232,10 @@ class LLMTap:
         if operation is None:
             self._passthrough(flow.request.method)
             return
+        path = flow.request.path.split("?", 1)[0]  # a query string may hold a key: never recorded
         try:
-            exchange = Exchange(operation, flow.request.path.split("?", 1)[0], self._request_fields(flow, operation))
+            exchange = Exchange(operation, path, self._request_fields(flow, operation))
         except Exception as exc:  # fail open: the exchange goes on, recorded from what we can
-            path = flow.request.path.split("?", 1)[0]  # a query string may hold a key: never logged
             self.health.error("parse_request", exc, path)
             exchange = Exchange(operation, path, {"request_start": flow.request.timestamp_start})
             exchange.parse_problem = f"request parse failed: {type(exc).__name__}"
@@ -252,13 +252,12 @@ class LLMTap:
             return
         if "text/event-stream" in flow.response.headers.get("content-type", ""):
             try:
-                cap = self.settings.content_max_chars if self.settings.capture_content else None
                 tee = StreamTee(exchange, flow.response.headers.get("content-encoding"), self.health,
                                 lambda: self._finish(flow))
             except Exception as exc:  # fail open: without a tee mitmproxy buffers, but delivers
                 self.health.error("stream_setup", exc, exchange.path)
                 return
-            exchange.stream = StreamAccumulator(cap)
+            exchange.stream = StreamAccumulator(self.settings.content_cap)
             flow.response.stream = tee
 
     def response(self, flow: http.HTTPFlow) -> None:
@@ -280,8 +279,7 @@ class LLMTap:
     def _request_fields(self, flow: http.HTTPFlow, operation: str) -> dict[str, Any]:
         request = flow.request
         headers = header_map(request.headers)
-        capture = self.settings.content_max_chars if self.settings.capture_content else None
-        fields = request_fields(load_json(request.get_content(strict=False)), operation, capture)
+        fields = request_fields(load_json(request.get_content(strict=False)), operation, self.settings.content_cap)
         fields.update(pulze.header_fields(headers))
         traceparent = headers.get("traceparent")
         incoming_trace = _trace_id_of(traceparent)
@@ -324,7 +322,7 @@ class LLMTap:
     def _build_record(self, flow: http.HTTPFlow, exchange: Exchange) -> ExchangeRecord:
         fields = exchange.fields  # finished exactly once: built up in place, no copy
         response = flow.response
-        capture = self.settings.content_max_chars if self.settings.capture_content else None
+        capture = self.settings.content_cap
         if exchange.stream is not None:
             fields.update(exchange.stream.fields())
             fields["stream"] = True

@@ -73,6 +73,11 @@ class Settings:
         return settings
 
     @property
+    def content_cap(self) -> int | None:
+        """What the parsers take: the text cap when content capture is on, else None."""
+        return self.content_max_chars if self.capture_content else None
+
+    @property
     def otlp_configured(self) -> bool:
         return bool(
             self.otlp_endpoint

@@ -69,6 +69,14 @@ def new_sink(tmp_path: Path, health: Health | None = None, **kwargs) -> AuditSin
     return AuditSink(Settings(**options), health or Health(), **kwargs)
 
 
+def write_records(tmp_path: Path, count: int) -> None:
+    """An audit log holding records 0..count-1, written by a sink that then stopped cleanly."""
+    sink = new_sink(tmp_path)
+    for i in range(count):
+        sink.emit(make_record(i))
+    sink.close()
+
+
 def db_rows(db: Path | str, table: str = "exchanges") -> list[dict]:
     conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)  # never create it by accident
     conn.row_factory = sqlite3.Row
@@ -164,10 +172,7 @@ def test_files_are_private(tmp_path):
 
 
 def test_hash_is_the_documented_canonical_form(tmp_path):
-    sink = new_sink(tmp_path)
-    for i in range(3):
-        sink.emit(make_record(i))
-    sink.close()
+    write_records(tmp_path, 3)
     rows = db_rows(tmp_path / "llmtap.db")
     prev = GENESIS
     for row in rows:
@@ -182,10 +187,7 @@ def test_hash_is_the_documented_canonical_form(tmp_path):
 
 def test_replay_after_a_crash_applies_each_record_exactly_once(tmp_path):
     db = tmp_path / "llmtap.db"
-    sink = new_sink(tmp_path)
-    for i in range(10):
-        sink.emit(make_record(i))
-    sink.close()
+    write_records(tmp_path, 10)
     # A writer that died mid-way: journal generation 7 holds 30 lines, the first 12 of which it
     # had committed (rows and offset in one transaction), then a torn half line from kill -9.
     lines = [(make_record(i).to_json() + "\n").encode() for i in range(10, 40)]
@@ -385,10 +387,7 @@ def test_read_only_database_then_recovery(tmp_path):
 
 def test_verify_passes_then_names_the_edited_row(tmp_path):
     db = tmp_path / "llmtap.db"
-    sink = new_sink(tmp_path)
-    for i in range(10):
-        sink.emit(make_record(i))
-    sink.close()
+    write_records(tmp_path, 10)
     ok = run_verify(db)
     assert ok.exit_code == 0 and "OK: 10 rows" in ok.output
     conn = sqlite3.connect(db)

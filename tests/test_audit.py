@@ -260,7 +260,7 @@ for i in range({n}):
     sink.emit(ExchangeRecord(exchange_id=f"ex-{{i:05d}}", operation="chat", method="POST",
                              path="/v1/chat/completions", request_start=time.time(), metadata={{"pad": "x" * 1500}}))
     if i % 50 == 0:
-        time.sleep(0.002)  # let the writer thread commit some batches, not all
+        time.sleep(0.002)  # let the writer process commit some batches, not all
 os.kill(os.getpid(), signal.SIGKILL)
 """
 
@@ -275,6 +275,56 @@ def test_kill_9_of_the_writing_process_loses_nothing(tmp_path):
     assert ids == [f"ex-{i:05d}" for i in range(400)]
     assert journal_files(tmp_path) == []
     assert verify_chain(sqlite3.connect(tmp_path / "llmtap.db")).ok
+
+
+def writer_pids(db: Path) -> list[int]:
+    """The audit writer processes working on ``db`` (found by their command line)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        try:
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"llmtap.writer" in cmdline and str(db).encode() in cmdline:
+            pids.append(int(entry.name))
+    return pids
+
+
+def test_the_writer_of_a_killed_proxy_applies_what_was_journaled_and_exits(tmp_path):
+    db = tmp_path / "llmtap.db"
+    proc = subprocess.run([sys.executable, "-c", CRASHING_CHILD.format(db=str(db), n=300)], timeout=60,
+                          capture_output=True)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()
+    wait_until(lambda: row_count(db) == 300, timeout=30)  # nobody restarted the proxy
+    wait_until(lambda: not writer_pids(db), timeout=15)
+    assert len(journal_files(tmp_path)) == 1  # the newest generation waits for the next start to retire it
+    new_sink(tmp_path).close()
+    assert journal_files(tmp_path) == [] and row_count(db) == 300
+
+
+def test_a_killed_writer_is_restarted_and_nothing_is_lost(tmp_path):
+    db = tmp_path / "llmtap.db"
+    health = Health()
+    sink = new_sink(tmp_path, health)
+    try:
+        for i in range(50):
+            sink.emit(make_record(i))
+        sink.flush()
+        (pid,) = wait_until(lambda: writer_pids(db))
+        assert pid != os.getpid()  # SQLite is written by another process
+        os.kill(pid, signal.SIGKILL)
+        for i in range(50, 100):
+            sink.emit(make_record(i))  # the journal takes them while no writer runs
+        wait_until(lambda: health.internal_errors["audit"] >= 1)
+        sink.flush(timeout=15)
+        assert health.gauges["audit_queue_depth"]() == 0
+        (new_pid,) = writer_pids(db)
+        assert new_pid != pid
+    finally:
+        sink.close()
+    assert [r["exchange_id"] for r in db_rows(db)] == [f"ex-{i:05d}" for i in range(100)]
+    assert verify_chain(sqlite3.connect(db)).ok and health.audit_dropped == 0
+    assert not writer_pids(db)  # close() stops it
 
 
 @pytest.mark.parametrize("fsync", ["never", "batch"])
@@ -312,7 +362,7 @@ def test_second_process_on_the_same_log_is_refused(tmp_path):
 
 def test_locked_database_delays_rows_then_they_arrive(tmp_path):
     health = Health()
-    sink = new_sink(tmp_path, health)
+    sink = new_sink(tmp_path, health, max_backoff=0.2)
     sink.emit(make_record(0))
     sink.flush()
     blocker = sqlite3.connect(tmp_path / "llmtap.db", isolation_level=None)
@@ -326,7 +376,6 @@ def test_locked_database_delays_rows_then_they_arrive(tmp_path):
     finally:
         blocker.execute("ROLLBACK")
         blocker.close()
-    sink.MAX_BACKOFF_SECONDS = 0.2
     sink.flush(timeout=15)
     assert health.gauges["audit_queue_depth"]() == 0
     assert len(db_rows(tmp_path / "llmtap.db")) == 21
@@ -339,8 +388,7 @@ def test_unwritable_location_holds_records_in_memory_then_recovers(tmp_path, cap
     """Neither the journal nor the DB can be created; a bounded queue keeps what fits, counts the rest."""
     where = tmp_path / "later"
     health = Health()
-    sink = new_sink(tmp_path, health, db=str(where / "llmtap.db"), memory_limit=5)
-    sink.MAX_BACKOFF_SECONDS = 0.2
+    sink = new_sink(tmp_path, health, db=str(where / "llmtap.db"), memory_limit=5, max_backoff=0.2)
     for i in range(8):
         sink.emit(make_record(i))
     assert health.audit_dropped == 3
@@ -369,8 +417,7 @@ def test_read_only_database_then_recovery(tmp_path):
     undo = make_read_only(db)
     health = Health()
     try:
-        sink = new_sink(tmp_path, health)
-        sink.MAX_BACKOFF_SECONDS = 0.2
+        sink = new_sink(tmp_path, health, max_backoff=0.2)
         for i in range(5):
             sink.emit(make_record(i))
         wait_until(lambda: health.internal_errors["audit"] >= 2, timeout=15)  # retried, still failing

@@ -431,9 +431,13 @@ def test_e2e_grpc_and_content_capped(tmp_path: Path, simulator, monkeypatch) -> 
     assert API_KEY not in json.dumps(span.attributes)
 
 
-def test_e2e_http_full_url_flag(tmp_path: Path, simulator, receiver) -> None:
-    """--otlp-endpoint is the full signal URL for http/protobuf; shutdown flushes what is queued."""
-    tap = start_tap(tmp_path, simulator.url, "--otlp-endpoint", receiver.traces_url,
+@pytest.mark.parametrize("audit_args", [(), ("--db", "")], ids=["from-the-writer-process", "no-audit-log"])
+def test_e2e_http_full_url_flag(tmp_path: Path, simulator, receiver, audit_args) -> None:
+    """--otlp-endpoint is the full signal URL for http/protobuf; shutdown flushes what is queued.
+
+    With the audit log on, its writer process exports the spans; without, the proxy does.
+    """
+    tap = start_tap(tmp_path, simulator.url, "--otlp-endpoint", receiver.traces_url, *audit_args,
                     env={"OTEL_BSP_SCHEDULE_DELAY": "60000"})
     try:
         with tap.client() as client:

@@ -177,6 +177,10 @@ class LLMTap:
     def _build_sinks(self) -> list[Sink]:
         """Audit first: its journal append must happen before anything else can fail.
 
+        With the audit log on, its writer process also exports the spans (from the journal),
+        so that neither SQLite nor span building takes CPU from the proxy; without it, spans
+        are built on a thread of this process.
+
         A sink that cannot start (bad path, port taken) is counted and logged, and the proxy
         runs without it: traffic is never refused because of llmtap.
         """
@@ -189,7 +193,7 @@ class LLMTap:
         ]
         sinks: list[Sink] = []
         for name, enabled, module, cls in wanted:
-            if not enabled:
+            if not enabled or (name == "spans" and any(sink.name == "audit" for sink in sinks)):
                 continue
             try:
                 sinks.append(getattr(importlib.import_module(module), cls)(settings, self.health))

@@ -42,6 +42,12 @@ class Health:
                 stage, f" ({context})" if context else "", type(exc).__name__, exc, stage,
             )
 
+    def add_errors(self, stage: str, n: int) -> None:
+        """Count faults another process (the audit writer) already logged."""
+        if n > 0:
+            with self._lock:
+                self.internal_errors[stage] += n
+
     def add_audit_dropped(self, n: int = 1) -> None:
         with self._lock:
             self.audit_dropped += n

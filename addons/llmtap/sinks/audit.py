@@ -1,20 +1,22 @@
 """The audit log sink: one hash-chained SQLite row per exchange, the system of record for spend.
 
-Data path, built so that no exchange a client received is lost, even on ``kill -9``::
+Data path, built so that no exchange a client received is lost, even on ``kill -9``, and so
+that SQLite never costs the proxy CPU::
 
     emit() on the event loop --one os.write, O_APPEND--> <db>.journal.<gen>   (canonical JSON lines)
-                                                            | writer thread, batches
+                                                            | the writer process (llmtap.writer)
                                                             v
     SQLite (WAL): INSERT the rows + UPDATE journal_offsets(gen, offset), in ONE transaction
 
 ``emit`` runs in mitmproxy's response/error hook, before the response is released to the
-client, and only appends one line to the journal (no fsync, no SQLite). The writer thread
-applies journal lines in batches and stores how far it got in the same transaction as the
-rows, so on start it resumes exactly where the last committed batch ended: nothing twice,
-nothing skipped (``exchange_id`` is also UNIQUE, a second guard). Once the generation being
-appended to is large, appends switch to the next one (under the append lock, so no line is
-lost in between); the old one is applied to its end and retired: its offset row deleted,
-then its file unlinked. A graceful ``close()`` applies and retires everything.
+client, and only appends one line to the journal (no fsync, no SQLite). A separate process
+applies the journal in batches and stores how far it got in the same transaction as the rows,
+so whenever it starts it resumes exactly where the last committed batch ended: nothing twice,
+nothing skipped (``exchange_id`` is also UNIQUE, a second guard). This sink starts that
+process, restarts it if it dies, rotates the journal to a new generation once the current one
+is large, and on ``close()`` seals the journal and waits for the process to apply and retire
+everything. If the proxy itself dies, the process applies what is complete and exits; the
+next start replays the rest.
 
 Durability: with ``fsync=never`` a record is safe once ``emit`` returned (the OS holds it), so
 a crash or ``kill -9`` of llmtap loses nothing; a power cut can lose what the OS had not yet
@@ -26,7 +28,7 @@ Failure policy: llmtap never slows or breaks a request for the audit log. If SQL
 written (locked, read-only, disk full, missing directory) the records wait in the journal and
 the writer retries with backoff (counted in ``llmtap_internal_errors_total{stage="audit"}``,
 logged once). If even the journal cannot be appended to, records wait in a bounded in-memory
-queue that the writer retries; a record that does not fit, or a row SQLite rejects, is dropped,
+queue that this sink retries; a record that does not fit, or a row SQLite rejects, is dropped,
 counted in ``Health.audit_dropped`` (``llmtap_audit_dropped_total``) and logged.
 ``health.gauges["audit_queue_depth"]`` is the number of records emitted but not yet in SQLite.
 
@@ -35,153 +37,37 @@ The database itself (schema, migrations, rows, the hash chain, retention) is ``l
 
 from __future__ import annotations
 
+import bisect
 import collections
-import contextlib
-import fcntl
+import json
 import logging
-import math
 import os
-import sqlite3
+import select
+import subprocess
 import threading
 import time
+from typing import Any
 
-from llmtap.auditdb import AuditStore, Batch
+from llmtap import writer
 from llmtap.config import Settings
 from llmtap.health import Health
 from llmtap.record import ExchangeRecord
+from llmtap.sinks.journal import AuditLogInUse, Journal
+
+__all__ = ["AuditLogInUse", "AuditSink"]
 
 log = logging.getLogger("llmtap")
 
 
-# --- the journal -----------------------------------------------------------------------------------
-
-class ShortWrite(OSError):
-    """Part of a line reached the journal (disk full): a fragment the reader will skip."""
-
-
-class AuditLogInUse(RuntimeError):
-    """Another llmtap process is writing this audit log."""
-
-
-class Journal:
-    """Generation files ``<db>.journal.<gen>``; the sink serialises ``append`` and ``rotate``.
-
-    A ``<db>.journal.lock`` flock keeps a second llmtap off the same journal (the kernel drops
-    it when the process dies, even by ``kill -9``).
-    """
-
-    def __init__(self, db_path: str) -> None:
-        self.prefix = f"{db_path}.journal."
-        self._lock_fd = _lock(db_path)
-        #: generations left by earlier runs (or rotated away): applied, then retired.
-        self.retiring = self.generations()
-        self.gen = max(self.retiring, default=0) + 1
-        self.first_gen = self.gen  # generations from here on hold only this process's records
-        self.fd: int | None = None
-        self._torn = False
-
-    def path(self, gen: int) -> str:
-        return f"{self.prefix}{gen}"
-
-    def generations(self) -> list[int]:
-        directory, stem = os.path.split(self.prefix)
-        try:
-            names = os.listdir(directory or ".")
-        except OSError:
-            return []
-        return sorted(int(n[len(stem):]) for n in names if n.startswith(stem) and n[len(stem):].isdigit())
-
-    def open(self) -> None:
-        while self.gen in self.retiring:  # closed by close(): never append to it again
-            self.gen += 1
-        self.fd = os.open(self.path(self.gen), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-
-    def sync_dir(self) -> None:
-        """Make new generation files survive a power cut (``fsync=batch``)."""
-        fsync_path(os.path.dirname(self.prefix) or ".")
-
-    def append(self, line: bytes) -> None:
-        """One ``os.write``; after a short write the next line starts with a newline to end the fragment."""
-        data = b"\n" + line if self._torn else line
-        written = os.write(self.fd, data)
-        if written != len(data):
-            self._torn = self._torn or written > 0
-            raise ShortWrite(f"short write to {self.path(self.gen)}: {written} of {len(data)} bytes")
-        self._torn = False
-
-    def size(self) -> int:
-        return os.fstat(self.fd).st_size
-
-    def rotate(self) -> None:
-        """Append to the next generation from now on; the old one joins ``retiring``."""
-        old_fd, old_gen = self.fd, self.gen
-        self.gen += 1
-        try:
-            self.open()
-        except OSError:
-            self.gen, self.fd = old_gen, old_fd
-            raise
-        os.close(old_fd)
-        self.retiring.append(old_gen)
-
-    def close_fd(self) -> None:
-        if self.fd is not None:
-            os.close(self.fd)
-            self.fd = None
-
-    def release(self) -> None:
-        self.close_fd()
-        if self._lock_fd is not None:
-            os.close(self._lock_fd)
-            self._lock_fd = None
-
-
-def _lock(db_path: str) -> int | None:
-    try:
-        fd = os.open(f"{db_path}.journal.lock", os.O_RDWR | os.O_CREAT, 0o600)
-    except OSError:  # directory missing or read-only: the journal cannot be written either
-        return None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise AuditLogInUse(f"another llmtap process is writing the audit log {db_path}") from None
-    return fd
-
-
-def fsync_path(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def read_lines(path: str, offset: int, limit: int = 4 << 20) -> tuple[list[bytes], int]:
-    """Whole lines from ``offset`` (about ``limit`` bytes), and the offset after the last one."""
-    with open(path, "rb") as f:
-        f.seek(offset)
-        data = f.read(limit)
-        while b"\n" not in data and len(data) >= limit:  # a single line longer than limit
-            more = f.read(limit)
-            if not more:
-                break
-            data += more
-    end = data.rfind(b"\n") + 1
-    return [line for line in data[:end].split(b"\n") if line], offset + end
-
-
-# --- the sink --------------------------------------------------------------------------------------
 
 class AuditSink:
-    """Journal on the event loop, SQLite on a writer thread (see the module docstring)."""
+    """Journal on the event loop, SQLite in the writer process (see the module docstring)."""
 
     name = "audit"
-    IDLE_SECONDS = 1.0
-    MAX_BACKOFF_SECONDS = 5.0
+    POLL_SECONDS = 0.05
+    MAX_RESTART_DELAY_SECONDS = 5.0
     DRAIN_BATCH = 100  # records moved from memory to the journal per lock hold
-    BATCH_WINDOW_SECONDS = 0.05  # how long a woken writer gathers records before it applies them
-    CLOSE_TIMEOUT_SECONDS = 10.0
+    CLOSE_TIMEOUT_SECONDS = writer.STOP_TIMEOUT_SECONDS + 5
 
     def __init__(
         self,
@@ -191,29 +77,32 @@ class AuditSink:
         rotate_bytes: int = 1 << 20,
         memory_limit: int = 10_000,
         prune_batch: int = 500,
+        max_backoff: float = 5.0,
     ) -> None:
         self.settings = settings
         self.health = health
         self.rotate_bytes = rotate_bytes
-        self.prune_batch = prune_batch
-        self._fsync = settings.fsync == "batch"
         self._journal = Journal(settings.db)
-        self._cond = threading.Condition()  # guards the journal's fd, _memory and _backlog
+        self._command = writer.command(settings, prune_batch=prune_batch, max_backoff=max_backoff)
+        self._cond = threading.Condition()  # guards the journal, _memory, _ends and the writer's positions
         self._memory: collections.deque[bytes] = collections.deque()
         self._memory_limit = memory_limit
-        self._backlog = 0  # records of this run emitted but neither in SQLite nor dropped
-        self._closed = False
+        #: generation -> end offset of each record this run appended to it (until it is retired)
+        self._ends: dict[int, list[int]] = {}
+        self._positions: dict[int, int] = {}  # what the writer last said is in SQLite
+        self._newest_seen = 0
+        self._reported: dict[str, Any] = {}  # the writer's last health totals
+        self._closed = False  # emits are refused from here on
+        self._sealed = False  # the journal is closed for good; emits wait in memory, then are lost
         self._drop_logged = False
-        self._wake = threading.Event()
         self._stopping = threading.Event()
+        self._writer: subprocess.Popen | None = None
         try:
-            self._journal.open()
-        except OSError as exc:  # records wait in memory; the writer retries opening the journal
+            self._open()
+        except OSError as exc:  # records wait in memory; this sink retries opening the journal
             health.error(self.name, exc, "cannot open the audit journal")
-        self._gauge = lambda: self._backlog
-        health.gauges["audit_queue_depth"] = self._gauge
-        self._wake.set()  # replay what an earlier run left in the journal, right away
-        self._thread = threading.Thread(target=self._run, name="llmtap-audit", daemon=True)
+        health.gauges["audit_queue_depth"] = self._backlog
+        self._thread = threading.Thread(target=self._supervise, name="llmtap-audit", daemon=True)
         self._thread.start()
 
     # --- event loop side ---
@@ -231,34 +120,21 @@ class AuditSink:
         with self._cond:
             if self._closed:
                 fault, dropped = RuntimeError("record emitted after the audit log was closed"), True
+            elif not self._memory and self._journal.fd is not None:
+                try:
+                    self._ends[self._journal.gen].append(self._journal.append(line))
+                except OSError as exc:
+                    fault, dropped = exc, not self._hold(line)
             else:
-                self._backlog += 1
-                if not self._memory and self._journal.fd is not None:
-                    try:
-                        self._append(line)
-                        line = None
-                    except OSError as exc:
-                        fault = exc
-                if line is not None:
-                    dropped = not self._hold(line)
+                dropped = not self._hold(line)
         if fault is not None:
             self.health.error(self.name, fault, "journal append failed; records held in memory")
         if dropped:
             self._dropped(1)
-        self._wake.set()
-
-    def _append(self, line: bytes) -> None:
-        """Caller holds ``_cond``."""
-        try:
-            self._journal.append(line)
-        except ShortWrite:
-            self._backlog += 1  # the fragment is a line the reader will consume
-            raise
 
     def _hold(self, line: bytes) -> bool:
-        """Caller holds ``_cond``. Keep a line in memory for the writer to journal later."""
+        """Caller holds ``_cond``. Keep a line in memory for the supervisor to journal later."""
         if len(self._memory) >= self._memory_limit:
-            self._backlog -= 1
             return False
         self._memory.append(line)
         return True
@@ -269,78 +145,145 @@ class AuditSink:
             self._drop_logged = True
             log.error("llmtap audit log dropped %d record(s); see llmtap_audit_dropped_total", n)
 
+    def _backlog(self) -> int:
+        """Records emitted but not yet in SQLite (the ``audit_queue_depth`` gauge)."""
+        with self._cond:
+            pending = len(self._memory)
+            for gen, ends in self._ends.items():
+                pending += len(ends) - bisect.bisect_right(ends, self._positions.get(gen, 0))
+            return pending
+
+    def _settled(self) -> bool:
+        """Caller holds ``_cond``: everything emitted is in SQLite and every sealed generation,
+        this run's or an earlier one's, is retired."""
+        return (
+            bool(self._reported)  # the writer has looked at the journal since it (re)started
+            and self._backlog() == 0
+            and all(gen >= self._journal.gen for gen in self._positions)
+        )
+
     def flush(self, timeout: float = 10.0) -> None:
         """Wait until every record emitted so far, and any earlier run left, is in SQLite (or timeout)."""
-        self._wake.set()
+        self._tell(b"flush\n")
         with self._cond:
-            self._cond.wait_for(lambda: self._backlog <= 0 and not self._journal.retiring, timeout)
+            self._cond.wait_for(self._settled, timeout)
 
     def close(self) -> None:
-        """Apply everything and retire the journal (bounded by CLOSE_TIMEOUT_SECONDS).
-
-        If SQLite stays unwritable, the journal is left for the next start to replay; only
-        records that never reached the journal are lost, and counted.
-        """
+        """Seal the journal, let the writer apply and retire it, stop it (bounded by
+        CLOSE_TIMEOUT_SECONDS). Only records that never reached the journal are lost, and counted;
+        if SQLite stays unwritable, the journal is left for the next start to replay."""
         self._stopping.set()
-        self._wake.set()
         self._thread.join(self.CLOSE_TIMEOUT_SECONDS + 5)
         with self._cond:
             self._closed = True
             lost = len(self._memory)
             self._memory.clear()
-            self._backlog -= lost
             self._journal.release()
         if lost:
             self._dropped(lost)
-        if self.health.gauges.get("audit_queue_depth") is self._gauge:
+        if self.health.gauges.get("audit_queue_depth") == self._backlog:
             del self.health.gauges["audit_queue_depth"]
+        for name in self._reported.get("gauges", {}):  # the writer's, such as span_queue_depth
+            self.health.gauges.pop(name, None)
 
-    # --- writer thread ---
-    def _run(self) -> None:
-        store: AuditStore | None = None
-        delay, deadline = 0.0, None
+    # --- the supervisor thread: journal upkeep and the writer process ---
+    def _open(self) -> None:
+        """Caller holds ``_cond`` (or is the constructor)."""
+        self._journal.open()
+        self._ends[self._journal.gen] = []
+
+    def _supervise(self) -> None:
+        restart_at, delay, stop_sent, deadline = 0.0, 0.0, False, None
+        buffer = b""
         while True:
-            if not delay:
-                if self._wake.wait(self.IDLE_SECONDS) and not self._stopping.is_set():
-                    # let what arrives in the next moment join the same transaction: one batch
-                    # per window instead of one per record (close cuts the window short)
-                    self._stopping.wait(self.BATCH_WINDOW_SECONDS)
-            elif self._stopping.is_set():
-                time.sleep(delay)
-            else:
-                self._stopping.wait(delay)  # a backoff that new records do not cut short; close does
-            self._wake.clear()
             stopping = self._stopping.is_set()
             if stopping and deadline is None:
                 deadline = time.monotonic() + self.CLOSE_TIMEOUT_SECONDS
-            done = healthy = True
             try:
                 self._drain_memory()
-            except OSError as exc:  # disk full or directory gone: the records stay in memory
-                healthy = False
-                self.health.error(self.name, exc, "audit journal not writable; records held in memory")
-            try:
-                if store is None:
-                    store = AuditStore(
-                        self.settings.db, fsync_batch=self._fsync,
-                        capture_content=self.settings.capture_content,
-                    )
-                done = self._apply(store, final=stopping)
                 if not stopping:
-                    self._prune(store)
-            except (sqlite3.Error, OSError) as exc:  # locked, read-only, disk full: retry, lose nothing
-                healthy = done = False
-                self.health.error(self.name, exc, "audit log not writable; records wait in the journal")
-                if store is not None:
-                    store.close()
-                    store = None
-            if healthy and not done:
-                self._wake.set()  # more is waiting: no pause
-            delay = 0.0 if healthy else min(max(delay * 2, 0.1), 0.5 if stopping else self.MAX_BACKOFF_SECONDS)
-            if stopping and (done or time.monotonic() > deadline):
-                break
-        if store is not None:
-            store.close()
+                    self._rotate_if_large()
+            except OSError as exc:  # disk full or directory gone: the records stay in memory
+                self.health.error(self.name, exc, "audit journal not writable; records held in memory")
+            if self._writer is None and time.monotonic() >= restart_at:
+                stop_sent = False
+                if not self._start_writer():
+                    delay = min(max(delay * 2, 0.1), self.MAX_RESTART_DELAY_SECONDS)
+                    restart_at = time.monotonic() + delay
+            if stopping and not stop_sent and self._writer is not None:
+                with self._cond:
+                    self._sealed = True
+                    self._journal.close_fd()  # the writer may now retire every generation
+                stop_sent = self._tell(b"stop\n")
+            if self._writer is None:
+                if stopping and time.monotonic() > deadline:
+                    return
+                self._stopping.wait(self.POLL_SECONDS)
+                continue
+            pipe = self._writer.stdout
+            if select.select([pipe], [], [], self.POLL_SECONDS)[0]:
+                data = os.read(pipe.fileno(), 1 << 16)
+                buffer += data
+                *lines, buffer = buffer.split(b"\n")
+                for line in lines:
+                    self._absorb(json.loads(line))
+                if not data:  # the writer exited
+                    code = self._writer.wait()
+                    self._writer, buffer = None, b""
+                    if stopping and stop_sent:
+                        return
+                    self.health.error(self.name, RuntimeError(f"exit status {code}"), "audit writer process died; restarting")
+                    delay = min(max(delay * 2, 0.1), self.MAX_RESTART_DELAY_SECONDS)
+                    restart_at = time.monotonic() + delay
+            if stopping and time.monotonic() > deadline:
+                self._writer.kill()  # SQLite stays unwritable: the journal waits for the next start
+                self._writer.wait()
+                return
+
+    def _start_writer(self) -> bool:
+        self._reported = {}
+        try:
+            self._writer = subprocess.Popen(
+                self._command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=_writer_env(),
+            )
+        except OSError as exc:
+            self.health.error(self.name, exc, "cannot start the audit writer process")
+            return False
+        return True
+
+    def _tell(self, command: bytes) -> bool:
+        proc = self._writer
+        if proc is None:
+            return False
+        try:
+            proc.stdin.write(command)
+            proc.stdin.flush()
+        except (BrokenPipeError, ValueError):  # it is exiting; the supervisor restarts it
+            return False
+        return True
+
+    def _absorb(self, status: dict[str, Any]) -> None:
+        """Take in a writer status: positions, and its health counters as deltas."""
+        positions = {int(gen): offset for gen, offset in status["positions"].items()}
+        with self._cond:
+            self._positions, self._newest_seen = positions, max(self._newest_seen, status["newest"])
+            for gen in list(self._ends):
+                if gen not in positions and gen <= self._newest_seen and gen != self._journal.gen:
+                    del self._ends[gen]  # retired: every record of it is in SQLite
+            self._cond.notify_all()
+        last, self._reported = self._reported, status
+        for stage, count in status["errors"].items():
+            self.health.add_errors(stage, count - last.get("errors", {}).get(stage, 0))
+        self.health.add_audit_dropped(status["dropped"] - last.get("dropped", 0))
+        self.health.add_span_export_failures(status["span_failures"] - last.get("span_failures", 0))
+        for name, value in status["gauges"].items():
+            self.health.gauges[name] = lambda value=value: value
+
+    def _rotate_if_large(self) -> None:
+        with self._cond:
+            if self._journal.fd is not None and self._journal.size >= self.rotate_bytes:
+                self._journal.rotate()
+                self._ends[self._journal.gen] = []
 
     def _drain_memory(self) -> None:
         """Move records held in memory (the journal was unwritable) into the journal.
@@ -351,78 +294,18 @@ class AuditSink:
         """
         while True:
             with self._cond:
-                if not self._memory:
+                if not self._memory or self._sealed:
                     return
                 if self._journal.fd is None:
-                    self._journal.open()
+                    self._open()
+                ends = self._ends[self._journal.gen]
                 for _ in range(min(self.DRAIN_BATCH, len(self._memory))):
-                    self._append(self._memory[0])
+                    ends.append(self._journal.append(self._memory[0]))  # raises: the line stays
                     self._memory.popleft()
 
-    def _apply(self, store: AuditStore, final: bool) -> bool:
-        """Apply the journal; retire finished generations; True once nothing complete is pending."""
-        journal = self._journal
-        for gen in list(journal.retiring):
-            self._retire(store, gen)
-        if journal.fd is None:
-            return not self._memory
-        if self._fsync:
-            os.fsync(journal.fd)
-        size, caught_up = self._apply_gen(store, journal.gen, batches=1)  # appends may never pause
-        with self._cond:  # the append lock: no line slips in while the generation changes
-            if final:
-                journal.close_fd()  # later emits wait in memory (and are counted if close drops them)
-                journal.retiring.append(journal.gen)
-            elif journal.size() >= self.rotate_bytes:
-                journal.rotate()  # its lines not applied yet are applied before it is retired
-            else:
-                return caught_up and not self._memory
-        if self._fsync:
-            journal.sync_dir()
-        return self._apply(store, final)  # retire the generation just closed
 
-    def _retire(self, store: AuditStore, gen: int) -> None:
-        """Apply what is left of a generation nobody appends to any more, then delete it."""
-        path = self._journal.path(gen)
-        if os.path.exists(path):
-            if self._fsync:
-                fsync_path(path)
-            offset, _ = self._apply_gen(store, gen)
-            tail = os.path.getsize(path) - offset
-            if tail:  # cut short when a process died mid-write: its client got no response
-                self.health.error(self.name, ValueError(f"{tail} bytes"), f"torn tail of journal {gen} skipped")
-        store.forget(gen)  # first: if we die before the unlink, the replay is deduplicated
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
-        self._journal.retiring.remove(gen)
-        with self._cond:
-            self._cond.notify_all()
-
-    def _apply_gen(self, store: AuditStore, gen: int, batches: float = math.inf) -> tuple[int, bool]:
-        """Apply up to ``batches`` batches of complete lines; return the offset reached and
-        whether no complete line was left."""
-        offset = store.offsets.get(gen, 0)
-        while batches > 0:
-            lines, end = read_lines(self._journal.path(gen), offset)
-            if end == offset:
-                return offset, True
-            self._settle(gen, len(lines), store.apply(gen, lines, end))
-            offset, batches = end, batches - 1
-        return offset, False
-
-    def _settle(self, gen: int, lines: int, batch: Batch) -> None:
-        if gen >= self._journal.first_gen:
-            with self._cond:
-                self._backlog -= lines
-                self._cond.notify_all()
-        if batch.corrupt:
-            self.health.error(self.name, batch.corrupt[0], f"{len(batch.corrupt)} torn journal line(s) skipped")
-        if batch.rejected:
-            self.health.error(self.name, batch.rejected[0], "row rejected by SQLite")
-            self._dropped(len(batch.rejected))
-
-    def _prune(self, store: AuditStore) -> None:
-        """Retention: at most one small batch per writer cycle, so journal batches interleave."""
-        days = self.settings.retention_days
-        if days > 0 and store.prune(time.time() - days * 86400, self.prune_batch) == self.prune_batch:
-            self._wake.set()  # more to delete: come straight back
+def _writer_env() -> dict[str, str]:
+    """The proxy's environment (OTEL_* included), and llmtap importable from wherever this
+    process loaded it (``mitmdump -s addons/tap.py`` loads it by path)."""
+    here = os.path.dirname(os.path.dirname(writer.__file__))
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [here, os.environ.get("PYTHONPATH")]))}

@@ -1,0 +1,239 @@
+"""The audit writer process: builds the SQLite audit log, and the OTLP spans, from the journal.
+
+mitmproxy runs every flow on one event loop, and Python threads share one GIL: any CPU a
+sink spends in the proxy's process is taken from the proxy. So the proxy only appends each
+record to the journal (``llmtap.sinks.audit``), and this separate process, started and
+supervised by the audit sink (``python -m llmtap.writer SETTINGS_JSON``), does the slow part
+at a lower CPU priority: SQLite inserts, the hash chain, retention, and span export.
+
+Generations: every journal generation but the newest is sealed (see ``llmtap.sinks.journal``);
+a sealed one is applied to its end, its offset row deleted, then its file unlinked. The newest
+is applied as far as its complete lines go, until the proxy says ``stop`` (it sealed it).
+
+Talking to the proxy, one line at a time:
+
+- stdin: ``flush`` (look at the journal now), ``stop`` (apply and retire everything, then exit).
+  End of file without ``stop`` means the proxy died: apply what is complete and exit.
+- stdout: a JSON status whenever something changed: ``positions`` (generation -> offset in
+  SQLite, for each generation still on disk), ``newest`` (the newest generation seen), and this
+  process's health since it started: ``errors`` by stage, ``dropped`` rows, ``span_failures``,
+  ``gauges``. Its log lines go to the proxy's stderr.
+
+Spans follow the audit log: a span is queued once its row is committed, so a crash between the
+two can repeat a span (same ids) but never lose one that was journaled; while SQLite cannot be
+written, spans wait with the rows.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import math
+import os
+import select
+import signal
+import sqlite3
+import sys
+import time
+from typing import Any
+
+from llmtap.auditdb import AuditStore, Batch
+from llmtap.config import Settings
+from llmtap.health import Health
+from llmtap.record import ExchangeRecord
+from llmtap.sinks.journal import fsync_path, generation_path, generations, lock_file, read_lines
+
+log = logging.getLogger("llmtap")
+
+POLL_SECONDS = 0.05  # how often the journal is looked at; also how long a batch gathers
+NICENESS = 10  # below the proxy: on a shared core the proxy comes first, the journal absorbs the lag
+STOP_TIMEOUT_SECONDS = 10.0
+REPORT_EVERY_SECONDS = 1.0
+
+
+def command(settings: Settings, *, prune_batch: int, max_backoff: float) -> list[str]:
+    """How the audit sink starts this process (never with the key salt: argv is public)."""
+    args = {"settings": {**dataclasses.asdict(settings), "key_salt": ""},
+            "prune_batch": prune_batch, "max_backoff": max_backoff}
+    return [sys.executable, "-m", "llmtap.writer", json.dumps(args)]
+
+
+class Writer:
+    """One pass at a time over the journal: ``cycle`` applies what is there."""
+
+    def __init__(self, settings: Settings, health: Health, *, prune_batch: int = 500) -> None:
+        self.settings = settings
+        self.health = health
+        self.prune_batch = prune_batch
+        self.fsync = settings.fsync == "batch"
+        self.store: AuditStore | None = None
+        self.newest = 0
+        self.on_disk: list[int] = []
+        self._offsets: dict[int, int] = {}
+        self._lock_fd: int | None = None
+        self.spans = None
+        if settings.otlp_configured:
+            try:
+                from llmtap.sinks.spans import SpanSink
+
+                self.spans = SpanSink(settings, health)
+            except Exception as exc:
+                health.error("start_spans", exc, "spans disabled")
+
+    def positions(self) -> dict[int, int]:
+        if self.store is not None:
+            self._offsets = dict(self.store.offsets)  # kept while SQLite is unreachable
+        return {gen: self._offsets.get(gen, 0) for gen in self.on_disk}
+
+    def cycle(self, final: bool) -> bool:
+        """Apply the journal; True once nothing complete is pending (with ``final``: nothing at all).
+
+        Raises ``sqlite3.Error``/``OSError`` when the audit log cannot be written: the caller
+        backs off and calls again; nothing was lost, the lines wait in the journal.
+        """
+        db = self.settings.db
+        gens = self.on_disk = generations(db)
+        if self._lock_fd is None:
+            try:
+                self._lock_fd = lock_file(f"{db}.writer.lock", wait=False)
+            except BlockingIOError:  # the writer of an earlier proxy is finishing: wait for it
+                return False
+        if gens and gens[-1] > self.newest:
+            self.newest = gens[-1]
+            if self.fsync:
+                fsync_path(os.path.dirname(db) or ".")
+        if self.store is None:
+            self.store = AuditStore(db, fsync_batch=self.fsync, capture_content=self.settings.capture_content)
+        caught_up = True
+        for gen in gens:
+            if final or gen != gens[-1]:
+                self._retire(gen)
+            else:
+                caught_up = self._apply(gen, batches=1)  # appends may never pause: one batch, then report
+        self.on_disk = generations(db)
+        days = self.settings.retention_days
+        if days > 0 and self.store.prune(time.time() - days * 86400, self.prune_batch) == self.prune_batch:
+            caught_up = False  # more to delete: come straight back
+        return caught_up
+
+    def _retire(self, gen: int) -> None:
+        """Apply what is left of a sealed generation, then delete it."""
+        path = generation_path(self.settings.db, gen)
+        self._apply(gen)
+        tail = os.path.getsize(path) - self.store.offsets.get(gen, 0)
+        if tail:  # cut short when a proxy died mid-write: its client got no response
+            self.health.error("audit", ValueError(f"{tail} bytes"), f"torn tail of journal {gen} skipped")
+        self.store.forget(gen)  # first: if we die before the unlink, the replay is deduplicated
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+
+    def _apply(self, gen: int, batches: float = math.inf) -> bool:
+        """Apply up to ``batches`` batches of complete lines; True when none was left."""
+        path = generation_path(self.settings.db, gen)
+        offset = self.store.offsets.get(gen, 0)
+        while batches > 0:
+            if self.fsync:
+                fsync_path(path)
+            lines, end = read_lines(path, offset)
+            if end == offset:
+                return True
+            self._settle(lines, self.store.apply(gen, lines, end))
+            offset, batches = end, batches - 1
+        return False
+
+    def _settle(self, lines: list[bytes], batch: Batch) -> None:
+        if batch.corrupt:
+            self.health.error("audit", batch.corrupt[0], f"{len(batch.corrupt)} torn journal line(s) skipped")
+        if batch.rejected:
+            self.health.error("audit", batch.rejected[0], "row rejected by SQLite")
+            self.health.add_audit_dropped(len(batch.rejected))
+        if self.spans is not None:
+            for line in lines:
+                try:
+                    record = ExchangeRecord.from_json(line)
+                except (ValueError, TypeError):
+                    continue  # a torn line: counted above
+                self.spans.emit(record)
+
+    def status(self) -> dict[str, Any]:
+        health = self.health
+        gauges = {}
+        for name, read in list(health.gauges.items()):
+            with contextlib.suppress(Exception):
+                gauges[name] = float(read())
+        return {
+            "positions": self.positions(), "newest": self.newest, "errors": dict(health.internal_errors),
+            "dropped": health.audit_dropped, "span_failures": health.span_export_failures, "gauges": gauges,
+        }
+
+    def close(self) -> None:
+        if self.spans is not None:
+            self.spans.close()
+        if self.store is not None:
+            self.store.close()
+
+
+def serve(writer: Writer, commands: int, report, *, max_backoff: float) -> None:
+    """The process's loop: cycle every POLL_SECONDS (backing off while SQLite fails) until told
+    to stop, or until the proxy is gone."""
+    stopping = orphaned = False
+    delay, deadline, last = 0.0, math.inf, None
+    while True:
+        ready, _, _ = select.select([commands], [], [], delay or POLL_SECONDS)
+        if ready:
+            data = os.read(commands, 4096)
+            orphaned = not data
+            if b"stop" in data and not stopping:
+                stopping, deadline = True, time.monotonic() + STOP_TIMEOUT_SECONDS
+        try:
+            done = writer.cycle(final=stopping)
+            delay = 0.0
+        except (sqlite3.Error, OSError) as exc:  # locked, read-only, disk full: retry, lose nothing
+            done = False
+            writer.health.error("audit", exc, "audit log not writable; records wait in the journal")
+            if writer.store is not None:
+                writer.store.close()
+                writer.store = None
+            delay = min(max(delay * 2, 0.1), max_backoff)
+        status = writer.status()
+        if status != last or time.monotonic() - report.at > REPORT_EVERY_SECONDS:
+            report(status)
+            last = status
+        if orphaned or (stopping and (done or time.monotonic() > deadline)):
+            return
+
+
+class Reporter:
+    """Writes status lines to the proxy; ``at`` is when the last one went."""
+
+    def __init__(self, stream) -> None:
+        self.stream = stream
+        self.at = 0.0
+
+    def __call__(self, status: dict[str, Any]) -> None:
+        self.at = time.monotonic()
+        with contextlib.suppress(BrokenPipeError):  # the proxy is gone; the loop sees EOF next
+            self.stream.write(json.dumps(status) + "\n")
+            self.stream.flush()
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = json.loads((argv or sys.argv[1:])[0])
+    # the proxy decides when this process ends (stdin), also on Ctrl-C or SIGTERM to the group
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    with contextlib.suppress(OSError):
+        os.nice(NICENESS)
+    logging.basicConfig(level=logging.INFO, format="llmtap writer: %(message)s", stream=sys.stderr)
+    settings = Settings(**{**args["settings"], "metric_labels": tuple(args["settings"]["metric_labels"])})
+    writer = Writer(settings, Health(), prune_batch=args["prune_batch"])
+    try:
+        serve(writer, sys.stdin.fileno(), Reporter(sys.stdout), max_backoff=args["max_backoff"])
+    finally:
+        writer.close()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,7 +1,8 @@
 """Audit writer bench: ``AuditSink`` driven directly with records, in a process of its own.
 
-Run by ``run.py`` pinned to the proxy's core (the sink's emit and its writer thread then
-share one core, as they do in the proxy); prints one JSON line. Two measurements:
+Run by ``run.py`` pinned to the proxy's core, as the sink's emit runs in the proxy; the sink's
+writer process is moved to the other core, as in the throughput bench. Prints one JSON line.
+Two measurements:
 
 - burst: emit N records as fast as possible, then ``flush()``: rows/s into SQLite over the
   whole time, the emit cost per record, and the peak queue depth;
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sqlite3
 import tempfile
 import time
@@ -21,7 +23,7 @@ from pathlib import Path
 from llmtap.config import Settings
 from llmtap.health import Health
 from llmtap.record import ExchangeRecord
-from procs import PeakSampler
+from procs import LOAD_CPU, PeakSampler, cpu_seconds, pin_writer
 
 #: What a typical Pulze chat completion turns into (metadata as the simulator sends it).
 TEMPLATE = ExchangeRecord(
@@ -99,9 +101,11 @@ def run(workdir: Path, count: int, rate: int, seconds: float) -> dict:
     db = workdir / "audit-writer.db"
     health = Health()
     sink = AuditSink(Settings(db=str(db)), health)
+    writer_pid = pin_writer(os.getpid(), LOAD_CPU)
     gauge = health.gauges["audit_queue_depth"]
     try:
         result = {"burst": burst(sink, gauge, count), "paced": paced(sink, gauge, rate, seconds)}
+        result["writer_cpu_s"] = cpu_seconds(writer_pid)
     finally:
         sink.close()
     with sqlite3.connect(db) as conn:

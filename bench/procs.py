@@ -1,8 +1,8 @@
 """Processes under test: started pinned to a core, read from /proc, stopped by their own pid.
 
 The machine has two cores. The proxy under test gets one to itself (``PROXY_CPU``); the load
-generator, the upstream simulator and this script share the other (``LOAD_CPU``), so the
-proxy's numbers are not disturbed by the work that feeds it.
+generator, the upstream simulator, llmtap's audit writer process and this script share the
+other (``LOAD_CPU``), so the proxy's numbers are not disturbed by the work that feeds it.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +27,25 @@ LOAD_CPU = 0
 PROXY_CPU = 1 if CORES > 1 else 0
 _TICKS = os.sysconf("SC_CLK_TCK")
 _PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def cpu_seconds(pid: int) -> float:
+    """user + system CPU of all of a process's threads so far (/proc/PID/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / _TICKS
+
+
+def pin_writer(parent: int, cpu: int, timeout: float = 10.0) -> int:
+    """Pin the llmtap audit writer process that ``parent`` started to ``cpu``; its pid."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for children in Path(f"/proc/{parent}/task").glob("*/children"):
+            for pid in map(int, children.read_text().split()):
+                if b"llmtap.writer" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                    os.sched_setaffinity(pid, {cpu})
+                    return pid
+        time.sleep(0.05)
+    raise RuntimeError(f"process {parent} started no audit writer process")
 
 
 def free_port() -> int:
@@ -54,8 +74,23 @@ class Proc:
 
     def cpu_seconds(self) -> float:
         """user + system CPU of all the process's threads so far (/proc/PID/stat)."""
-        fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / _TICKS
+        return cpu_seconds(self.pid)
+
+    def writer_cpu_seconds(self) -> float:
+        """CPU of its audit writer process so far (0 when it has none)."""
+        pid = self.extra.get("writer_pid")
+        try:
+            return cpu_seconds(pid) if pid else 0.0
+        except OSError:  # restarted: not expected in a bench; shows up as a drop in its CPU
+            return 0.0
+
+    def pin_writer(self, cpu: int, timeout: float = 10.0) -> None:
+        """Move llmtap's audit writer process (a child started with the audit sink) to ``cpu``.
+
+        The proxy's event loop is single-threaded: the writer is meant to run on another core
+        (it is niced, so on a shared core the proxy comes first).
+        """
+        self.extra["writer_pid"] = pin_writer(self.pid, cpu, timeout)
 
     def rss_mb(self) -> float:
         pages = int(Path(f"/proc/{self.pid}/statm").read_text().split()[1])
@@ -116,6 +151,8 @@ def llmtap(name: str, upstream: str, workdir: Path, *, lean: bool, otlp: str = "
         argv += ["--otlp-endpoint", otlp]
     proc = start(name, argv, port, PROXY_CPU, workdir)
     proc.extra.update(metrics_port=metrics_port, db=workdir / f"{name}.db")
+    if db:
+        proc.pin_writer(LOAD_CPU)
     return proc
 
 

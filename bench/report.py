@@ -41,9 +41,10 @@ def throughput_table(results: dict[str, dict[int, Cell]], labels: dict[str, str]
     for name, by_c in results.items():
         for c, cell in by_c.items():
             rows.append([labels[name], c, cell.rps, cell.p50_ms, cell.p99_ms, cell.cpu_ms_per_request,
-                         f"{cell.cpu_share:.0%}", cell.failures, " / ".join(map(str, cell.rps_runs))])
-    return table(["target", "conc.", "req/s", "p50 ms", "p99 ms", "proxy CPU ms/req", "proxy CPU", "failed",
-                  "req/s per run"], rows)
+                         f"{cell.cpu_share:.0%}", cell.writer_cpu_ms_per_request or "-", cell.failures,
+                         " / ".join(map(str, cell.rps_runs))])
+    return table(["target", "conc.", "req/s", "p50 ms", "p99 ms", "proxy CPU ms/req", "proxy CPU",
+                  "writer CPU ms/req", "failed", "req/s per run"], rows)
 
 
 def ratio_table(results: dict[str, dict[int, Cell]]) -> tuple[str, list[str]]:

@@ -84,7 +84,8 @@ def machine() -> dict:
             "os": platform.freedesktop_os_release().get("PRETTY_NAME", "") if hasattr(platform, "freedesktop_os_release") else "",
             "python": platform.python_version(), "mitmproxy": mitmproxy.version.VERSION,
             "wrk": (wrk_version.split()[1] if wrk_version else "?"), "load_average_start": procs.load_average(),
-            "pinning": f"proxy under test on CPU {procs.PROXY_CPU}; wrk, simulator and bench on CPU {procs.LOAD_CPU}"}
+            "pinning": f"proxy under test on CPU {procs.PROXY_CPU}; wrk, simulator, llmtap's audit writer process "
+                       f"and bench on CPU {procs.LOAD_CPU}"}
 
 
 def llmtap_sets(name: str, workdir: Path, otlp: str) -> list[str]:
@@ -96,6 +97,7 @@ def llmtap_sets(name: str, workdir: Path, otlp: str) -> list[str]:
 def tap_mitmdump(name: str, upstream: str, workdir: Path, otlp: str) -> procs.Proc:
     proc = procs.mitmdump(name, upstream, workdir, TAP_SCRIPT, extra=llmtap_sets(name, workdir, otlp))
     proc.extra["db"] = workdir / f"{name}.db"
+    proc.pin_writer(procs.LOAD_CPU)
     return proc
 
 
@@ -229,7 +231,8 @@ def section_memory(args, stack: ExitStack, workdir: Path, otlp: OTLPStub, out: d
 
 def section_audit(args, workdir: Path, out: dict, checks: list[str]) -> None:
     print(f"\n## Audit writer: AuditSink driven directly ({args.audit_records:,} record burst, "
-          f"then 20,000 rows/s offered for {args.audit_seconds:g} s), pinned to CPU {procs.PROXY_CPU}")
+          f"then 20,000 rows/s offered for {args.audit_seconds:g} s), emitting on CPU {procs.PROXY_CPU}, "
+          f"its writer process on CPU {procs.LOAD_CPU}")
     argv = ["taskset", "-c", str(procs.PROXY_CPU), sys.executable, str(Path(__file__).with_name("audit_writer.py")),
             "--records", str(args.audit_records), "--seconds", str(args.audit_seconds), "--workdir", str(workdir)]
     done = subprocess.run(argv, capture_output=True, text=True, timeout=900)

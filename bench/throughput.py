@@ -23,6 +23,7 @@ class Sample:
     cpu_ms_per_request: float  # CPU of the process under test (all threads), per request
     cpu_share: float  # of one core, over the run
     failures: int  # socket errors, timeouts and non-2xx answers
+    writer_cpu_ms_per_request: float  # CPU of llmtap's audit writer process (on the other core)
 
 
 @dataclass(frozen=True)
@@ -35,13 +36,15 @@ class Cell:
     cpu_ms_per_request: float
     cpu_share: float
     failures: int
+    writer_cpu_ms_per_request: float
     rps_runs: tuple[float, ...]
 
     @classmethod
     def of(cls, samples: list[Sample]) -> Cell:
         med = lambda attr: statistics.median(getattr(s, attr) for s in samples)  # noqa: E731
         return cls(med("rps"), med("p50_ms"), med("p99_ms"), med("cpu_ms_per_request"), med("cpu_share"),
-                   sum(s.failures for s in samples), tuple(round(s.rps) for s in samples))
+                   sum(s.failures for s in samples), med("writer_cpu_ms_per_request"),
+                   tuple(round(s.rps) for s in samples))
 
 
 def measure(target: Proc, workdir: Path, connections: int, seconds: float, warmup: float) -> Sample:
@@ -50,11 +53,12 @@ def measure(target: Proc, workdir: Path, connections: int, seconds: float, warmu
     script = fixed_script(CHAT_BODY)
     if warmup:
         wrk(url, script, workdir, connections=connections, seconds=warmup)
-    cpu_before = target.cpu_seconds()
+    cpu_before, writer_before = target.cpu_seconds(), target.writer_cpu_seconds()
     result = wrk(url, script, workdir, connections=connections, seconds=seconds)
-    cpu = target.cpu_seconds() - cpu_before
-    return Sample(result.rps, result.p50_ms, result.p99_ms, cpu / max(1, result.requests) * 1e3,
-                  cpu / result.seconds, result.errors + result.non_2xx)
+    cpu, writer = target.cpu_seconds() - cpu_before, target.writer_cpu_seconds() - writer_before
+    requests = max(1, result.requests)
+    return Sample(result.rps, result.p50_ms, result.p99_ms, cpu / requests * 1e3,
+                  cpu / result.seconds, result.errors + result.non_2xx, writer / requests * 1e3)
 
 
 def run(targets: dict[str, Proc], workdir: Path, concurrencies: tuple[int, ...], runs: int, seconds: float,

@@ -17,6 +17,7 @@ from llmtap.protocols.openai_compat import (
     request_fields,
     response_fields,
 )
+from llmtap.protocols.values import load_json
 
 # The request example of shared/reference/pulze-v1-completions.txt, with concrete values.
 REFERENCE_REQUEST = {
@@ -313,3 +314,16 @@ def test_price_file_overrides_builtin(tmp_path) -> None:
     assert table.lookup("gpt-4o") == Price(1.0, 2.0)
     assert table.lookup("acme/new") == Price(3.0, 4.0)
     assert table.lookup("gpt-4o-mini") is not None  # built-ins stay
+
+
+@pytest.mark.parametrize("body", [
+    b'{"a": 1}', b'{"a": 1}\n', b'{"a": 1} x', b'{"a": 1}{}', b' {"a": 1}', b'\xef\xbb\xbf{"a": 1}',
+    '{"a": 1}'.encode("utf-16-le"), '{"a": 1}'.encode("utf-32"), b'{"a": "\xed\xa0\x80"}', b'{"a": "\xff"}',
+    b'{"a": NaN}', b"[1, 2]", b'"text"', b"{", b"{" * 100_000, b"",
+])
+def test_load_json_follows_json_loads_exactly(body) -> None:
+    try:
+        expected = json.loads(body) if body else None
+    except (ValueError, RecursionError):
+        expected = None
+    assert repr(load_json(body)) == repr(expected)

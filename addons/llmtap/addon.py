@@ -8,7 +8,6 @@ own is caught, counted in ``Health`` and logged once: the exchange always goes o
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import importlib
 import logging
@@ -35,7 +34,7 @@ from llmtap.protocols.openai_compat import (
     response_fields,
 )
 from llmtap.protocols.values import load_json
-from llmtap.record import FIELD_NAMES, ExchangeRecord
+from llmtap.record import ExchangeRecord
 from llmtap.sinks import Sink
 from llmtap.sse import SSEDecoder, incremental_decoder
 
@@ -43,14 +42,13 @@ log = logging.getLogger("llmtap")
 
 _METADATA_KEY = "llmtap"
 _PUBLIC_SALT = b"llmtap-key-fingerprint-v1"
-_RECORD_FIELDS = frozenset(FIELD_NAMES)
 
 
 def header_map(headers: http.Headers) -> dict[str, str]:
     """Headers as one plain dict with lower-case names, repeated headers joined as mitmproxy does.
 
-    Each ``Headers.get`` scans and re-decodes every header (~3 µs); the request path needs
-    six of them, so one pass is cheaper.
+    Each ``Headers.get`` scans and re-decodes every header (~3 µs); one pass that keeps them
+    all costs about as much as one such lookup, and both hooks need several.
     """
     found: dict[str, str] = {}
     for name, value in headers.fields:
@@ -66,8 +64,7 @@ def key_fingerprint(headers: Any, salt: str) -> str | None:
     key = auth[7:].strip() if auth[:7].lower() == "bearer " else headers.get("api-key") or headers.get("x-api-key")
     if not key:
         return None
-    digest = hmac.new(salt.encode() if salt else _PUBLIC_SALT, key.encode(), hashlib.sha256).hexdigest()
-    return "fp_" + digest[:16]
+    return "fp_" + hmac.digest(salt.encode() if salt else _PUBLIC_SALT, key.encode(), "sha256")[:8].hex()
 
 
 class StreamTee:
@@ -232,11 +229,12 @@ class LLMTap:
 
     # --- hooks -----------------------------------------------------------------------------
     def request(self, flow: http.HTTPFlow) -> None:
-        operation = operation_for(flow.request.method, flow.request.path)
+        method, target = flow.request.method, flow.request.path  # each read decodes the bytes anew
+        operation = operation_for(method, target)
         if operation is None:
-            self._passthrough(flow.request.method)
+            self._passthrough(method)
             return
-        path = flow.request.path.split("?", 1)[0]  # a query string may hold a key: never recorded
+        path = target.split("?", 1)[0]  # a query string may hold a key: never recorded
         try:
             exchange = Exchange(operation, path, self._request_fields(flow, operation))
         except Exception as exc:  # fail open: the exchange goes on, recorded from what we can
@@ -254,10 +252,10 @@ class LLMTap:
         exchange = flow.metadata.get(_METADATA_KEY)
         if exchange is None or flow.response is None:
             return
-        if "text/event-stream" in flow.response.headers.get("content-type", ""):
+        headers = header_map(flow.response.headers)
+        if "text/event-stream" in headers.get("content-type", ""):
             try:
-                tee = StreamTee(exchange, flow.response.headers.get("content-encoding"), self.health,
-                                lambda: self._finish(flow))
+                tee = StreamTee(exchange, headers.get("content-encoding"), self.health, lambda: self._finish(flow))
             except Exception as exc:  # fail open: without a tee mitmproxy buffers, but delivers
                 self.health.error("stream_setup", exc, exchange.path)
                 return
@@ -283,7 +281,9 @@ class LLMTap:
     def _request_fields(self, flow: http.HTTPFlow, operation: str) -> dict[str, Any]:
         request = flow.request
         headers = header_map(request.headers)
-        fields = request_fields(load_json(request.get_content(strict=False)), operation, self.settings.content_cap)
+        # get_content would look the header up again (a scan of all headers) only to find none
+        content = request.get_content(strict=False) if "content-encoding" in headers else request.raw_content
+        fields = request_fields(load_json(content), operation, self.settings.content_cap)
         fields.update(pulze.header_fields(headers))
         traceparent = headers.get("traceparent")
         incoming_trace = _trace_id_of(traceparent)
@@ -360,10 +360,8 @@ class LLMTap:
             fields.get("upstream_host"), fields.get("served_namespace"), fields.get("response_model")
         ) or ("pulze" if fields["router"] else None)
         fields.update(resolve_cost(fields, self.prices))
-        kwargs = {k: v for k, v in fields.items() if k in _RECORD_FIELDS}
-        return ExchangeRecord(
-            exchange_id=flow.id, operation=exchange.operation, method=flow.request.method, path=exchange.path, **kwargs
-        )
+        fields.update(exchange_id=flow.id, operation=exchange.operation, method=flow.request.method, path=exchange.path)
+        return ExchangeRecord.from_fields(fields)  # leaves out parsers' intermediates (reported_cost_usd)
 
 
 def _error_type(flow: http.HTTPFlow) -> str | None:

@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import operator
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from json.encoder import c_encode_basestring, c_make_encoder
 from typing import Any
 
 @dataclass(frozen=True, slots=True)
@@ -148,11 +151,31 @@ class ExchangeRecord:
         return {name: _plain(getattr(self, name)) for name in FIELD_NAMES}
 
     def to_json(self) -> str:
+        """``canonical_json`` of ``to_dict()``, byte for byte, at a fraction of its cost.
+
+        The keys are fixed, so they are laid out once, sorted, in ``_RECORD_TEMPLATE``; most
+        values are None or a plain scalar, written here exactly as the JSON encoder writes them
+        (``repr`` of an int or finite float, ``c_encode_basestring`` of a str), without a call to it.
+        """
         if self._json is None:
-            # json.dumps writes tuples as arrays itself; only non-dict mappings need help
-            line = canonical_json({name: getattr(self, name) for name in FIELD_NAMES})
+            line = _RECORD_TEMPLATE % tuple([
+                "null" if value is None
+                else c_encode_basestring(value) if type(value) is str
+                else repr(value) if type(value) is int or (type(value) is float and math.isfinite(value))
+                else canonical_json(value)  # bool, containers, NaN/inf, subclasses
+                for value in _sorted_field_values(self)
+            ])
             object.__setattr__(self, "_json", line)
         return self._json
+
+    @classmethod
+    def from_fields(cls, fields: dict[str, Any]) -> ExchangeRecord:
+        """A record of ``fields``: other keys are ignored, missing fields take their defaults.
+
+        The values are passed in order, by position: binding some 110 keyword arguments by
+        name is a quarter of the cost of making a record.
+        """
+        return cls(*_values_in_field_order(_FIELD_DEFAULTS | fields))
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ExchangeRecord:
@@ -174,13 +197,22 @@ class ExchangeRecord:
 
 def canonical_json(value: Any) -> str:
     """The llmtap JSON contract: sorted keys, no spaces, UTF-8 kept as-is."""
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=_plain_mapping)
+    return "".join(_encode_canonical(value, 0))
 
 
 def _plain_mapping(value: Any) -> Any:
     if isinstance(value, Mapping):
         return dict(value)
     raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
+# What ``json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
+# default=_plain_mapping)`` runs, built once: json.dumps builds a JSONEncoder and this C encoder
+# on every call. No circular check (parsed JSON cannot be circular), so it keeps no state
+# between calls and threads can share it.
+_encode_canonical = c_make_encoder(
+    None, _plain_mapping, c_encode_basestring, None, ":", ",", True, False, True
+)  # markers, default, encoder, indent, key/item separators, sort_keys, skipkeys, allow_nan
 
 
 def _plain(value: Any) -> Any:
@@ -192,3 +224,12 @@ def _plain(value: Any) -> Any:
 
 
 FIELD_NAMES: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(ExchangeRecord) if f.init)
+
+_FIELD_DEFAULTS = {
+    f.name: f.default for f in dataclasses.fields(ExchangeRecord) if f.init and f.default is not dataclasses.MISSING
+}
+_values_in_field_order = operator.itemgetter(*FIELD_NAMES)
+
+_sorted_field_values = operator.attrgetter(*sorted(FIELD_NAMES))
+#: The record's canonical JSON with a ``%s`` for each value, keys in sorted order.
+_RECORD_TEMPLATE = "{" + ",".join(f"{c_encode_basestring(name)}:%s" for name in sorted(FIELD_NAMES)) + "}"

@@ -7,7 +7,6 @@ Pulze's extras (``metadata``) are delegated to ``pulze.metadata_fields``.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
 from typing import Any
 
 from llmtap.protocols import pulze
@@ -43,14 +42,14 @@ def operation_for(method: str, path: str) -> str | None:
 
 def request_fields(body: Any, operation: str, content_cap: int | None) -> dict[str, Any]:
     """Request parameters. ``content_cap`` is None unless the user opted in to content capture."""
-    if not isinstance(body, Mapping):
+    if not isinstance(body, dict):
         return {}
     tools = body.get("tools")
     tool_list = tools if isinstance(tools, list) else []
     tool_names = tuple(
         name
         for tool in tool_list
-        if isinstance(tool, Mapping) and isinstance(tool.get("function"), Mapping)
+        if isinstance(tool, dict) and isinstance(tool.get("function"), dict)
         for name in [as_str(tool["function"].get("name"))]
         if name
     )
@@ -71,7 +70,7 @@ def request_fields(body: Any, operation: str, content_cap: int | None) -> dict[s
         "tool_count": len(tool_list) if isinstance(tools, list) else None,
         "tool_names": tool_names or None,
         "tool_choice": _tool_choice(body.get("tool_choice")),
-        "response_format": as_str(response_format.get("type")) if isinstance(response_format, Mapping) else None,
+        "response_format": as_str(response_format.get("type")) if isinstance(response_format, dict) else None,
         "logit_bias": bool(body["logit_bias"]) if "logit_bias" in body and body["logit_bias"] is not None else None,
         "stream": body.get("stream") is True,
     }
@@ -82,10 +81,10 @@ def request_fields(body: Any, operation: str, content_cap: int | None) -> dict[s
 
 def response_fields(body: Any, content_cap: int | None) -> dict[str, Any]:
     """Fields of a complete (non-streamed) response body."""
-    if not isinstance(body, Mapping):
+    if not isinstance(body, dict):
         return {}
     choices = body.get("choices")
-    choice_list = [c for c in choices if isinstance(c, Mapping)] if isinstance(choices, list) else []
+    choice_list = [c for c in choices if isinstance(c, dict)] if isinstance(choices, list) else []
     fields = _envelope(body, content_cap is not None)
     fields["choice_count"] = len(choice_list) if isinstance(choices, list) else None
     reasons = tuple(r for c in choice_list if (r := as_str(c.get("finish_reason"))))
@@ -112,18 +111,19 @@ class StreamAccumulator:
 
     def add(self, event: Any) -> bool:
         """Take one parsed event; True when it carried generated content."""
-        if not isinstance(event, Mapping):
+        if not isinstance(event, dict):
             return False
-        for key in ("id", "object", "model", "created"):
-            if event.get(key) is not None and key not in self.envelope:
-                self.envelope[key] = event[key]
-        for key in ("usage", "metadata"):
-            if isinstance(event.get(key), Mapping):
-                self.envelope[key] = event[key]
+        envelope = self.envelope
+        for key in ("id", "object", "model", "created"):  # the first event that has one counts
+            if key not in envelope and event.get(key) is not None:
+                envelope[key] = event[key]
+        for key in ("usage", "metadata"):  # the last event that has one counts
+            if isinstance(event.get(key), dict):
+                envelope[key] = event[key]
         carried = False
         choices = event.get("choices")
         for choice in choices if isinstance(choices, list) else ():
-            if not isinstance(choice, Mapping):
+            if not isinstance(choice, dict):
                 continue
             index = as_int(choice.get("index")) or 0
             self.choices_seen.add(index)
@@ -169,15 +169,15 @@ def error_message(body: Any, raw: bytes | None) -> str | None:
 
 
 def _error_text(body: Any, raw: bytes | None) -> str | None:
-    if isinstance(body, Mapping):
+    if isinstance(body, dict):
         error = body.get("error")
-        if isinstance(error, Mapping) and as_str(error.get("message")):
+        if isinstance(error, dict) and as_str(error.get("message")):
             return error["message"][:300]
         if as_str(error):
             return error[:300]
         detail = body.get("detail")
         if isinstance(detail, list):
-            msgs = [f"{'.'.join(map(str, d.get('loc', [])))}: {d.get('msg')}" for d in detail if isinstance(d, Mapping)]
+            msgs = [f"{'.'.join(map(str, d.get('loc', [])))}: {d.get('msg')}" for d in detail if isinstance(d, dict)]
             return "; ".join(msgs)[:300] or None
         if as_str(detail):
             return detail[:300]
@@ -203,8 +203,8 @@ def provider_from(host: str | None, namespace: str | None, model: str | None) ->
     return PROVIDER_BY_HOST.get(host or "")
 
 
-def _envelope(body: Mapping[str, Any], keep_content: bool) -> dict[str, Any]:
-    usage = body.get("usage") if isinstance(body.get("usage"), Mapping) else {}
+def _envelope(body: dict[str, Any], keep_content: bool) -> dict[str, Any]:
+    usage = body.get("usage") if isinstance(body.get("usage"), dict) else {}
     prompt_details = usage.get("prompt_tokens_details")
     completion_details = usage.get("completion_tokens_details")
     fields = {
@@ -215,8 +215,8 @@ def _envelope(body: Mapping[str, Any], keep_content: bool) -> dict[str, Any]:
         "input_tokens": as_int(usage.get("prompt_tokens")),
         "output_tokens": as_int(usage.get("completion_tokens")),
         "total_tokens": as_int(usage.get("total_tokens")),
-        "cached_input_tokens": as_int(prompt_details.get("cached_tokens")) if isinstance(prompt_details, Mapping) else None,
-        "reasoning_tokens": as_int(completion_details.get("reasoning_tokens")) if isinstance(completion_details, Mapping) else None,
+        "cached_input_tokens": as_int(prompt_details.get("cached_tokens")) if isinstance(prompt_details, dict) else None,
+        "reasoning_tokens": as_int(completion_details.get("reasoning_tokens")) if isinstance(completion_details, dict) else None,
     }
     fields.update(pulze.metadata_fields(body.get("metadata"), keep_content))
     return fields
@@ -233,25 +233,25 @@ def _created(value: Any) -> float | None:
 def _tool_choice(value: Any) -> str | None:
     if isinstance(value, str):
         return value
-    if isinstance(value, Mapping):
+    if isinstance(value, dict):
         function = value.get("function")
-        name = as_str(function.get("name")) if isinstance(function, Mapping) else None
+        name = as_str(function.get("name")) if isinstance(function, dict) else None
         return f"function:{name}" if name else as_str(value.get("type"))
     return None
 
 
-def _choice_text(choice: Mapping[str, Any]) -> str:
+def _choice_text(choice: dict[str, Any]) -> str:
     """Generated text of a choice, message or stream delta alike."""
     for key in ("delta", "message"):
         part = choice.get(key)
-        if isinstance(part, Mapping):
+        if isinstance(part, dict):
             return _text(part.get("content")) or _text(part.get("refusal"))
     return _text(choice.get("text"))
 
 
-def _has_tool_calls(choice: Mapping[str, Any]) -> bool:
+def _has_tool_calls(choice: dict[str, Any]) -> bool:
     delta = choice.get("delta")
-    return isinstance(delta, Mapping) and bool(delta.get("tool_calls") or delta.get("function_call"))
+    return isinstance(delta, dict) and bool(delta.get("tool_calls") or delta.get("function_call"))
 
 
 def _text(content: Any) -> str:
@@ -259,7 +259,7 @@ def _text(content: Any) -> str:
     if isinstance(content, str):
         return content
     if isinstance(content, list):
-        return "".join(p["text"] for p in content if isinstance(p, Mapping) and isinstance(p.get("text"), str))
+        return "".join(p["text"] for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
     return ""
 
 
@@ -286,11 +286,11 @@ def _message(role: str, content: str, finish_reason: str | None = None) -> dict[
     return message
 
 
-def _input_messages(body: Mapping[str, Any], operation: str, cap: int) -> tuple[dict[str, Any], ...]:
+def _input_messages(body: dict[str, Any], operation: str, cap: int) -> tuple[dict[str, Any], ...]:
     if operation == "chat":
         messages = body.get("messages")
         found = [_message(as_str(m.get("role")) or "user", _text(m.get("content")))
-                 for m in (messages if isinstance(messages, list) else ()) if isinstance(m, Mapping)]
+                 for m in (messages if isinstance(messages, list) else ()) if isinstance(m, dict)]
     else:
         prompt = body.get("prompt")
         prompts = [prompt] if isinstance(prompt, str) else [p for p in prompt if isinstance(p, str)] if isinstance(prompt, list) else []

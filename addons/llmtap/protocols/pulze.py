@@ -37,15 +37,19 @@ def metadata_fields(metadata: Any, keep_content: bool) -> dict[str, Any]:
     The raw object is kept whole for the audit log, less ``CONTENT_KEYS`` unless the user
     opted in to content capture.
     """
-    if not isinstance(metadata, Mapping):
+    if not isinstance(metadata, dict):
         return {}
     model = _mapping(metadata.get("model"))
     costs = _mapping(metadata.get("costs"))
     savings = _mapping(metadata.get("cost_savings"))
     scores = _mapping(metadata.get("scores"))
     labels = metadata.get("labels")
+    if keep_content or CONTENT_KEYS.isdisjoint(metadata):
+        kept = metadata  # no copy: the parsed body it belongs to is not used again
+    else:
+        kept = {k: v for k, v in metadata.items() if k not in CONTENT_KEYS}
     return {
-        "metadata": dict(metadata) if keep_content else {k: v for k, v in metadata.items() if k not in CONTENT_KEYS},
+        "metadata": kept,
         "app_id": as_str(metadata.get("app_id")),
         "served_model": as_str(model.get("model")),
         "served_provider": as_str(model.get("provider")),
@@ -71,7 +75,7 @@ def metadata_fields(metadata: Any, keep_content: bool) -> dict[str, Any]:
     }
 
 
-def _total(amounts: Mapping[str, Any]) -> float | None:
+def _total(amounts: dict[str, Any]) -> float | None:
     total = as_float(amounts.get("total_tokens"))
     if total is not None:
         return total
@@ -84,18 +88,18 @@ def _best_model(best_models: Any) -> str | None:
     if not isinstance(best_models, list) or not best_models:
         return None
     first = best_models[0]
-    if isinstance(first, Mapping) and first:
+    if isinstance(first, dict) and first:
         return str(next(iter(first)))
     return as_str(first)
 
 
 def _str_map(value: Any) -> dict[str, str] | None:
     """Labels are ``Dict[str, str]``; whatever else arrives is stringified, non-objects dropped."""
-    return {str(k): str(v) for k, v in value.items()} if isinstance(value, Mapping) else None
+    return {str(k): str(v) for k, v in value.items()} if isinstance(value, dict) else None
 
 
-def _mapping(value: Any) -> Mapping[str, Any]:
-    return value if isinstance(value, Mapping) else {}
+def _mapping(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
 
 
 def _json_object(raw: str | None) -> dict[str, Any] | None:

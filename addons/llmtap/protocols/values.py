@@ -28,11 +28,25 @@ def as_str(value: Any) -> str | None:
     return value if isinstance(value, str) else None
 
 
+_DECODER = json.JSONDecoder()
+
+
 def load_json(body: bytes | None) -> Any:
-    """Parsed JSON, or None for an empty or malformed body (never raises)."""
+    """Parsed JSON, or None for an empty or malformed body (never raises).
+
+    Bodies and stream events are almost always one object, ``{`` to ``}``: such a body is UTF-8
+    (as json.loads would detect, unless a NUL follows for UTF-16/32) and ``raw_decode`` parses
+    it without json.loads's layers, which cost as much as the parsing of a stream event. Any
+    other shape takes json.loads, for its exact rules.
+    """
     if not body:
         return None
     try:
+        if body[:1] == b"{" and body[1:2] != b"\0":
+            text = body.decode("utf-8", "surrogatepass")
+            value, end = _DECODER.raw_decode(text)
+            if end == len(text):
+                return value
         return json.loads(body)
     except (ValueError, RecursionError):
         return None

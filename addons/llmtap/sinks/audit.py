@@ -226,7 +226,10 @@ class AuditSink:
                 buffer += data
                 *lines, buffer = buffer.split(b"\n")
                 for line in lines:
-                    self._absorb(json.loads(line))
+                    try:
+                        self._absorb(json.loads(line))
+                    except (ValueError, KeyError, TypeError, AttributeError) as exc:  # not a status line
+                        self.health.error(self.name, exc, "unreadable audit writer status")
                 if not data:  # the writer exited
                     code = self._writer.wait()
                     self._writer, buffer = None, b""

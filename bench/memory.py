@@ -25,10 +25,13 @@ class MemoryResult:
     rss_before_mb: float  # after the warm-up
     rss_peak_mb: float
     rss_after_mb: float
+    writer_rss_before_mb: float  # llmtap's audit writer process, after the warm-up
+    writer_rss_after_mb: float
 
     @property
     def growth_mb(self) -> float:
-        return self.rss_after_mb - self.rss_before_mb
+        """Of the proxy and its writer process together."""
+        return self.rss_after_mb - self.rss_before_mb + self.writer_rss_after_mb - self.writer_rss_before_mb
 
 
 def audit_rows(db: Path) -> int:
@@ -53,10 +56,11 @@ def run(proxy: Proc, workdir: Path, exchanges: int, warmup: int, connections: in
     rss_start = proxy.rss_mb()
     wrk(url, mix_script(warmup), workdir, connections=connections, seconds=warmup / 50 + 60)
     recorded_before = settle(proxy)
-    rss_before = proxy.rss_mb()
+    rss_before, writer_before = proxy.rss_mb(), proxy.writer_rss_mb()
     with PeakSampler(proxy.rss_mb, 0.5) as peak:
         started = time.monotonic()
         result = wrk(url, mix_script(exchanges), workdir, connections=connections, seconds=exchanges / 50 + 60)
         seconds = time.monotonic() - started
         recorded = settle(proxy) - recorded_before
-    return MemoryResult(result.requests, recorded, seconds, rss_start, rss_before, peak.peak, proxy.rss_mb())
+    return MemoryResult(result.requests, recorded, seconds, rss_start, rss_before, peak.peak, proxy.rss_mb(),
+                        writer_before, proxy.writer_rss_mb())

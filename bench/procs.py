@@ -35,6 +35,16 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / _TICKS
 
 
+def rss_mb(pid: int) -> float:
+    pages = int(Path(f"/proc/{pid}/statm").read_text().split()[1])
+    return pages * _PAGE / 1e6
+
+
+def rss_mb(pid: int) -> float:
+    pages = int(Path(f"/proc/{pid}/statm").read_text().split()[1])
+    return pages * _PAGE / 1e6
+
+
 def pin_writer(parent: int, cpu: int, timeout: float = 10.0) -> int:
     """Pin the llmtap audit writer process that ``parent`` started to ``cpu``; its pid."""
     deadline = time.monotonic() + timeout
@@ -93,8 +103,12 @@ class Proc:
         self.extra["writer_pid"] = pin_writer(self.pid, cpu, timeout)
 
     def rss_mb(self) -> float:
-        pages = int(Path(f"/proc/{self.pid}/statm").read_text().split()[1])
-        return pages * _PAGE / 1e6
+        return rss_mb(self.pid)
+
+    def writer_rss_mb(self) -> float:
+        """RSS of its audit writer process (0 when it has none)."""
+        pid = self.extra.get("writer_pid")
+        return rss_mb(pid) if pid else 0.0
 
     def stop(self, timeout: float = 30.0) -> None:
         if self.popen.poll() is None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import ssl
 import subprocess
@@ -129,9 +130,11 @@ def test_sdk_stream_arrives_chunk_by_chunk_and_is_recorded(tmp_path, operation) 
             tap.stop()
 
 
-def curl(*args: str) -> subprocess.CompletedProcess:
+def curl(*args: str, gid: int | None = None) -> subprocess.CompletedProcess:
+    """curl, optionally as group ``gid`` (what the transparent-mode redirect matches)."""
     return subprocess.run(["curl", "-sS", "--noproxy", "*", "--max-time", "20", *args],
-                          capture_output=True, timeout=30, check=False)
+                          capture_output=True, timeout=30, check=False,
+                          preexec_fn=None if gid is None else lambda: os.setgid(gid))
 
 
 @pytest.mark.parametrize("encoding", ["gzip", "deflate", "br", "zstd"])
@@ -275,27 +278,76 @@ def test_regular_proxy_mode_with_the_sdk(tmp_path, simulator) -> None:
         tap.stop()
 
 
-def test_mitmdump_script_route(tmp_path, simulator) -> None:
+def start_mitmdump(tmp_path: Path, mode: str) -> tuple[subprocess.Popen, int]:
+    """``mitmdump -s addons/tap.py`` in ``mode`` on a free port, JSON lines to records.jsonl."""
     port = free_port()
-    jsonl = tmp_path / "records.jsonl"
     mitmdump = str(Path(sys.executable).with_name("mitmdump"))
     proc = subprocess.Popen(
-        [mitmdump, "-q", "-s", str(REPO / "addons" / "tap.py"), "--mode", f"reverse:{simulator.url}",
+        [mitmdump, "-q", "-s", str(REPO / "addons" / "tap.py"), "--mode", mode,
          "--listen-host", "127.0.0.1", "-p", str(port), "--set", f"confdir={tmp_path / 'conf'}",
-         "--set", f"llmtap_jsonl={jsonl}", "--set", f"llmtap_db={tmp_path / 'tap.db'}",
+         "--set", f"llmtap_jsonl={tmp_path / 'records.jsonl'}", "--set", f"llmtap_db={tmp_path / 'tap.db'}",
          "--set", "llmtap_metrics_port=-1"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     try:
         wait_for_port(port, proc=proc)
+    except BaseException:
+        proc.kill()
+        raise
+    return proc, port
+
+
+def jsonl_records(path: Path, count: int) -> list[ExchangeRecord]:
+    wait_until(lambda: path.exists() and len(path.read_text().splitlines()) >= count)
+    return [ExchangeRecord.from_json(line) for line in path.read_text().splitlines()]
+
+
+def test_mitmdump_script_route(tmp_path, simulator) -> None:
+    proc, port = start_mitmdump(tmp_path, f"reverse:{simulator.url}")
+    try:
         out = curl(f"http://127.0.0.1:{port}/v1/completions", "-H", f"Authorization: Bearer {API_KEY}",
                    "--data", json.dumps({"model": "pulze", "prompt": "via mitmdump -s"}))
         assert out.stdout == simulator.exchanges[-1].response_body
-        wait_until(lambda: jsonl.exists() and jsonl.read_text().strip())
-        record = ExchangeRecord.from_json(jsonl.read_text().splitlines()[0])
+        [record] = jsonl_records(tmp_path / "records.jsonl", 1)
         assert record.operation == "text_completion" and record.output_tokens
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+REDIRECTED_GID = 48231  # the group whose connections the transparent-mode test redirects
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("iptables"), reason="needs root and iptables")
+def test_transparent_mode_sees_redirected_traffic(tmp_path, simulator) -> None:
+    """The app connects to the upstream's own address; the kernel (iptables REDIRECT) hands the
+    connection to ``mitmdump -s addons/tap.py --mode transparent``. Only sockets of one group
+    are redirected, so the proxy's own connection upstream is not."""
+    proc, port = start_mitmdump(tmp_path, "transparent")
+    rule = ["OUTPUT", "-p", "tcp", "-d", "127.0.0.1", "--dport", str(simulator.port), "-m", "owner",
+            "--gid-owner", str(REDIRECTED_GID), "-j", "REDIRECT", "--to-ports", str(port)]
+    added = subprocess.run(["iptables", "-t", "nat", "-A", *rule], capture_output=True, text=True)
+    try:
+        if added.returncode:
+            pytest.skip(f"cannot add a NAT rule here: {added.stderr.strip()}")
+        outs = [
+            curl("-N", f"{simulator.url}/v1/chat/completions", "-H", f"Authorization: Bearer {API_KEY}",
+                 "-H", "Content-Type: application/json", "-H", f"Pulze-Labels: {json.dumps(LABELS)}",
+                 "--data", json.dumps({"model": "pulze", "messages": [{"role": "user", "content": "hi"}],
+                                       "stream": stream}), gid=REDIRECTED_GID)
+            for stream in (False, True)
+        ]
+        records = jsonl_records(tmp_path / "records.jsonl", 2)
+    finally:
+        if not added.returncode:
+            subprocess.run(["iptables", "-t", "nat", "-D", *rule], check=True)
+        proc.terminate()
+        proc.wait(30)
+    assert [out.stdout for out in outs] == [ex.response_body for ex in simulator.exchanges]
+    assert [r.stream for r in records] == [False, True]
+    for record in records:
+        assert (record.upstream_host, record.upstream_port) == ("127.0.0.1", simulator.port)
+        assert record.http_status == 200 and record.output_tokens and dict(record.labels) == LABELS
+        assert record.cost_source == "reported" and record.key_fingerprint
 
 
 def test_capture_content_only_when_opted_in(tmp_path, simulator) -> None:

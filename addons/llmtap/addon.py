@@ -207,6 +207,8 @@ class LLMTap:
         mode = ctx.options.mode[0] if ctx.options.mode else "regular"
         if mode.startswith("reverse:"):
             app = f"OPENAI_BASE_URL=http://{host}:{port}/v1   (upstream {mode.removeprefix('reverse:')})"
+        elif mode == "transparent":
+            app = f"traffic redirected to {host}:{port} by the OS   (for TLS, trust {ctx.options.confdir}/mitmproxy-ca-cert.pem)"
         else:
             app = f"HTTPS_PROXY=http://{host}:{port}   (trust {ctx.options.confdir}/mitmproxy-ca-cert.pem)"
         metrics = next((s for s in self.sinks if s.name == "metrics"), None)

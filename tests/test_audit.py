@@ -7,6 +7,7 @@ what the simulator really answered.
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import os
@@ -26,7 +27,7 @@ import pytest
 from click.testing import CliRunner
 
 from conftest import API_KEY, start_tap, wait_until
-from llmtap.auditdb import GENESIS, MIGRATIONS, AuditStore, chain_hash, connect, verify_chain
+from llmtap.auditdb import GENESIS, MIGRATIONS, PAGE_SIZE, AuditStore, chain_hash, connect, row_builder, verify_chain
 from llmtap.config import Settings
 from llmtap.health import Health
 from llmtap.protocols.openai_compat import cap_messages
@@ -115,6 +116,7 @@ def test_migrates_an_empty_file_to_the_current_schema(tmp_path):
     assert db.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
     assert EXPECTED_TABLES <= set(db.table_names())
     assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert db.execute("PRAGMA page_size").fetchone()[0] == PAGE_SIZE
     columns = {c.name: c.type for c in db["exchanges"].columns}
     record_columns = set(FIELD_NAMES) - {"input_messages", "output_messages", "metadata"}
     assert set(columns) == record_columns | DERIVED_COLUMNS, "a record field needs a migration adding its column"
@@ -245,6 +247,67 @@ def test_odd_values_and_garbage_lines_never_block_the_writer(tmp_path):
     assert health.audit_dropped == 1
     assert health.internal_errors["audit"] >= 2  # the garbage lines, and the unserialisable record
     assert run_verify(tmp_path / "llmtap.db").exit_code == 0
+
+
+def test_every_row_holds_row_builders_coercion_of_its_record(tmp_path):
+    """The writer's shortcut for ordinary records changes no value and no hash."""
+    plain = make_record(1).to_dict()
+    variants = [
+        {},
+        {"temperature": -0.0, "cost_usd": 0, "seed": True},
+        {"top_p": float("nan")},
+        {"max_tokens": 2**63},
+        {"warning": 'a "quote", a \\ and a\nnewline\x7f', "app_id": "日本", "labels": {"%s": "%d 100%"}},
+        {"request_start": -1e308, "response_end": 1e308, "first_token_at": float("inf")},
+        {"path": "\ud800", "weights": {"w": [1, 2.5, None, {"x": False}]}},
+        {"category": 7, "retries": 2.0, "upstream_port": "443", "stop": "\n", "logit_bias": None},
+        {"a_field_from_a_newer_llmtap": 1},
+    ]
+    records = [plain | changes | {"exchange_id": f"v-{i}"} for i, changes in enumerate(variants)]
+    older = {k: v for k, v in plain.items() if k != "category"} | {"exchange_id": "v-older"}  # a field missing
+    records.append(older)
+    lines = [
+        json.dumps(r, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8", "surrogatepass")
+        for r in records
+    ]
+    store = AuditStore(str(tmp_path / "llmtap.db"), fsync_batch=False, capture_content=False)
+    batch = store.apply(1, lines, 1)
+    assert (batch.corrupt, batch.rejected, len(batch.records)) == ([], [], len(lines))
+    expected = row_builder(store.types)
+
+    def typed(row: dict) -> dict:  # repr tells 0.0 from -0.0 and 1 from 1.0
+        return {k: repr(v) for k, v in row.items() if k not in ("id", "prev_hash", "row_hash")}
+
+    for record, row in zip(records, db_rows(tmp_path / "llmtap.db"), strict=True):
+        assert typed(row) == typed(expected(json.loads(json.dumps(record)))), record["exchange_id"]
+    store.close()
+    assert run_verify(tmp_path / "llmtap.db").exit_code == 0
+
+
+def test_a_batch_with_replayed_and_repeated_records_is_chained_row_by_row(tmp_path):
+    db = tmp_path / "llmtap.db"
+    line = {i: (make_record(i).to_json() + "\n").encode() for i in range(4)}
+    store = AuditStore(str(db), fsync_batch=False, capture_content=False)
+    store.apply(1, [line[0], line[1]], 2)
+    batch = store.apply(1, [line[1], line[2], line[2], line[3]], 6)  # 1 was there, 2 twice
+    assert (batch.corrupt, batch.rejected) == ([], [])
+    assert gc.isenabled()
+    assert [r["exchange_id"] for r in db_rows(db)] == [f"ex-{i:05d}" for i in range(4)]
+    assert store.offsets == {1: 6}
+    store.close()
+    assert verify_chain(sqlite3.connect(db)).ok
+
+
+def test_a_row_sqlite_refuses_is_dropped_and_the_rest_of_its_batch_chained(tmp_path):
+    db = tmp_path / "llmtap.db"
+    store = AuditStore(str(db), fsync_batch=False, capture_content=False)
+    store.conn.execute("CREATE TRIGGER refuse BEFORE INSERT ON exchanges WHEN NEW.exchange_id = 'ex-00002' "
+                       "BEGIN SELECT RAISE(ABORT, 'refused'); END")
+    batch = store.apply(1, [(make_record(i).to_json() + "\n").encode() for i in range(5)], 1)
+    assert batch.corrupt == [] and [str(e) for e in batch.rejected] == ["refused"]
+    assert [r["exchange_id"] for r in db_rows(db)] == ["ex-00000", "ex-00001", "ex-00003", "ex-00004"]
+    store.close()
+    assert verify_chain(sqlite3.connect(db)).ok
 
 
 CHILD = """

@@ -139,22 +139,23 @@ class Writer:
             lines, end = read_lines(path, offset)
             if end == offset:
                 return True
-            self._settle(lines, self.store.apply(gen, lines, end))
+            self._settle(self.store.apply(gen, lines, end))
             offset, batches = end, batches - 1
         return False
 
-    def _settle(self, lines: list[bytes], batch: Batch) -> None:
+    def _settle(self, batch: Batch) -> None:
         if batch.corrupt:
             self.health.error("audit", batch.corrupt[0], f"{len(batch.corrupt)} torn journal line(s) skipped")
         if batch.rejected:
             self.health.error("audit", batch.rejected[0], "row rejected by SQLite")
             self.health.add_audit_dropped(len(batch.rejected))
         if self.spans is not None:
-            for line in lines:
+            for data in batch.records:
                 try:
-                    record = ExchangeRecord.from_json(line)
-                except (ValueError, TypeError):
-                    continue  # a torn line: counted above
+                    record = ExchangeRecord.from_dict(data)
+                except (ValueError, TypeError) as exc:
+                    self.health.error("spans", exc, "journaled record unfit for a span")
+                    continue
                 self.spans.emit(record)
 
     def status(self) -> dict[str, Any]:
@@ -179,9 +180,11 @@ def serve(writer: Writer, commands: int, report, *, max_backoff: float) -> None:
     """The process's loop: cycle every POLL_SECONDS (backing off while SQLite fails) until told
     to stop, or until the proxy is gone."""
     stopping = orphaned = False
-    delay, deadline, last = 0.0, math.inf, None
+    done, delay, deadline, last = True, 0.0, math.inf, None
     while True:
-        ready, _, _ = select.select([commands], [], [], delay or POLL_SECONDS)
+        # back off while failing; straight on while lines are pending; else look every POLL_SECONDS
+        wait = delay or (POLL_SECONDS if done else 0.0)
+        ready, _, _ = select.select([commands], [], [], wait)
         if ready:
             data = os.read(commands, 4096)
             orphaned = not data

@@ -40,11 +40,6 @@ def rss_mb(pid: int) -> float:
     return pages * _PAGE / 1e6
 
 
-def rss_mb(pid: int) -> float:
-    pages = int(Path(f"/proc/{pid}/statm").read_text().split()[1])
-    return pages * _PAGE / 1e6
-
-
 def pin_writer(parent: int, cpu: int, timeout: float = 10.0) -> int:
     """Pin the llmtap audit writer process that ``parent`` started to ``cpu``; its pid."""
     deadline = time.monotonic() + timeout

@@ -55,7 +55,7 @@ class Journal:
         except OSError:  # directory missing or read-only: the journal cannot be written either
             self._lock_fd = None
         #: above anything an earlier run left: older generations are replayed, never appended to
-        self.first_gen = self.gen = max(generations(db_path), default=0) + 1
+        self.gen = max(generations(db_path), default=0) + 1
         self.fd: int | None = None
         self.size = 0  # bytes in the current generation: appends are ours alone
         self._torn = False

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import bisect
 import collections
+import contextlib
 import json
 import logging
 import os
@@ -231,8 +232,8 @@ class AuditSink:
                     except (ValueError, KeyError, TypeError, AttributeError) as exc:  # not a status line
                         self.health.error(self.name, exc, "unreadable audit writer status")
                 if not data:  # the writer exited
-                    code = self._writer.wait()
-                    self._writer, buffer = None, b""
+                    code = self._reap()
+                    buffer = b""
                     if stopping and stop_sent:
                         return
                     self.health.error(self.name, RuntimeError(f"exit status {code}"), "audit writer process died; restarting")
@@ -240,8 +241,17 @@ class AuditSink:
                     restart_at = time.monotonic() + delay
             if stopping and time.monotonic() > deadline:
                 self._writer.kill()  # SQLite stays unwritable: the journal waits for the next start
-                self._writer.wait()
+                self._reap()
                 return
+
+    def _reap(self) -> int:
+        """Wait for the exited writer and close its pipes; its exit status."""
+        proc, self._writer = self._writer, None
+        code = proc.wait()
+        with contextlib.suppress(OSError):  # a command it never read
+            proc.stdin.close()
+        proc.stdout.close()
+        return code
 
     def _start_writer(self) -> bool:
         self._reported = {}

@@ -99,6 +99,7 @@ class Writer:
             try:
                 self._lock_fd = lock_file(f"{db}.writer.lock", wait=False)
             except BlockingIOError:  # the writer of an earlier proxy is finishing: wait for it
+                time.sleep(POLL_SECONDS)
                 return False
         if gens and gens[-1] > self.newest:
             self.newest = gens[-1]

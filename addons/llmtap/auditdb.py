@@ -1,6 +1,6 @@
 """The audit database: schema, migrations, rows and the hash chain.
 
-Shared by the audit sink's writer thread (``AuditStore`` applies journal batches and prunes)
+Shared by the audit writer process (``AuditStore`` applies journal batches and prunes)
 and by the read-only ``llmtap report`` / ``llmtap audit verify`` (``connect_readonly``,
 ``verify_chain``). Nothing here runs on mitmproxy's event loop.
 
@@ -435,7 +435,7 @@ def verify_chain(conn: sqlite3.Connection) -> ChainCheck:
     return ChainCheck(checked, anchor)
 
 
-# --- the SQLite side (writer thread only) ---------------------------------------------------------
+# --- the SQLite side (the writer process only) ----------------------------------------------------
 
 _INSERT_CONTENT = "INSERT OR REPLACE INTO content VALUES (?, ?, ?, ?)"
 
@@ -464,7 +464,7 @@ class Batch(NamedTuple):
 
 
 class AuditStore:
-    """The audit database as the writer thread sees it: applies journal batches, prunes."""
+    """The audit database as the writer process sees it: applies journal batches, prunes."""
 
     def __init__(self, path: str, *, fsync_batch: bool, capture_content: bool) -> None:
         self.db = connect(path, fsync_batch=fsync_batch)

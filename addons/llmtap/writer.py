@@ -113,7 +113,7 @@ class Writer:
                 self._retire(gen)
             else:
                 caught_up = self._apply(gen, batches=1)  # appends may never pause: one batch, then report
-        self.on_disk = generations(db)
+        self.on_disk = gens[-1:] if gens and not final else []  # the sealed ones were retired, in order
         days = self.settings.retention_days
         if days > 0 and self.store.prune(time.time() - days * 86400, self.prune_batch) == self.prune_batch:
             caught_up = False  # more to delete: come straight back
@@ -200,13 +200,18 @@ def serve(writer: Writer, commands: int, report, *, max_backoff: float) -> None:
             if writer.store is not None:
                 writer.store.close()
                 writer.store = None
-            delay = min(max(delay * 2, 0.1), max_backoff)
+            delay = next_backoff(delay, max_backoff)
         status = writer.status()
         if status != last or time.monotonic() - report.at > REPORT_EVERY_SECONDS:
             report(status)
             last = status
         if orphaned or (stopping and (done or time.monotonic() > deadline)):
             return
+
+
+def next_backoff(delay: float, cap: float) -> float:
+    """The wait before the next retry: from 0.1 s, doubling, at most ``cap``."""
+    return min(max(delay * 2, 0.1), cap)
 
 
 class Reporter:

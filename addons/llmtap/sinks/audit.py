@@ -209,7 +209,7 @@ class AuditSink:
             if self._writer is None and time.monotonic() >= restart_at:
                 stop_sent = False
                 if not self._start_writer():
-                    delay = min(max(delay * 2, 0.1), self.MAX_RESTART_DELAY_SECONDS)
+                    delay = writer.next_backoff(delay, self.MAX_RESTART_DELAY_SECONDS)
                     restart_at = time.monotonic() + delay
             if stopping and not stop_sent and self._writer is not None:
                 with self._cond:
@@ -237,7 +237,7 @@ class AuditSink:
                     if stopping and stop_sent:
                         return
                     self.health.error(self.name, RuntimeError(f"exit status {code}"), "audit writer process died; restarting")
-                    delay = min(max(delay * 2, 0.1), self.MAX_RESTART_DELAY_SECONDS)
+                    delay = writer.next_backoff(delay, self.MAX_RESTART_DELAY_SECONDS)
                     restart_at = time.monotonic() + delay
             if stopping and time.monotonic() > deadline:
                 self._writer.kill()  # SQLite stays unwritable: the journal waits for the next start

@@ -1,5 +1,5 @@
 """Entry script for ``mitmdump -s addons/tap.py``: the code lives in the ``llmtap`` package."""
 
-from llmtap.addon import LLMTap
+from llmtap.capture.addon import LLMTap
 
 addons = [LLMTap()]

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from llmtap.demo import wait_for_port
+from llmtap.devtools.ports import wait_for_port
 
 ROOT = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
@@ -46,7 +46,7 @@ def pin_writer(parent: int, cpu: int, timeout: float = 10.0) -> int:
     while time.monotonic() < deadline:
         for children in Path(f"/proc/{parent}/task").glob("*/children"):
             for pid in map(int, children.read_text().split()):
-                if b"llmtap.writer" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                if b"llmtap.audit.writer" in Path(f"/proc/{pid}/cmdline").read_bytes():
                     os.sched_setaffinity(pid, {cpu})
                     return pid
         time.sleep(0.05)

@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from llmtap.demo import wait_for_port
+from llmtap.devtools.ports import wait_for_port
 from llmtap.record import ExchangeRecord
-from llmtap.simulator import Simulator
+from llmtap.devtools.simulator import Simulator
 
 REPO = Path(__file__).resolve().parent.parent
 LLMTAP = str(Path(sys.executable).with_name("llmtap"))

@@ -7,7 +7,7 @@ import json
 import pytest
 from mitmproxy.test import taddons, tflow, tutils
 
-from llmtap.addon import LLMTap, StreamTee
+from llmtap.capture.addon import LLMTap, StreamTee
 from llmtap.record import ExchangeRecord
 
 CHAT = json.dumps({"model": "pulze", "messages": [{"role": "user", "content": "hello"}]}).encode()

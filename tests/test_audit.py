@@ -27,12 +27,12 @@ import pytest
 from click.testing import CliRunner
 
 from conftest import API_KEY, start_tap, wait_until
-from llmtap.auditdb import GENESIS, MIGRATIONS, PAGE_SIZE, AuditStore, chain_hash, connect, row_builder, verify_chain
+from llmtap.audit.store import GENESIS, MIGRATIONS, PAGE_SIZE, AuditStore, chain_hash, connect, row_builder, verify_chain
 from llmtap.config import Settings
 from llmtap.health import Health
 from llmtap.protocols.openai_compat import cap_messages
 from llmtap.record import FIELD_NAMES, ExchangeRecord, canonical_json
-from llmtap.report import audit
+from llmtap.audit.report import audit
 from llmtap.sinks.audit import AuditLogInUse, AuditSink
 
 NOW = time.time()
@@ -348,7 +348,7 @@ def writer_pids(db: Path) -> list[int]:
             cmdline = (entry / "cmdline").read_bytes()
         except OSError:
             continue
-        if b"llmtap.writer" in cmdline and str(db).encode() in cmdline:
+        if b"llmtap.audit.writer" in cmdline and str(db).encode() in cmdline:
             pids.append(int(entry.name))
     return pids
 

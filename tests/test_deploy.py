@@ -35,7 +35,7 @@ import pytest
 import yaml
 
 from conftest import API_KEY, REPO, free_port, metric_value, start_tap, wait_for_port, wait_until
-from llmtap.simulator import Simulator
+from llmtap.devtools.simulator import Simulator
 from otlp_receiver import OTLPHTTPReceiver
 from prom import PrometheusServer
 
@@ -438,7 +438,7 @@ def test_dockerfile_steps_work_in_a_clean_venv(tmp_path: Path) -> None:
     purelib = "import sysconfig; print(sysconfig.get_paths()['purelib'])"
     site = Path(run(str(venv / "bin/python"), "-c", purelib).strip())
     (site / "lent-dependencies.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
-    where = run(str(venv / "bin/python"), "-c", "import llmtap, llmtap.addon; print(llmtap.__file__)")
+    where = run(str(venv / "bin/python"), "-c", "import llmtap, llmtap.capture.addon; print(llmtap.__file__)")
     assert where.startswith(str(site)), "llmtap must come from the clean venv, not the repo"
 
     entrypoint = json.loads(dict(steps)["ENTRYPOINT"])

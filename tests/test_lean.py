@@ -15,7 +15,7 @@ from mitmproxy.options import Options
 from mitmproxy.test import tflow
 
 from conftest import LLMTAP, REPO, free_port, start_tap
-from llmtap.lean import LeanMaster
+from llmtap.capture.lean import LeanMaster
 
 sys.path.insert(0, str(REPO / "bench"))
 import identical  # noqa: E402  (the bench's echo upstream and byte comparison)

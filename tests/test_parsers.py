@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from llmtap.addon import key_fingerprint
-from llmtap.pricing import Price, PriceTable, resolve_cost
+from llmtap.capture.headers import key_fingerprint
+from llmtap.pricing.cost import Price, PriceTable, resolve_cost
 from llmtap.protocols import pulze
 from llmtap.protocols.openai_compat import (
     StreamAccumulator,

@@ -16,7 +16,7 @@ from conftest import TapProcess, start_tap, wait_until
 from llmtap.config import Settings
 from llmtap.health import Health
 from llmtap.record import ExchangeRecord
-from llmtap.simulator import Simulator
+from llmtap.devtools.simulator import Simulator
 from llmtap.sinks.metrics import MetricsSink
 from prom import PrometheusError, PrometheusServer, Sample
 

@@ -20,7 +20,7 @@ import pytest
 
 from conftest import API_KEY, REPO, free_port, start_tap, wait_for_port, wait_until
 from llmtap.record import ExchangeRecord
-from llmtap.simulator import Simulator
+from llmtap.devtools.simulator import Simulator
 
 LABELS = {"team": "Search", "env": "prod"}
 HEADERS = {"Pulze-Labels": json.dumps(LABELS), "Pulze-Weights": json.dumps({"cost": 0.7, "quality": 0.3}),

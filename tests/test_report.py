@@ -19,11 +19,11 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from llmtap.auditdb import connect_readonly
+from llmtap.audit.store import connect_readonly
 from llmtap.config import Settings
 from llmtap.health import Health
 from llmtap.record import ExchangeRecord
-from llmtap.report import parse_when, report, spend
+from llmtap.audit.report import parse_when, report, spend
 from llmtap.sinks.audit import AuditSink
 
 NOW = time.time()

@@ -20,7 +20,7 @@ import openai
 import pytest
 import zstandard
 
-from llmtap.simulator import FAULTS, PRICES, REFERENCE_PRICE, TRUNCATE_AFTER, Simulator
+from llmtap.devtools.simulator import FAULTS, PRICES, REFERENCE_PRICE, TRUNCATE_AFTER, Simulator
 
 KEY = "sk-sim-test-key"
 AUTH = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
@@ -451,7 +451,7 @@ def test_serve_runs_in_foreground_until_sigterm() -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    code = f"from llmtap.simulator import serve; serve('127.0.0.1', {port}, 0.0, 0.0)"
+    code = f"from llmtap.devtools.simulator import serve; serve('127.0.0.1', {port}, 0.0, 0.0)"
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
     try:

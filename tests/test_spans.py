@@ -22,7 +22,8 @@ from conftest import API_KEY, free_port, start_tap, wait_until
 from llmtap.config import Settings
 from llmtap.health import Health
 from llmtap.record import ExchangeRecord
-from llmtap.sinks.spans import SpanSink, provider_name
+from llmtap.sinks.spans import SpanSink
+from llmtap.tracing import provider_name
 from otlp_receiver import OTLPGRPCReceiver, OTLPHTTPReceiver, ReceivedSpan
 
 pytestmark = pytest.mark.timeout(60)

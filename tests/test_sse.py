@@ -9,7 +9,7 @@ import brotli
 import pytest
 import zstandard
 
-from llmtap.sse import SSEDecoder, incremental_decoder
+from llmtap.capture.decoding import SSEDecoder, incremental_decoder
 
 STREAM = (
     b": keep-alive comment\n"

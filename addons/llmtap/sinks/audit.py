@@ -4,7 +4,7 @@ Data path, built so that no exchange a client received is lost, even on ``kill -
 that SQLite never costs the proxy CPU::
 
     emit() on the event loop --one os.write, O_APPEND--> <db>.journal.<gen>   (canonical JSON lines)
-                                                            | the writer process (llmtap.writer)
+                                                            | the writer process (llmtap.audit.writer)
                                                             v
     SQLite (WAL): INSERT the rows + UPDATE journal_offsets(gen, offset), in ONE transaction
 
@@ -32,7 +32,7 @@ queue that this sink retries; a record that does not fit, or a row SQLite reject
 counted in ``Health.audit_dropped`` (``llmtap_audit_dropped_total``) and logged.
 ``health.gauges["audit_queue_depth"]`` is the number of records emitted but not yet in SQLite.
 
-The database itself (schema, migrations, rows, the hash chain, retention) is ``llmtap.auditdb``.
+The database itself (schema, migrations, rows, the hash chain, retention) is ``llmtap.audit.store``.
 """
 
 from __future__ import annotations
@@ -49,11 +49,11 @@ import threading
 import time
 from typing import Any
 
-from llmtap import writer
+from llmtap.audit import control
 from llmtap.config import Settings
 from llmtap.health import Health
 from llmtap.record import ExchangeRecord
-from llmtap.sinks.journal import AuditLogInUse, Journal
+from llmtap.audit.journal import AuditLogInUse, Journal
 
 __all__ = ["AuditLogInUse", "AuditSink"]
 
@@ -68,7 +68,7 @@ class AuditSink:
     POLL_SECONDS = 0.05
     MAX_RESTART_DELAY_SECONDS = 5.0
     DRAIN_BATCH = 100  # records moved from memory to the journal per lock hold
-    CLOSE_TIMEOUT_SECONDS = writer.STOP_TIMEOUT_SECONDS + 5
+    CLOSE_TIMEOUT_SECONDS = control.STOP_TIMEOUT_SECONDS + 5
 
     def __init__(
         self,
@@ -84,7 +84,7 @@ class AuditSink:
         self.health = health
         self.rotate_bytes = rotate_bytes
         self._journal = Journal(settings.db)
-        self._command = writer.command(settings, prune_batch=prune_batch, max_backoff=max_backoff)
+        self._command = control.writer_command(settings, prune_batch=prune_batch, max_backoff=max_backoff)
         self._cond = threading.Condition()  # guards the journal, _memory, _ends and the writer's positions
         self._memory: collections.deque[bytes] = collections.deque()
         self._memory_limit = memory_limit
@@ -209,7 +209,7 @@ class AuditSink:
             if self._writer is None and time.monotonic() >= restart_at:
                 stop_sent = False
                 if not self._start_writer():
-                    delay = writer.next_backoff(delay, self.MAX_RESTART_DELAY_SECONDS)
+                    delay = control.next_backoff(delay, self.MAX_RESTART_DELAY_SECONDS)
                     restart_at = time.monotonic() + delay
             if stopping and not stop_sent and self._writer is not None:
                 with self._cond:
@@ -237,7 +237,7 @@ class AuditSink:
                     if stopping and stop_sent:
                         return
                     self.health.error(self.name, RuntimeError(f"exit status {code}"), "audit writer process died; restarting")
-                    delay = writer.next_backoff(delay, self.MAX_RESTART_DELAY_SECONDS)
+                    delay = control.next_backoff(delay, self.MAX_RESTART_DELAY_SECONDS)
                     restart_at = time.monotonic() + delay
             if stopping and time.monotonic() > deadline:
                 self._writer.kill()  # SQLite stays unwritable: the journal waits for the next start
@@ -320,5 +320,5 @@ class AuditSink:
 def _writer_env() -> dict[str, str]:
     """The proxy's environment (OTEL_* included), and llmtap importable from wherever this
     process loaded it (``mitmdump -s addons/tap.py`` loads it by path)."""
-    here = os.path.dirname(os.path.dirname(writer.__file__))
+    here = os.path.dirname(os.path.dirname(os.path.dirname(control.__file__)))
     return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [here, os.environ.get("PYTHONPATH")]))}

@@ -16,7 +16,7 @@ import os
 from llmtap.config import Settings
 from llmtap.health import Health
 from llmtap.record import ExchangeRecord
-from llmtap.sinks import ThreadedSink
+from llmtap.background import QueueThread
 
 
 class AppendOnlyFile:
@@ -35,7 +35,7 @@ class AppendOnlyFile:
         os.close(self.fd)
 
 
-class StdoutLines(ThreadedSink):
+class StdoutLines(QueueThread):
     """Writes queued lines to stdout from its own thread, however slowly stdout drains."""
 
     name = "jsonl"

@@ -3,10 +3,10 @@
 mitmproxy runs every flow on one event loop, and Python threads share one GIL: any CPU a
 sink spends in the proxy's process is taken from the proxy. So the proxy only appends each
 record to the journal (``llmtap.sinks.audit``), and this separate process, started and
-supervised by the audit sink (``python -m llmtap.writer SETTINGS_JSON``), does the slow part
+supervised by the audit sink (``python -m llmtap.audit.writer SETTINGS_JSON``), does the slow part
 at a lower CPU priority: SQLite inserts, the hash chain, retention, and span export.
 
-Generations: every journal generation but the newest is sealed (see ``llmtap.sinks.journal``);
+Generations: every journal generation but the newest is sealed (see ``llmtap.audit.journal``);
 a sealed one is applied to its end, its offset row deleted, then its file unlinked. The newest
 is applied as far as its complete lines go, until the proxy says ``stop`` (it sealed it).
 
@@ -39,26 +39,18 @@ import sys
 import time
 from typing import Any
 
-from llmtap.auditdb import AuditStore, Batch
+from llmtap.audit.control import STOP_TIMEOUT_SECONDS, next_backoff
+from llmtap.audit.store import AuditStore, Batch
 from llmtap.config import Settings
 from llmtap.health import Health
 from llmtap.record import ExchangeRecord
-from llmtap.sinks.journal import fsync_path, generation_path, generations, lock_file, read_lines
+from llmtap.audit.journal import fsync_path, generation_path, generations, lock_file, read_lines
 
 log = logging.getLogger("llmtap")
 
 POLL_SECONDS = 0.05  # how often the journal is looked at; also how long a batch gathers
 NICENESS = 10  # below the proxy: on a shared core the proxy comes first, the journal absorbs the lag
-STOP_TIMEOUT_SECONDS = 10.0
 REPORT_EVERY_SECONDS = 1.0
-
-
-def command(settings: Settings, *, prune_batch: int, max_backoff: float) -> list[str]:
-    """How the audit sink starts this process (never with the key salt: argv is public)."""
-    args = {"settings": {**dataclasses.asdict(settings), "key_salt": ""},
-            "prune_batch": prune_batch, "max_backoff": max_backoff}
-    return [sys.executable, "-m", "llmtap.writer", json.dumps(args)]
-
 
 class Writer:
     """One pass at a time over the journal: ``cycle`` applies what is there."""
@@ -76,9 +68,9 @@ class Writer:
         self.spans = None
         if settings.otlp_configured:
             try:
-                from llmtap.sinks.spans import SpanSink
+                from llmtap.tracing import RecordSpans
 
-                self.spans = SpanSink(settings, health)
+                self.spans = RecordSpans(settings, health)
             except Exception as exc:
                 health.error("start_spans", exc, "spans disabled")
 
@@ -207,11 +199,6 @@ def serve(writer: Writer, commands: int, report, *, max_backoff: float) -> None:
             last = status
         if orphaned or (stopping and (done or time.monotonic() > deadline)):
             return
-
-
-def next_backoff(delay: float, cap: float) -> float:
-    """The wait before the next retry: from 0.1 s, doubling, at most ``cap``."""
-    return min(max(delay * 2, 0.1), cap)
 
 
 class Reporter:

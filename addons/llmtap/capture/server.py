@@ -13,8 +13,8 @@ from mitmproxy import exceptions
 from mitmproxy.options import Options
 from mitmproxy.tools.dump import DumpMaster
 
-from llmtap.addon import LLMTap
-from llmtap.lean import LeanMaster
+from llmtap.capture.addon import LLMTap
+from llmtap.capture.lean import LeanMaster
 
 
 def mode_spec(mode: str, upstream: str) -> str:
@@ -34,7 +34,7 @@ def serve(
 ) -> int:
     """Run until Ctrl-C or SIGTERM; sinks are flushed and closed before this returns.
 
-    ``lean`` runs ``LeanMaster`` (only the addons this mode needs, see ``llmtap.lean``);
+    ``lean`` runs ``LeanMaster`` (only the addons this mode needs, see ``llmtap.capture.lean``);
     otherwise mitmdump's full addon set.
     """
 

@@ -19,7 +19,7 @@ from typing import Any, NamedTuple
 
 import click
 
-from llmtap.auditdb import GENESIS, connect_readonly, verify_chain
+from llmtap.audit.store import GENESIS, connect_readonly, verify_chain
 
 #: ``--by`` dimensions and the SQL expression each groups by (times are UTC).
 DIMENSIONS = {

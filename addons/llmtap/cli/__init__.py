@@ -8,7 +8,7 @@ import click
 
 from llmtap import __version__
 from llmtap.config import DEFAULT_UPSTREAM, OPTIONS
-from llmtap.report import audit, report
+from llmtap.audit.report import audit, report
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -47,7 +47,7 @@ def llmtap_options(command):
 def run(upstream: str, mode: str, listen_host: str, listen_port: int, confdir: str,
         extra_sets: tuple[str, ...], lean: bool, **llmtap_options) -> None:
     """Run the sidecar (mitmproxy with the llmtap addon) in the foreground."""
-    from llmtap.server import serve
+    from llmtap.capture.server import serve
 
     llmtap_options["metric_labels"] = list(llmtap_options["metric_labels"])
     code = serve(upstream=upstream, mode=mode, listen_host=listen_host, listen_port=listen_port,
@@ -64,7 +64,7 @@ def run(upstream: str, mode: str, listen_host: str, listen_port: int, confdir: s
 @click.option("--fault-rate", default=0.0, show_default=True, type=float, help="Share of requests given a random fault.")
 def simulate(host: str, port: int, chunk_delay: float, first_byte_delay: float, fault_rate: float) -> None:
     """Run the simulated Pulze API (for demos, tests and benchmarks)."""
-    from llmtap.simulator import serve
+    from llmtap.devtools.simulator import serve
 
     serve(host, port, chunk_delay, first_byte_delay, fault_rate=fault_rate)
 
@@ -77,7 +77,7 @@ def simulate(host: str, port: int, chunk_delay: float, first_byte_delay: float, 
 @click.option("--seed", default=1, type=int)
 def traffic(base_url: str, count: int, interval: float, api_key: str, seed: int) -> None:
     """Send mixed completion traffic (chat and text, streamed and not, some faults) with the openai SDK."""
-    from llmtap.traffic import drive
+    from llmtap.devtools.traffic import drive
 
     summary = drive(base_url, api_key=api_key, count=count, interval=interval, seed=seed)
     click.echo(summary.describe())
@@ -91,7 +91,7 @@ def traffic(base_url: str, count: int, interval: float, api_key: str, seed: int)
 @click.option("--metrics-port", default=9464, show_default=True, type=int)
 def demo(count: int, exit_after: bool, workdir: str, listen_port: int, metrics_port: int) -> None:
     """Simulated Pulze upstream + llmtap + traffic; prints where metrics, DB and report are."""
-    from llmtap.demo import run_demo
+    from llmtap.devtools.demo import run_demo
 
     sys.exit(run_demo(count=count, exit_after=exit_after, workdir=workdir,
                       listen_port=listen_port, metrics_port=metrics_port))

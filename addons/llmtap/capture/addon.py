@@ -8,7 +8,6 @@ own is caught, counted in ``Health`` and logged once: the exchange always goes o
 
 from __future__ import annotations
 
-import hmac
 import importlib
 import logging
 import random
@@ -22,7 +21,7 @@ from mitmproxy import ctx, http
 from llmtap import __version__
 from llmtap.config import OPTIONS, Settings
 from llmtap.health import Health
-from llmtap.pricing import PriceTable, resolve_cost
+from llmtap.pricing.cost import PriceTable, resolve_cost
 from llmtap.protocols import pulze
 from llmtap.protocols.openai_compat import (
     StreamAccumulator,
@@ -36,35 +35,12 @@ from llmtap.protocols.openai_compat import (
 from llmtap.protocols.values import load_json
 from llmtap.record import ExchangeRecord
 from llmtap.sinks import Sink
-from llmtap.sse import SSEDecoder, incremental_decoder
+from llmtap.capture.decoding import SSEDecoder, incremental_decoder
+from llmtap.capture.headers import error_type, header_map, key_fingerprint, trace_id_of
 
 log = logging.getLogger("llmtap")
 
 _METADATA_KEY = "llmtap"
-_PUBLIC_SALT = b"llmtap-key-fingerprint-v1"
-
-
-def header_map(headers: http.Headers) -> dict[str, str]:
-    """Headers as one plain dict with lower-case names, repeated headers joined as mitmproxy does.
-
-    Each ``Headers.get`` scans and re-decodes every header (~3 µs); one pass that keeps them
-    all costs about as much as one such lookup, and both hooks need several.
-    """
-    found: dict[str, str] = {}
-    for name, value in headers.fields:
-        key = name.decode("utf-8", "surrogateescape").lower()
-        text = value.decode("utf-8", "surrogateescape")
-        found[key] = f"{found[key]}, {text}" if key in found else text
-    return found
-
-
-def key_fingerprint(headers: Any, salt: str) -> str | None:
-    """A keyed hash prefix of the API key; the key itself goes no further than this function."""
-    auth = headers.get("authorization", "")
-    key = auth[7:].strip() if auth[:7].lower() == "bearer " else headers.get("api-key") or headers.get("x-api-key")
-    if not key:
-        return None
-    return "fp_" + hmac.digest(salt.encode() if salt else _PUBLIC_SALT, key.encode(), "sha256")[:8].hex()
 
 
 class StreamTee:
@@ -288,7 +264,7 @@ class LLMTap:
         fields = request_fields(load_json(content), operation, self.settings.content_cap)
         fields.update(pulze.header_fields(headers))
         traceparent = headers.get("traceparent")
-        incoming_trace = _trace_id_of(traceparent)
+        incoming_trace = trace_id_of(traceparent)
         fields.update(
             request_start=request.timestamp_start,
             request_end=request.timestamp_end,
@@ -352,7 +328,7 @@ class LLMTap:
         else:
             fields["response_end"] = time.time()
         fields["first_token_at"] = exchange.first_token_at
-        fields["error_type"] = _error_type(flow)
+        fields["error_type"] = error_type(flow)
         if flow.error is not None:
             fields["error_message"] = redact(flow.error.msg[:300])
         elif exchange.parse_problem and fields["error_type"] is None:
@@ -364,33 +340,3 @@ class LLMTap:
         fields.update(resolve_cost(fields, self.prices))
         fields.update(exchange_id=flow.id, operation=exchange.operation, method=flow.request.method, path=exchange.path)
         return ExchangeRecord.from_fields(fields)  # leaves out parsers' intermediates (reported_cost_usd)
-
-
-def _error_type(flow: http.HTTPFlow) -> str | None:
-    """A short, bounded name for what went wrong, or None for a complete 2xx/3xx exchange."""
-    if flow.error is not None:
-        message = flow.error.msg.lower()
-        if flow.error.msg == flow.error.KILLED_MESSAGE:
-            return "killed"
-        if "client" in message:
-            return "client_disconnected"
-        if flow.response is None:
-            return "connection_error"
-        return "upstream_disconnected"
-    if flow.response is not None and flow.response.status_code >= 400:
-        return f"http_{flow.response.status_code}"
-    return None
-
-
-def _trace_id_of(traceparent: str | None) -> str | None:
-    """The trace id of a valid W3C ``traceparent`` (version-traceid-spanid-flags)."""
-    if not traceparent:
-        return None
-    parts = traceparent.strip().split("-")
-    if len(parts) < 4 or len(parts[1]) != 32 or len(parts[2]) != 16 or parts[1] == "0" * 32:
-        return None
-    try:
-        int(parts[1], 16), int(parts[2], 16)
-    except ValueError:
-        return None
-    return parts[1].lower()

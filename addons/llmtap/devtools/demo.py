@@ -9,8 +9,9 @@ import sys
 import time
 from pathlib import Path
 
-from llmtap.simulator import Simulator
-from llmtap.traffic import drive
+from llmtap.devtools.ports import wait_for_port
+from llmtap.devtools.simulator import Simulator
+from llmtap.devtools.traffic import drive
 
 
 def run_demo(*, count: int, exit_after: bool, workdir: str, listen_port: int, metrics_port: int) -> int:
@@ -62,17 +63,3 @@ def run_demo(*, count: int, exit_after: bool, workdir: str, listen_port: int, me
                 proxy.kill()
         simulator.stop()
     return 0
-
-
-def wait_for_port(port: int, timeout: float = 30.0, proc: subprocess.Popen | None = None) -> None:
-    """Wait until something accepts connections on 127.0.0.1:port (or ``proc`` dies)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"process exited with {proc.returncode} before listening on {port}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise TimeoutError(f"nothing listening on 127.0.0.1:{port} after {timeout}s")

@@ -1,0 +1,1 @@
+"""The system of record, in its own process: journal format, writer, store (schema, chain, verify), reports."""

@@ -1,0 +1,5 @@
+"""``python -m llmtap.cli``: the command line."""
+
+from llmtap.cli import main
+
+main()

@@ -1,0 +1,1 @@
+"""What an exchange cost, and where that price came from."""

@@ -1,15 +1,21 @@
 # Two commands set everything up on a fresh machine: `make demo` and `make test`.
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
-STAMP  := $(VENV)/.installed
+STAMP  := $(VENV)/.installed-dev
+DEMO_STAMP := $(VENV)/.installed-demo
 # Debian packages the tests need: prometheus brings promtool; docker-compose validates the stack.
 DEBS   := prometheus docker-compose curl iptables
 
 .PHONY: demo test venv debs bench clean
 
-$(STAMP): pyproject.toml
+# The demo needs the sidecar and the openai SDK; the tests need the dev tools on top.
+$(DEMO_STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[demo]'
+	touch $(DEMO_STAMP)
+
+$(STAMP): $(DEMO_STAMP)
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 
@@ -28,10 +34,14 @@ debs:
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $(DEBS); \
 	fi
 
-demo: $(STAMP)
+demo: $(DEMO_STAMP)
 	$(VENV)/bin/llmtap demo $(DEMO_ARGS)
 
+# Lint, format and layering checks first: they take seconds, the suite takes minutes.
 test: $(STAMP) debs
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 bench: $(STAMP)

@@ -15,22 +15,48 @@ import threading
 
 #: (name, raw request head without Host, body, chunked upload?)
 CASES: tuple[tuple[str, str, bytes, bool], ...] = (
-    ("chat", "POST /v1/chat/completions HTTP/1.1\r\nContent-Type: application/json\r\n"
-             "Authorization: Bearer sk-identical\r\nPulze-Labels: {\"team\":\"x\"}\r\n"
-             "traceparent: 00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01\r\n"
-             "Accept-Encoding: gzip, deflate\r\nCookie: a=b\r\nX-Odd-Header:  spaced \r\n",
-     b'{"model":"pulze","messages":[{"role":"user","content":"hi \\u00e9"}]}', False),
-    ("sse", "POST /v1/chat/completions HTTP/1.1\r\nContent-Type: application/json\r\nAccept: text/event-stream\r\n"
-            "Authorization: Bearer sk-identical\r\n", b'{"model":"pulze","stream":true,"messages":[]}', False),
-    ("gzip", "POST /v1/completions HTTP/1.1\r\nContent-Type: application/json\r\nAccept-Encoding: gzip\r\n",
-     b'{"model":"pulze","prompt":"zip"}', False),
-    ("chunked-upload", "POST /v1/chat/completions HTTP/1.1\r\nContent-Type: application/json\r\n"
-                       "Transfer-Encoding: chunked\r\n", b'{"model":"pulze","messages":[]}', True),
+    (
+        "chat",
+        "POST /v1/chat/completions HTTP/1.1\r\nContent-Type: application/json\r\n"
+        'Authorization: Bearer sk-identical\r\nPulze-Labels: {"team":"x"}\r\n'
+        "traceparent: 00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01\r\n"
+        "Accept-Encoding: gzip, deflate\r\nCookie: a=b\r\nX-Odd-Header:  spaced \r\n",
+        b'{"model":"pulze","messages":[{"role":"user","content":"hi \\u00e9"}]}',
+        False,
+    ),
+    (
+        "sse",
+        "POST /v1/chat/completions HTTP/1.1\r\nContent-Type: application/json\r\nAccept: text/event-stream\r\n"
+        "Authorization: Bearer sk-identical\r\n",
+        b'{"model":"pulze","stream":true,"messages":[]}',
+        False,
+    ),
+    (
+        "gzip",
+        "POST /v1/completions HTTP/1.1\r\nContent-Type: application/json\r\nAccept-Encoding: gzip\r\n",
+        b'{"model":"pulze","prompt":"zip"}',
+        False,
+    ),
+    (
+        "chunked-upload",
+        "POST /v1/chat/completions HTTP/1.1\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n",
+        b'{"model":"pulze","messages":[]}',
+        True,
+    ),
     ("models", "GET /v1/models?x=1 HTTP/1.1\r\nAccept: */*\r\n", b"", False),
-    ("h2c-upgrade", "GET /v1/models HTTP/1.1\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\n"
-                    "HTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n", b"", False),
-    ("error", "POST /v1/chat/completions HTTP/1.1\r\nContent-Type: application/json\r\nX-Echo-Status: 500\r\n",
-     b"{}", False),
+    (
+        "h2c-upgrade",
+        "GET /v1/models HTTP/1.1\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\n"
+        "HTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n",
+        b"",
+        False,
+    ),
+    (
+        "error",
+        "POST /v1/chat/completions HTTP/1.1\r\nContent-Type: application/json\r\nX-Echo-Status: 500\r\n",
+        b"{}",
+        False,
+    ),
 )
 
 
@@ -76,8 +102,14 @@ class EchoUpstream:
                         body += await reader.readexactly(size + 2)
                     await reader.readuntil(b"\r\n")
                 else:
-                    length = next((int(line.split(b":")[1]) for line in lower.split(b"\r\n")
-                                   if line.startswith(b"content-length:")), 0)
+                    length = next(
+                        (
+                            int(line.split(b":")[1])
+                            for line in lower.split(b"\r\n")
+                            if line.startswith(b"content-length:")
+                        ),
+                        0,
+                    )
                     body = await reader.readexactly(length)
                 await self._answer(writer, head, head + body)
                 if b"connection: close" in lower:
@@ -90,10 +122,13 @@ class EchoUpstream:
     async def _answer(self, writer: asyncio.StreamWriter, head: bytes, seen: bytes) -> None:
         lower = head.lower()
         status = b"500 Internal Server Error" if b"x-echo-status: 500" in lower else b"200 OK"
-        common = b"Alt-Svc: h3=\":443\"; ma=86400, h3-29=\"api.example:8443\"\r\nSet-Cookie: s=1; Path=/\r\n"
+        common = b'Alt-Svc: h3=":443"; ma=86400, h3-29="api.example:8443"\r\nSet-Cookie: s=1; Path=/\r\n'
         if b"text/event-stream" in lower:
-            writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n"
-                         + common + b"\r\n")
+            writer.write(
+                b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n"
+                + common
+                + b"\r\n"
+            )
             for event in (b"data: " + seen.replace(b"\r\n", b"|") + b"\n\n", b'data: {"x":1}\n\n', b"data: [DONE]\n\n"):
                 writer.write(b"%x\r\n%b\r\n" % (len(event), event))
                 await writer.drain()
@@ -103,8 +138,15 @@ class EchoUpstream:
             body, extra = seen, b""
             if b"accept-encoding: gzip" in lower:
                 body, extra = gzip.compress(seen, mtime=0), b"Content-Encoding: gzip\r\n"
-            writer.write(b"HTTP/1.1 " + status + b"\r\nContent-Type: application/octet-stream\r\n" + common + extra
-                         + b"Content-Length: %d\r\n\r\n" % len(body) + body)
+            writer.write(
+                b"HTTP/1.1 "
+                + status
+                + b"\r\nContent-Type: application/octet-stream\r\n"
+                + common
+                + extra
+                + b"Content-Length: %d\r\n\r\n" % len(body)
+                + body
+            )
         await writer.drain()
 
 
@@ -133,7 +175,9 @@ def exchange(port: int, head: str, body: bytes, chunked: bool) -> bytes:
                 rest += reader.read(size + 2)[:-2]
             reader.readline()
         else:
-            length = next((int(ln.split(b":")[1]) for ln in lower.split(b"\r\n") if ln.startswith(b"content-length:")), None)
+            length = next(
+                (int(ln.split(b":")[1]) for ln in lower.split(b"\r\n") if ln.startswith(b"content-length:")), None
+            )
             rest = reader.read() if length is None else reader.read(length)
     # the proxy's own port (in Alt-Svc, rewritten for reverse mode) is the one expected difference
     return (response_head + b"\r\n" + rest).replace(str(port).encode(), b"<PORT>")

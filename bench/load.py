@@ -26,10 +26,16 @@ HEADERS = {
 
 
 def chat_body(prompt: str, stream: bool = False) -> str:
-    return json.dumps({
-        "model": "pulze", "stream": stream, "temperature": 0.2, "max_tokens": 64,
-        "messages": [{"role": "system", "content": "You are terse."}, {"role": "user", "content": prompt}],
-    }, separators=(",", ":"))
+    return json.dumps(
+        {
+            "model": "pulze",
+            "stream": stream,
+            "temperature": 0.2,
+            "max_tokens": 64,
+            "messages": [{"role": "system", "content": "You are terse."}, {"role": "user", "content": prompt}],
+        },
+        separators=(",", ":"),
+    )
 
 
 #: The non-streaming request every throughput run repeats (a ~1.3 KB Pulze-style answer).
@@ -82,9 +88,11 @@ def mix_script(quota: int) -> str:
     ``QUOTA`` and ``wrk()`` ends the run with SIGINT, which wrk handles as a normal end.
     """
     entries = ",\n  ".join(
-        f"{{{_lua_string(path)}, {_lua_headers({**HEADERS, **extra})}, {_lua_string(body)}}}" for path, extra, body in MIX
+        f"{{{_lua_string(path)}, {_lua_headers({**HEADERS, **extra})}, {_lua_string(body)}}}"
+        for path, extra, body in MIX
     )
-    return f"""
+    return (
+        f"""
 local mix = {{
   {entries}
 }}
@@ -104,7 +112,9 @@ response = function(status, headers, body)
     wrk.thread:stop()
   end
 end
-""" + _DONE
+"""
+        + _DONE
+    )
 
 
 @dataclass(frozen=True)
@@ -128,8 +138,19 @@ def wrk(url: str, script: str, workdir: Path, *, connections: int, seconds: floa
     lua = workdir / f"wrk-{hashlib.sha1(script.encode()).hexdigest()[:12]}.lua"
     if not lua.exists():
         lua.write_text(script)
-    argv = ["taskset", "-c", str(LOAD_CPU), WRK, "-t1", f"-c{connections}", f"-d{max(1, round(seconds))}s",
-            f"--timeout={timeout:g}s", "-s", str(lua), url]
+    argv = [
+        "taskset",
+        "-c",
+        str(LOAD_CPU),
+        WRK,
+        "-t1",
+        f"-c{connections}",
+        f"-d{max(1, round(seconds))}s",
+        f"--timeout={timeout:g}s",
+        "-s",
+        str(lua),
+        url,
+    ]
     with subprocess.Popen(argv, stdout=subprocess.PIPE, text=True) as proc:
         lines = []
         for ln in proc.stdout:
@@ -144,8 +165,12 @@ def wrk(url: str, script: str, workdir: Path, *, connections: int, seconds: floa
         raise RuntimeError(f"wrk printed no result:\n{out}")
     data = json.loads(line[6:])
     return WrkResult(
-        requests=data["requests"], seconds=data["duration_us"] / 1e6,
-        errors=data["connect"] + data["read"] + data["write"] + data["timeout"], non_2xx=data["status"],
-        p50_ms=data["p50_us"] / 1e3, p90_ms=data["p90_us"] / 1e3, p99_ms=data["p99_us"] / 1e3,
+        requests=data["requests"],
+        seconds=data["duration_us"] / 1e6,
+        errors=data["connect"] + data["read"] + data["write"] + data["timeout"],
+        non_2xx=data["status"],
+        p50_ms=data["p50_us"] / 1e3,
+        p90_ms=data["p90_us"] / 1e3,
+        p99_ms=data["p99_us"] / 1e3,
         mean_ms=data["mean_us"] / 1e3,
     )

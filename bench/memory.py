@@ -62,5 +62,14 @@ def run(proxy: Proc, workdir: Path, exchanges: int, warmup: int, connections: in
         result = wrk(url, mix_script(exchanges), workdir, connections=connections, seconds=exchanges / 50 + 60)
         seconds = time.monotonic() - started
         recorded = settle(proxy) - recorded_before
-    return MemoryResult(result.requests, recorded, seconds, rss_start, rss_before, peak.peak, proxy.rss_mb(),
-                        writer_before, proxy.writer_rss_mb())
+    return MemoryResult(
+        result.requests,
+        recorded,
+        seconds,
+        rss_start,
+        rss_before,
+        peak.peak,
+        proxy.rss_mb(),
+        writer_before,
+        proxy.writer_rss_mb(),
+    )

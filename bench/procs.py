@@ -120,7 +120,10 @@ def start(name: str, argv: list[str], port: int, cpu: int, workdir: Path, env: d
     log = workdir / f"{name}.log"
     out = log.open("wb")
     popen = subprocess.Popen(
-        ["taskset", "-c", str(cpu), *argv], stdout=out, stderr=subprocess.STDOUT, cwd=ROOT,
+        ["taskset", "-c", str(cpu), *argv],
+        stdout=out,
+        stderr=subprocess.STDOUT,
+        cwd=ROOT,
         env={**os.environ, **(env or {})},
     )
     out.close()
@@ -142,20 +145,43 @@ def simulator(name: str, cpu: int, workdir: Path, chunk_delay: float = 0.0) -> P
 def mitmdump(name: str, upstream: str, workdir: Path, *scripts: str, extra: list[str] = ()) -> Proc:
     """Bare ``mitmdump --mode reverse:URL -q`` (plus ``-s`` scripts and ``extra`` arguments, if any)."""
     port = free_port()
-    argv = [str(VENV_BIN / "mitmdump"), "--mode", f"reverse:{upstream}", "-q", "--listen-host", "127.0.0.1",
-            "--listen-port", str(port), "--set", f"confdir={workdir / 'mitmproxy'}"]
+    argv = [
+        str(VENV_BIN / "mitmdump"),
+        "--mode",
+        f"reverse:{upstream}",
+        "-q",
+        "--listen-host",
+        "127.0.0.1",
+        "--listen-port",
+        str(port),
+        "--set",
+        f"confdir={workdir / 'mitmproxy'}",
+    ]
     for script in scripts:
         argv += ["-s", script]
     return start(name, [*argv, *extra], port, PROXY_CPU, workdir)
 
 
-def llmtap(name: str, upstream: str, workdir: Path, *, lean: bool, otlp: str = "", db: bool = True,
-           metrics: bool = True) -> Proc:
+def llmtap(
+    name: str, upstream: str, workdir: Path, *, lean: bool, otlp: str = "", db: bool = True, metrics: bool = True
+) -> Proc:
     """``llmtap run`` with the given sinks; the audit DB goes to ``workdir/name.db``."""
     port, metrics_port = free_port(), free_port()
-    argv = [str(VENV_BIN / "llmtap"), "run", "--lean" if lean else "--full", "--upstream", upstream,
-            "--listen-port", str(port), "--metrics-port", str(metrics_port if metrics else -1),
-            "--db", str(workdir / f"{name}.db") if db else "", "--confdir", str(workdir / "mitmproxy")]
+    argv = [
+        str(VENV_BIN / "llmtap"),
+        "run",
+        "--lean" if lean else "--full",
+        "--upstream",
+        upstream,
+        "--listen-port",
+        str(port),
+        "--metrics-port",
+        str(metrics_port if metrics else -1),
+        "--db",
+        str(workdir / f"{name}.db") if db else "",
+        "--confdir",
+        str(workdir / "mitmproxy"),
+    ]
     if otlp:
         argv += ["--otlp-endpoint", otlp]
     proc = start(name, argv, port, PROXY_CPU, workdir)

@@ -40,11 +40,35 @@ def throughput_table(results: dict[str, dict[int, Cell]], labels: dict[str, str]
     rows = []
     for name, by_c in results.items():
         for c, cell in by_c.items():
-            rows.append([labels[name], c, cell.rps, cell.p50_ms, cell.p99_ms, cell.cpu_ms_per_request,
-                         f"{cell.cpu_share:.0%}", cell.writer_cpu_ms_per_request or "-", cell.failures,
-                         " / ".join(map(str, cell.rps_runs))])
-    return table(["target", "conc.", "req/s", "p50 ms", "p99 ms", "proxy CPU ms/req", "proxy CPU",
-                  "writer CPU ms/req", "failed", "req/s per run"], rows)
+            rows.append(
+                [
+                    labels[name],
+                    c,
+                    cell.rps,
+                    cell.p50_ms,
+                    cell.p99_ms,
+                    cell.cpu_ms_per_request,
+                    f"{cell.cpu_share:.0%}",
+                    cell.writer_cpu_ms_per_request or "-",
+                    cell.failures,
+                    " / ".join(map(str, cell.rps_runs)),
+                ]
+            )
+    return table(
+        [
+            "target",
+            "conc.",
+            "req/s",
+            "p50 ms",
+            "p99 ms",
+            "proxy CPU ms/req",
+            "proxy CPU",
+            "writer CPU ms/req",
+            "failed",
+            "req/s per run",
+        ],
+        rows,
+    )
 
 
 def ratio_table(results: dict[str, dict[int, Cell]]) -> tuple[str, list[str]]:
@@ -52,30 +76,49 @@ def ratio_table(results: dict[str, dict[int, Cell]]) -> tuple[str, list[str]]:
     a, b, c, d = (results.get(k) for k in ("direct", "mitmdump", "llmtap", "lean"))
     rows, checks = [], []
     for conc in b:
-        row = [conc, c[conc].rps / b[conc].rps, b[conc].cpu_ms_per_request / c[conc].cpu_ms_per_request,
-               c[conc].rps / a[conc].rps if a else None, c[conc].p50_ms - b[conc].p50_ms]
+        row = [
+            conc,
+            c[conc].rps / b[conc].rps,
+            b[conc].cpu_ms_per_request / c[conc].cpu_ms_per_request,
+            c[conc].rps / a[conc].rps if a else None,
+            c[conc].p50_ms - b[conc].p50_ms,
+        ]
         if d:
-            row += [d[conc].rps / b[conc].rps, b[conc].cpu_ms_per_request / d[conc].cpu_ms_per_request,
-                    d[conc].p50_ms - b[conc].p50_ms]
+            row += [
+                d[conc].rps / b[conc].rps,
+                b[conc].cpu_ms_per_request / d[conc].cpu_ms_per_request,
+                d[conc].p50_ms - b[conc].p50_ms,
+            ]
         rows.append(row)
     # "by CPU": bare mitmdump's CPU per request over the target's; less sensitive than req/s to
     # other work stealing the proxy's core, and the same ratio when both saturate a core
     header = ["conc.", "c/b req/s", "c/b by CPU", "c/a req/s", "c-b p50 ms"] + (
-        ["d/b req/s", "d/b by CPU", "d-b p50 ms"] if d else [])
+        ["d/b req/s", "d/b by CPU", "d-b p50 ms"] if d else []
+    )
     worst = min(c[k].rps / b[k].rps for k in b)
-    checks.append(f"{verdict(worst >= MIN_THROUGHPUT_RATIO)}  llmtap (c) throughput >= {MIN_THROUGHPUT_RATIO} x bare "
-                  f"mitmdump at every concurrency (worst {worst:.2f})")
+    checks.append(
+        f"{verdict(worst >= MIN_THROUGHPUT_RATIO)}  llmtap (c) throughput >= {MIN_THROUGHPUT_RATIO} x bare "
+        f"mitmdump at every concurrency (worst {worst:.2f})"
+    )
     first = min(b)
     added = c[first].p50_ms - b[first].p50_ms
-    checks.append(f"{verdict(added <= MAX_ADDED_P50_MS)}  llmtap (c) added p50 at concurrency {first} "
-                  f"<= {MAX_ADDED_P50_MS} ms ({added:+.2f} ms)")
+    checks.append(
+        f"{verdict(added <= MAX_ADDED_P50_MS)}  llmtap (c) added p50 at concurrency {first} "
+        f"<= {MAX_ADDED_P50_MS} ms ({added:+.2f} ms)"
+    )
     if d:
         worst_d = min(d[k].rps / b[k].rps for k in b)
         added_d = d[first].p50_ms - b[first].p50_ms
-        checks.append(f"{verdict(worst_d >= MIN_THROUGHPUT_RATIO)}  lean llmtap (d) throughput >= "
-                      f"{MIN_THROUGHPUT_RATIO} x bare mitmdump (worst {worst_d:.2f})")
-        checks.append(f"{verdict(added_d <= MAX_ADDED_P50_MS)}  lean llmtap (d) added p50 at concurrency {first} "
-                      f"<= {MAX_ADDED_P50_MS} ms ({added_d:+.2f} ms)")
-        checks.append(f"{verdict(worst_d >= STRETCH_RATIO)}  stretch: lean llmtap (d) >= {STRETCH_RATIO} x bare "
-                      f"mitmdump at every concurrency (worst {worst_d:.2f})")
+        checks.append(
+            f"{verdict(worst_d >= MIN_THROUGHPUT_RATIO)}  lean llmtap (d) throughput >= "
+            f"{MIN_THROUGHPUT_RATIO} x bare mitmdump (worst {worst_d:.2f})"
+        )
+        checks.append(
+            f"{verdict(added_d <= MAX_ADDED_P50_MS)}  lean llmtap (d) added p50 at concurrency {first} "
+            f"<= {MAX_ADDED_P50_MS} ms ({added_d:+.2f} ms)"
+        )
+        checks.append(
+            f"{verdict(worst_d >= STRETCH_RATIO)}  stretch: lean llmtap (d) >= {STRETCH_RATIO} x bare "
+            f"mitmdump at every concurrency (worst {worst_d:.2f})"
+        )
     return table(header, rows), checks

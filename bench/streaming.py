@@ -31,8 +31,13 @@ class StreamClient:
         self.sock = socket.create_connection((host, port), timeout=30)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         body = STREAM_BODY.encode()
-        head = [f"POST {CHAT_PATH} HTTP/1.1", f"Host: {host}:{port}", f"Content-Length: {len(body)}",
-                "Accept: text/event-stream", *(f"{k}: {v}" for k, v in HEADERS.items())]
+        head = [
+            f"POST {CHAT_PATH} HTTP/1.1",
+            f"Host: {host}:{port}",
+            f"Content-Length: {len(body)}",
+            "Accept: text/event-stream",
+            *(f"{k}: {v}" for k, v in HEADERS.items()),
+        ]
         self.request = ("\r\n".join(head) + "\r\n\r\n").encode() + body
 
     def close(self) -> None:
@@ -104,7 +109,9 @@ def measure(host: str, port: int, streams: int) -> StreamSummary:
 
 def median_summary(runs: list[StreamSummary]) -> StreamSummary:
     """Each measure's median over several runs."""
-    return StreamSummary(*(statistics.median(getattr(r, f.name) for r in runs) for f in dataclasses.fields(StreamSummary)))
+    return StreamSummary(
+        *(statistics.median(getattr(r, f.name) for r in runs) for f in dataclasses.fields(StreamSummary))
+    )
 
 
 def _percentile(sorted_values: list[float], pct: float) -> float:

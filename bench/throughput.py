@@ -42,9 +42,16 @@ class Cell:
     @classmethod
     def of(cls, samples: list[Sample]) -> Cell:
         med = lambda attr: statistics.median(getattr(s, attr) for s in samples)  # noqa: E731
-        return cls(med("rps"), med("p50_ms"), med("p99_ms"), med("cpu_ms_per_request"), med("cpu_share"),
-                   sum(s.failures for s in samples), med("writer_cpu_ms_per_request"),
-                   tuple(round(s.rps) for s in samples))
+        return cls(
+            med("rps"),
+            med("p50_ms"),
+            med("p99_ms"),
+            med("cpu_ms_per_request"),
+            med("cpu_share"),
+            sum(s.failures for s in samples),
+            med("writer_cpu_ms_per_request"),
+            tuple(round(s.rps) for s in samples),
+        )
 
 
 def measure(target: Proc, workdir: Path, connections: int, seconds: float, warmup: float) -> Sample:
@@ -57,12 +64,26 @@ def measure(target: Proc, workdir: Path, connections: int, seconds: float, warmu
     result = wrk(url, script, workdir, connections=connections, seconds=seconds)
     cpu, writer = target.cpu_seconds() - cpu_before, target.writer_cpu_seconds() - writer_before
     requests = max(1, result.requests)
-    return Sample(result.rps, result.p50_ms, result.p99_ms, cpu / requests * 1e3,
-                  cpu / result.seconds, result.errors + result.non_2xx, writer / requests * 1e3)
+    return Sample(
+        result.rps,
+        result.p50_ms,
+        result.p99_ms,
+        cpu / requests * 1e3,
+        cpu / result.seconds,
+        result.errors + result.non_2xx,
+        writer / requests * 1e3,
+    )
 
 
-def run(targets: dict[str, Proc], workdir: Path, concurrencies: tuple[int, ...], runs: int, seconds: float,
-        warmup: float, progress=print) -> dict[str, dict[int, Cell]]:
+def run(
+    targets: dict[str, Proc],
+    workdir: Path,
+    concurrencies: tuple[int, ...],
+    runs: int,
+    seconds: float,
+    warmup: float,
+    progress=print,
+) -> dict[str, dict[int, Cell]]:
     samples: dict[tuple[str, int], list[Sample]] = {}
     names = list(targets)
     for round_ in range(1, runs + 1):
@@ -73,6 +94,8 @@ def run(targets: dict[str, Proc], workdir: Path, concurrencies: tuple[int, ...],
                 target = targets[name]
                 sample = measure(target, workdir, connections, seconds, warmup)
                 samples.setdefault((name, connections), []).append(sample)
-                progress(f"  run {round_}/{runs}  c={connections:<3} {name:<28} {sample.rps:8.0f} req/s  "
-                         f"p50 {sample.p50_ms:7.2f} ms  p99 {sample.p99_ms:7.2f} ms  cpu {sample.cpu_share:4.0%}")
+                progress(
+                    f"  run {round_}/{runs}  c={connections:<3} {name:<28} {sample.rps:8.0f} req/s  "
+                    f"p50 {sample.p50_ms:7.2f} ms  p99 {sample.p99_ms:7.2f} ms  cpu {sample.cpu_share:4.0%}"
+                )
     return {name: {c: Cell.of(samples[(name, c)]) for c in concurrencies} for name in targets}

@@ -17,8 +17,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from llmtap.devtools.ports import wait_for_port
-from llmtap.record import ExchangeRecord
 from llmtap.devtools.simulator import Simulator
+from llmtap.record import ExchangeRecord
 
 REPO = Path(__file__).resolve().parent.parent
 LLMTAP = str(Path(sys.executable).with_name("llmtap"))
@@ -131,15 +131,24 @@ def start_tap(
     jsonl = jsonl or workdir / "records.jsonl"
     log = workdir / f"llmtap-{port}.log"
     args = [
-        LLMTAP, "run",
-        "--mode", mode,
-        "--upstream", upstream,
-        "--listen-host", "127.0.0.1",
-        "--listen-port", str(port),
-        "--metrics-port", str(metrics_port),
-        "--db", str(db),
-        "--jsonl", str(jsonl),
-        "--confdir", str(workdir / "mitmproxy-conf"),
+        LLMTAP,
+        "run",
+        "--mode",
+        mode,
+        "--upstream",
+        upstream,
+        "--listen-host",
+        "127.0.0.1",
+        "--listen-port",
+        str(port),
+        "--metrics-port",
+        str(metrics_port),
+        "--db",
+        str(db),
+        "--jsonl",
+        str(jsonl),
+        "--confdir",
+        str(workdir / "mitmproxy-conf"),
         *extra,
     ]
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
@@ -150,9 +159,9 @@ def start_tap(
     tap = TapProcess(proc, port, metrics_port, db, jsonl, log, args)
     try:
         wait_for_port(port, proc=proc)
-    except Exception:
+    except Exception as exc:
         tap.kill()
-        raise RuntimeError(f"llmtap did not start:\n{tap.output()}")
+        raise RuntimeError(f"llmtap did not start:\n{tap.output()}") from exc
     return tap
 
 

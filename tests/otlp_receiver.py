@@ -63,20 +63,22 @@ def decode_spans(request: trace_service_pb2.ExportTraceServiceRequest) -> list[R
         resource = key_values(resource_spans.resource.attributes)
         for scope_spans in resource_spans.scope_spans:
             for span in scope_spans.spans:
-                spans.append(ReceivedSpan(
-                    name=span.name,
-                    trace_id=span.trace_id.hex(),
-                    span_id=span.span_id.hex(),
-                    parent_span_id=span.parent_span_id.hex(),
-                    kind=span.kind,
-                    start_ns=span.start_time_unix_nano,
-                    end_ns=span.end_time_unix_nano,
-                    status_code=span.status.code,
-                    status_message=span.status.message,
-                    attributes=key_values(span.attributes),
-                    resource=resource,
-                    scope=scope_spans.scope.name,
-                ))
+                spans.append(
+                    ReceivedSpan(
+                        name=span.name,
+                        trace_id=span.trace_id.hex(),
+                        span_id=span.span_id.hex(),
+                        parent_span_id=span.parent_span_id.hex(),
+                        kind=span.kind,
+                        start_ns=span.start_time_unix_nano,
+                        end_ns=span.end_time_unix_nano,
+                        status_code=span.status.code,
+                        status_message=span.status.message,
+                        attributes=key_values(span.attributes),
+                        resource=resource,
+                        scope=scope_spans.scope.name,
+                    )
+                )
     return spans
 
 
@@ -134,7 +136,7 @@ class OTLPHTTPReceiver(_Receiver):
         store, requests = self.store, self.requests
 
         class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
+            def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
                 requests.append((self.path, dict(self.headers)))
                 if self.path != TRACES_PATH:
@@ -183,7 +185,7 @@ class OTLPGRPCReceiver(_Receiver):
         store = self.store
 
         class Service(trace_service_pb2_grpc.TraceServiceServicer):
-            def Export(self, request, context):  # noqa: N802 (generated name)
+            def Export(self, request, context):
                 store.add(request.SerializeToString())
                 return trace_service_pb2.ExportTraceServiceResponse()
 

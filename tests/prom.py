@@ -67,8 +67,11 @@ class PrometheusServer:
             raise PrometheusError(f"prometheus binary not found at {self.binary}: run `make test` (installs it)")
         self.workdir.mkdir(parents=True, exist_ok=True)
         config = {
-            "global": {"scrape_interval": self.interval, "evaluation_interval": self.interval,
-                       "scrape_timeout": self.interval},
+            "global": {
+                "scrape_interval": self.interval,
+                "evaluation_interval": self.interval,
+                "scrape_timeout": self.interval,
+            },
             "rule_files": [str(Path(f).resolve()) for f in rule_files or ()],
             "scrape_configs": [{"job_name": JOB, "static_configs": [{"targets": list(scrape_targets)}]}],
         }
@@ -77,9 +80,16 @@ class PrometheusServer:
         self.port = free_port()
         with self.log.open("wb") as out:
             self.proc = subprocess.Popen(
-                [self.binary, f"--config.file={config_path}", f"--storage.tsdb.path={self.workdir / 'data'}",
-                 f"--web.listen-address=127.0.0.1:{self.port}", "--log.level=warn"],
-                stdout=out, stderr=subprocess.STDOUT, cwd=self.workdir,
+                [
+                    self.binary,
+                    f"--config.file={config_path}",
+                    f"--storage.tsdb.path={self.workdir / 'data'}",
+                    f"--web.listen-address=127.0.0.1:{self.port}",
+                    "--log.level=warn",
+                ],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                cwd=self.workdir,
             )
         try:
             wait_for_port(self.port, timeout, proc=self.proc)
@@ -138,10 +148,12 @@ class PrometheusServer:
         """Wait until every target is up in a scrape that started after this call."""
         since = time.time()
         self._wait(
-            lambda: (targets := self.api("targets", state="active")["activeTargets"]) and all(
-                t["health"] == "up" and _rfc3339(t["lastScrape"]) > since for t in targets
+            lambda: (
+                (targets := self.api("targets", state="active")["activeTargets"])
+                and all(t["health"] == "up" and _rfc3339(t["lastScrape"]) > since for t in targets)
             ),
-            timeout, "a fresh successful scrape of every target",
+            timeout,
+            "a fresh successful scrape of every target",
         )
 
     def rules(self) -> list[dict[str, Any]]:

@@ -11,10 +11,17 @@ from llmtap.capture.addon import LLMTap, StreamTee
 from llmtap.record import ExchangeRecord
 
 CHAT = json.dumps({"model": "pulze", "messages": [{"role": "user", "content": "hello"}]}).encode()
-ANSWER = json.dumps({"id": "r1", "object": "chat.completion", "model": "openai/gpt-4o", "created": 1701483003546,
-                     "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"}, "finish_reason": "stop"}],
-                     "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4},
-                     "metadata": {"costs": {"prompt_tokens": 0.1, "completion_tokens": 0.2, "total_tokens": 0.3}}}).encode()
+ANSWER = json.dumps(
+    {
+        "id": "r1",
+        "object": "chat.completion",
+        "model": "openai/gpt-4o",
+        "created": 1701483003546,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"}, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4},
+        "metadata": {"costs": {"prompt_tokens": 0.1, "completion_tokens": 0.2, "total_tokens": 0.3}},
+    }
+).encode()
 
 
 class ListSink:
@@ -39,8 +46,14 @@ class BrokenSink(ListSink):
 
 
 def chat_flow(body: bytes = ANSWER, status: int = 200, content_type: str = "application/json"):
-    flow = tflow.tflow(req=tutils.treq(method=b"POST", path=b"/v1/chat/completions", content=CHAT,
-                                       headers=((b"authorization", b"Bearer sk-secret"),)))
+    flow = tflow.tflow(
+        req=tutils.treq(
+            method=b"POST",
+            path=b"/v1/chat/completions",
+            content=CHAT,
+            headers=((b"authorization", b"Bearer sk-secret"),),
+        )
+    )
     flow.response = tutils.tresp(status_code=status, content=body, headers=((b"content-type", content_type.encode()),))
     return flow
 
@@ -104,7 +117,10 @@ def test_requests_are_not_changed_unless_propagate_is_on(tap) -> None:
         flow.request.headers["traceparent"] = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
         tap.request(flow)
         exchange = flow.metadata["llmtap"]
-        assert flow.request.headers["traceparent"] == f"00-0af7651916cd43dd8448eb211c80319c-{exchange.fields['span_id']}-01"
+        assert (
+            flow.request.headers["traceparent"]
+            == f"00-0af7651916cd43dd8448eb211c80319c-{exchange.fields['span_id']}-01"
+        )
         assert exchange.fields["traceparent"] == "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
 
 
@@ -125,7 +141,7 @@ def test_stream_tee_forwards_garbage_untouched(tap) -> None:
     tap.responseheaders(flow)
     tee = flow.response.stream
     assert isinstance(tee, StreamTee)
-    chunks = [b"data: {\"a\"", b"\x00\xff garbage", b""]
+    chunks = [b'data: {"a"', b"\x00\xff garbage", b""]
     assert [tee(c) for c in chunks] == chunks
     tap.response(flow)
     [record] = sink.records
@@ -162,8 +178,12 @@ def test_stream_record_is_emitted_at_done_before_that_chunk_is_released(tap) -> 
     tap.request(flow)
     tap.responseheaders(flow)
     tee = flow.response.stream
-    event = {"id": "s1", "model": "openai/gpt-4o", "choices": [{"index": 0, "delta": {"content": "hi"}}],
-             "usage": {"prompt_tokens": 2, "completion_tokens": 1, "total_tokens": 3}}
+    event = {
+        "id": "s1",
+        "model": "openai/gpt-4o",
+        "choices": [{"index": 0, "delta": {"content": "hi"}}],
+        "usage": {"prompt_tokens": 2, "completion_tokens": 1, "total_tokens": 3},
+    }
     assert tee(b"data: " + json.dumps(event).encode() + b"\n\n") and sink.records == []
     tee(b"data: [DONE]\n\n")
     [record] = sink.records  # emitted inside the call that returns the [DONE] chunk

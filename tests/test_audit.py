@@ -25,14 +25,23 @@ import httpx
 import openai
 import pytest
 from click.testing import CliRunner
-
 from conftest import API_KEY, start_tap, wait_until
-from llmtap.audit.store import GENESIS, MIGRATIONS, PAGE_SIZE, AuditStore, chain_hash, connect, row_builder, verify_chain
+
+from llmtap.audit.report import audit
+from llmtap.audit.store import (
+    GENESIS,
+    MIGRATIONS,
+    PAGE_SIZE,
+    AuditStore,
+    chain_hash,
+    connect,
+    row_builder,
+    verify_chain,
+)
 from llmtap.config import Settings
 from llmtap.health import Health
 from llmtap.protocols.openai_compat import cap_messages
 from llmtap.record import FIELD_NAMES, ExchangeRecord, canonical_json
-from llmtap.audit.report import audit
 from llmtap.sinks.audit import AuditLogInUse, AuditSink
 
 NOW = time.time()
@@ -41,25 +50,63 @@ NOW = time.time()
 def make_record(i: int, **changes) -> ExchangeRecord:
     """A realistic finished exchange; every kind of field filled."""
     record = ExchangeRecord(
-        exchange_id=f"ex-{i:05d}", operation="chat", method="POST", path="/v1/chat/completions",
-        request_start=NOW - 10 + i * 0.001, request_end=NOW - 9.99 + i * 0.001,
-        response_start=NOW - 9.5 + i * 0.001, first_token_at=NOW - 9.4 + i * 0.001,
-        response_end=NOW - 9 + i * 0.001, upstream_latency_s=0.601,
-        client_address="127.0.0.1", upstream_scheme="https", upstream_host="api.pulze.ai", upstream_port=443,
-        router="pulze", provider="openai", http_status=200, stream=bool(i % 2),
-        key_fingerprint="fp_0123456789abcdef", app_id="app-1", labels={"team": "search", "env": "prod"},
-        weights={"cost": 0.5, "quality": 0.5}, policies={"max_cost": 0.01},
-        trace_id="a" * 32, span_id="b" * 16,
-        request_model="pulze", max_tokens=64, temperature=1, top_p=0.9, n=1, stop=("\n\n",),
-        tool_names=("search",), tool_count=1, logit_bias=True,
-        response_id=f"chatcmpl-{i}", response_object="chat.completion", created_at=1701483003.546,
-        response_model="openai/gpt-4o-mini", served_model="gpt-4o-mini", served_provider="openai",
-        served_namespace="openai/gpt-4o-mini", input_tokens=10 + i, output_tokens=20 + i, total_tokens=30 + 2 * i,
-        finish_reasons=("stop",), choice_count=1,
-        cost_usd=0.00066 + i * 1e-6, cost_prompt_usd=0.0002, cost_completion_usd=0.00046 + i * 1e-6,
-        cost_source="reported", cost_savings_usd=0.01,
-        retries=0, upstream_status_code=200, score=0.87, response_labels={"team": "search"},
-        category="general", metadata={"costs": {"total_tokens": 0.00066}, "new_pulze_field": [1, {"x": None}]},
+        exchange_id=f"ex-{i:05d}",
+        operation="chat",
+        method="POST",
+        path="/v1/chat/completions",
+        request_start=NOW - 10 + i * 0.001,
+        request_end=NOW - 9.99 + i * 0.001,
+        response_start=NOW - 9.5 + i * 0.001,
+        first_token_at=NOW - 9.4 + i * 0.001,
+        response_end=NOW - 9 + i * 0.001,
+        upstream_latency_s=0.601,
+        client_address="127.0.0.1",
+        upstream_scheme="https",
+        upstream_host="api.pulze.ai",
+        upstream_port=443,
+        router="pulze",
+        provider="openai",
+        http_status=200,
+        stream=bool(i % 2),
+        key_fingerprint="fp_0123456789abcdef",
+        app_id="app-1",
+        labels={"team": "search", "env": "prod"},
+        weights={"cost": 0.5, "quality": 0.5},
+        policies={"max_cost": 0.01},
+        trace_id="a" * 32,
+        span_id="b" * 16,
+        request_model="pulze",
+        max_tokens=64,
+        temperature=1,
+        top_p=0.9,
+        n=1,
+        stop=("\n\n",),
+        tool_names=("search",),
+        tool_count=1,
+        logit_bias=True,
+        response_id=f"chatcmpl-{i}",
+        response_object="chat.completion",
+        created_at=1701483003.546,
+        response_model="openai/gpt-4o-mini",
+        served_model="gpt-4o-mini",
+        served_provider="openai",
+        served_namespace="openai/gpt-4o-mini",
+        input_tokens=10 + i,
+        output_tokens=20 + i,
+        total_tokens=30 + 2 * i,
+        finish_reasons=("stop",),
+        choice_count=1,
+        cost_usd=0.00066 + i * 1e-6,
+        cost_prompt_usd=0.0002,
+        cost_completion_usd=0.00046 + i * 1e-6,
+        cost_source="reported",
+        cost_savings_usd=0.01,
+        retries=0,
+        upstream_status_code=200,
+        score=0.87,
+        response_labels={"team": "search"},
+        category="general",
+        metadata={"costs": {"total_tokens": 0.00066}, "new_pulze_field": [1, {"x": None}]},
     )
     return record.replace(**changes)
 
@@ -114,7 +161,7 @@ DERIVED_COLUMNS = {"id", "duration_s", "ttft_s", "metadata_json", "prev_hash", "
 def test_migrates_an_empty_file_to_the_current_schema(tmp_path):
     db = connect(tmp_path / "new.db")
     assert db.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
-    assert EXPECTED_TABLES <= set(db.table_names())
+    assert set(db.table_names()) >= EXPECTED_TABLES
     assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert db.execute("PRAGMA page_size").fetchone()[0] == PAGE_SIZE
     columns = {c.name: c.type for c in db["exchanges"].columns}
@@ -179,13 +226,18 @@ def test_hash_is_the_documented_canonical_form(tmp_path):
     prev = GENESIS
     for row in rows:
         body = {k: v for k, v in row.items() if v is not None and k not in ("id", "prev_hash", "row_hash")}
-        expected = "sha256:" + hashlib.sha256((prev + json.dumps(
-            body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)).encode()).hexdigest()
+        expected = (
+            "sha256:"
+            + hashlib.sha256(
+                (prev + json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)).encode()
+            ).hexdigest()
+        )
         assert row["prev_hash"] == prev and row["row_hash"] == expected == chain_hash(prev, row)
         prev = row["row_hash"]
 
 
 # --- journal: exactly once ----------------------------------------------------------------------
+
 
 def test_replay_after_a_crash_applies_each_record_exactly_once(tmp_path):
     db = tmp_path / "llmtap.db"
@@ -229,8 +281,13 @@ def test_replay_is_deduplicated_when_the_offset_was_lost(tmp_path):
 
 def test_odd_values_and_garbage_lines_never_block_the_writer(tmp_path):
     odd = make_record(1).to_dict() | {
-        "max_tokens": 2**70, "temperature": "hot", "seed": 3.0, "score": True,
-        "labels": {"team": "\ud800"}, "metadata": {"latency": float("nan")}, "a_field_from_a_newer_llmtap": 1,
+        "max_tokens": 2**70,
+        "temperature": "hot",
+        "seed": 3.0,
+        "score": True,
+        "labels": {"team": "\ud800"},
+        "metadata": {"latency": float("nan")},
+        "a_field_from_a_newer_llmtap": 1,
     }
     lines = [json.dumps(odd), "[]", "not json", '{"no": "exchange_id"}', make_record(2).to_json()]
     (tmp_path / "llmtap.db.journal.1").write_text("\n".join(lines) + "\n")
@@ -301,8 +358,10 @@ def test_a_batch_with_replayed_and_repeated_records_is_chained_row_by_row(tmp_pa
 def test_a_row_sqlite_refuses_is_dropped_and_the_rest_of_its_batch_chained(tmp_path):
     db = tmp_path / "llmtap.db"
     store = AuditStore(str(db), fsync_batch=False, capture_content=False)
-    store.conn.execute("CREATE TRIGGER refuse BEFORE INSERT ON exchanges WHEN NEW.exchange_id = 'ex-00002' "
-                       "BEGIN SELECT RAISE(ABORT, 'refused'); END")
+    store.conn.execute(
+        "CREATE TRIGGER refuse BEFORE INSERT ON exchanges WHEN NEW.exchange_id = 'ex-00002' "
+        "BEGIN SELECT RAISE(ABORT, 'refused'); END"
+    )
     batch = store.apply(1, [(make_record(i).to_json() + "\n").encode() for i in range(5)], 1)
     assert batch.corrupt == [] and [str(e) for e in batch.rejected] == ["refused"]
     assert [r["exchange_id"] for r in db_rows(db)] == ["ex-00000", "ex-00001", "ex-00003", "ex-00004"]
@@ -318,7 +377,9 @@ from llmtap.record import ExchangeRecord
 from llmtap.sinks.audit import AuditSink
 sink = AuditSink(Settings(db={db!r}), Health())
 """
-CRASHING_CHILD = CHILD + """
+CRASHING_CHILD = (
+    CHILD
+    + """
 for i in range({n}):
     sink.emit(ExchangeRecord(exchange_id=f"ex-{{i:05d}}", operation="chat", method="POST",
                              path="/v1/chat/completions", request_start=time.time(), metadata={{"pad": "x" * 1500}}))
@@ -326,6 +387,7 @@ for i in range({n}):
         time.sleep(0.002)  # let the writer process commit some batches, not all
 os.kill(os.getpid(), signal.SIGKILL)
 """
+)
 
 
 def test_kill_9_of_the_writing_process_loses_nothing(tmp_path):
@@ -355,8 +417,9 @@ def writer_pids(db: Path) -> list[int]:
 
 def test_the_writer_of_a_killed_proxy_applies_what_was_journaled_and_exits(tmp_path):
     db = tmp_path / "llmtap.db"
-    proc = subprocess.run([sys.executable, "-c", CRASHING_CHILD.format(db=str(db), n=300)], timeout=60,
-                          capture_output=True)
+    proc = subprocess.run(
+        [sys.executable, "-c", CRASHING_CHILD.format(db=str(db), n=300)], timeout=60, capture_output=True
+    )
     assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()
     wait_until(lambda: row_count(db) == 300, timeout=30)  # nobody restarted the proxy
     wait_until(lambda: not writer_pids(db), timeout=15)
@@ -422,6 +485,7 @@ def test_second_process_on_the_same_log_is_refused(tmp_path):
 
 
 # --- faults: the proxy keeps serving, nothing silently lost --------------------------------------
+
 
 def test_locked_database_delays_rows_then_they_arrive(tmp_path):
     health = Health()
@@ -495,6 +559,7 @@ def test_read_only_database_then_recovery(tmp_path):
 
 # --- tamper evidence and retention -------------------------------------------------------------
 
+
 def test_verify_passes_then_names_the_edited_row(tmp_path):
     db = tmp_path / "llmtap.db"
     write_records(tmp_path, 10)
@@ -544,7 +609,9 @@ def with_content(i: int, cap: int = 10_000) -> ExchangeRecord:
     """Content as the parser captures it: capped per direction, cut messages marked."""
     return make_record(
         i,
-        input_messages=cap_messages([{"role": "system", "content": "be brief"}, {"role": "user", "content": SECRET_PROMPT}], cap),
+        input_messages=cap_messages(
+            [{"role": "system", "content": "be brief"}, {"role": "user", "content": SECRET_PROMPT}], cap
+        ),
         output_messages=cap_messages([{"role": "assistant", "content": SECRET_ANSWER, "finish_reason": "stop"}], cap),
     )
 
@@ -573,8 +640,10 @@ def test_content_is_kept_apart_and_capped_when_capture_is_on(tmp_path):
     (content,) = db_rows(tmp_path / "llmtap.db", "content")
     assert content["exchange_id"] == "ex-00001"
     messages = json.loads(content["input_messages"])
-    assert messages == [{"role": "system", "content": "be brief"},
-                        {"role": "user", "content": SECRET_PROMPT[:12], "truncated": True}]
+    assert messages == [
+        {"role": "system", "content": "be brief"},
+        {"role": "user", "content": SECRET_PROMPT[:12], "truncated": True},
+    ]
     assert json.loads(content["output_messages"])[0]["content"] == SECRET_ANSWER[:20]
     assert content["truncated"] == 1
     main = db_rows(tmp_path / "llmtap.db")[0]
@@ -585,9 +654,17 @@ def test_content_is_kept_apart_and_capped_when_capture_is_on(tmp_path):
 
 #: (operation, streamed, fault): every kind of outcome, twice. "cancel" = the client walks away.
 PLAN = [
-    ("chat", False, None), ("chat", True, None), ("text", False, None), ("text", True, None),
-    ("chat", False, "429"), ("chat", False, "500"), ("chat", False, "422"), ("chat", False, "truncate"),
-    ("chat", True, "truncate"), ("chat", False, "disconnect"), ("chat", True, "cancel"),
+    ("chat", False, None),
+    ("chat", True, None),
+    ("text", False, None),
+    ("text", True, None),
+    ("chat", False, "429"),
+    ("chat", False, "500"),
+    ("chat", False, "422"),
+    ("chat", False, "truncate"),
+    ("chat", True, "truncate"),
+    ("chat", False, "disconnect"),
+    ("chat", True, "cancel"),
 ] * 2
 
 
@@ -598,11 +675,15 @@ def send(client: openai.OpenAI, i: int, operation: str, stream: bool, fault: str
     try:
         if operation == "chat":
             result = client.chat.completions.create(
-                model="pulze", messages=[{"role": "user", "content": f"question {i}"}], stream=stream,
-                extra_headers=headers)
+                model="pulze",
+                messages=[{"role": "user", "content": f"question {i}"}],
+                stream=stream,
+                extra_headers=headers,
+            )
         else:
-            result = client.completions.create(model="pulze", prompt=f"question {i}", stream=stream,
-                                               extra_headers=headers)
+            result = client.completions.create(
+                model="pulze", prompt=f"question {i}", stream=stream, extra_headers=headers
+            )
         if stream:
             for n, _ in enumerate(result):
                 if fault == "cancel" and n == 1:
@@ -650,7 +731,8 @@ def test_rows_match_the_traffic_exactly_and_survive_a_graceful_stop(tmp_path, si
         assert row["cost_source"] == "reported" and row["error_type"] is None
         assert json.loads(row["metadata_json"]) == final["metadata"]
     assert sum(r["cost_usd"] for r in by_response.values() if r["error_type"] is None) == pytest.approx(
-        sum(final["metadata"]["costs"]["total_tokens"] for _, final in completed), rel=1e-12)
+        sum(final["metadata"]["costs"]["total_tokens"] for _, final in completed), rel=1e-12
+    )
     for status in (429, 500, 422):
         assert sum(r["http_status"] == status for r in rows) == 2
     assert sum(r["error_type"] is not None for r in rows) == len(PLAN) - len(completed)
@@ -671,8 +753,10 @@ def test_locked_database_mid_run_traffic_flows_then_rows_arrive(tmp_path, simula
         wait_until(lambda: row_count(tap.db) == 1)
         blocker = sqlite3.connect(tap.db, isolation_level=None)
         blocker.execute("BEGIN EXCLUSIVE")
-        answers = [client.chat.completions.create(model="pulze", messages=[{"role": "user", "content": f"q{i}"}])
-                   for i in range(10)]
+        answers = [
+            client.chat.completions.create(model="pulze", messages=[{"role": "user", "content": f"q{i}"}])
+            for i in range(10)
+        ]
         assert all(a.usage.total_tokens for a in answers)  # served while the log is locked
         wait_until(lambda: tap.metric("llmtap_internal_errors_total", stage="audit") >= 1, timeout=15)
         assert tap.metric("llmtap_audit_queue_depth") == 10
@@ -690,7 +774,9 @@ def test_locked_database_mid_run_traffic_flows_then_rows_arrive(tmp_path, simula
 def stream_fully(client: openai.OpenAI, prompt: str) -> str:
     """A streamed completion read to the end of the HTTP body; returns the response id."""
     with client.chat.completions.with_streaming_response.create(
-        model="pulze", messages=[{"role": "user", "content": prompt}], stream=True,
+        model="pulze",
+        messages=[{"role": "user", "content": prompt}],
+        stream=True,
     ) as response:
         events = [line[6:] for line in response.iter_lines() if line.startswith("data: {")]
     return json.loads(events[0])["id"]
@@ -715,7 +801,8 @@ def test_kill_9_under_load_loses_no_received_response_and_duplicates_none(tmp_pa
                     rid = stream_fully(client, prompt)
                 else:
                     rid = client.chat.completions.create(
-                        model="pulze", messages=[{"role": "user", "content": prompt}]).id
+                        model="pulze", messages=[{"role": "user", "content": prompt}]
+                    ).id
             except (openai.APIError, httpx.HTTPError, ValueError, IndexError):
                 continue  # the proxy died under this request: the client did not receive it
             with lock:

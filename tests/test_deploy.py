@@ -33,11 +33,11 @@ from typing import Any
 import openai
 import pytest
 import yaml
-
 from conftest import API_KEY, REPO, free_port, metric_value, start_tap, wait_for_port, wait_until
-from llmtap.devtools.simulator import Simulator
 from otlp_receiver import OTLPHTTPReceiver
 from prom import PrometheusServer
+
+from llmtap.devtools.simulator import Simulator
 
 DEPLOY = REPO / "deploy"
 DASHBOARDS = REPO / "dashboards"
@@ -47,8 +47,14 @@ DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
 
 #: What a Grafana template variable becomes when a query is run here: "All" for the filters.
 VARIABLES = {
-    "provider": ".*", "model": ".*", "app": ".*", "instance": ".*", "budget": "100",
-    "__rate_interval": "1m", "__range": "1h", "__interval": "15s",
+    "provider": ".*",
+    "model": ".*",
+    "app": ".*",
+    "instance": ".*",
+    "budget": "100",
+    "__rate_interval": "1m",
+    "__range": "1h",
+    "__interval": "15s",
 }
 
 
@@ -82,8 +88,11 @@ def test_promtool_rule_unit_tests_pass() -> None:
 def test_every_alert_is_unit_tested_firing_and_quiet() -> None:
     rules = yaml.safe_load((DEPLOY / "alerts.yml").read_text())
     alerts = {r["alert"] for g in rules["groups"] for r in g["rules"] if "alert" in r}
-    cases = [case for test in yaml.safe_load((DEPLOY / "alerts.test.yml").read_text())["tests"]
-             for case in test.get("alert_rule_test", [])]
+    cases = [
+        case
+        for test in yaml.safe_load((DEPLOY / "alerts.test.yml").read_text())["tests"]
+        for case in test.get("alert_rule_test", [])
+    ]
     fires = {c["alertname"] for c in cases if c.get("exp_alerts")}
     quiet = {c["alertname"] for c in cases if not c.get("exp_alerts")}
     assert alerts - fires == set(), "alerts never shown firing"
@@ -115,8 +124,9 @@ def test_dashboard_structure(path: Path) -> None:
         if var["type"] == "query":  # the shape Grafana 11's variable editor saves, consistent
             query = var["query"]
             assert var["datasource"] == DATASOURCE and var["definition"] == query["query"]
-            assert re.fullmatch(rf"label_values\({re.escape(query['metric'])}(\{{.+\}})?, {query['label']}\)",
-                                query["query"]), var["name"]
+            assert re.fullmatch(
+                rf"label_values\({re.escape(query['metric'])}(\{{.+\}})?, {query['label']}\)", query["query"]
+            ), var["name"]
     panels = dash["panels"]
     ids = [p["id"] for p in panels]
     assert len(set(ids)) == len(ids), "duplicate panel ids"
@@ -158,13 +168,21 @@ def metric_names(expr: str) -> set[str]:
 
 def dashboard_targets() -> list[tuple[str, str, str]]:
     """(where, expr, legendFormat) for every panel target of every dashboard."""
-    return [(f"{path.stem} #{panel['id']} {panel['title']} [{t['refId']}]", t["expr"], t.get("legendFormat", ""))
-            for path in DASHBOARD_FILES for panel in load_dashboard(path)["panels"] for t in panel["targets"]]
+    return [
+        (f"{path.stem} #{panel['id']} {panel['title']} [{t['refId']}]", t["expr"], t.get("legendFormat", ""))
+        for path in DASHBOARD_FILES
+        for panel in load_dashboard(path)["panels"]
+        for t in panel["targets"]
+    ]
 
 
 def variable_queries() -> list[tuple[str, str]]:
-    return [(f"{path.stem} ${var['name']}", var["query"]["query"])
-            for path in DASHBOARD_FILES for var in load_dashboard(path)["templating"]["list"] if var["type"] == "query"]
+    return [
+        (f"{path.stem} ${var['name']}", var["query"]["query"])
+        for path in DASHBOARD_FILES
+        for var in load_dashboard(path)["templating"]["list"]
+        if var["type"] == "query"
+    ]
 
 
 def recording_rules() -> list[str]:
@@ -179,14 +197,16 @@ def send_round(clients: list[openai.OpenAI], round_: int) -> None:
     for i, model in enumerate(("pulze", "openai/gpt-4o-mini", "anthropic/claude-3-haiku", "mistralai/mistral-small")):
         for j, client in enumerate(clients):
             team = {"Pulze-Labels": json.dumps({"team": f"team-{round_}-{i}-{j}"})}
-            client.chat.completions.create(model=model, messages=[{"role": "user", "content": f"q{i} r{round_}"}],
-                                           extra_headers=team)
+            client.chat.completions.create(
+                model=model, messages=[{"role": "user", "content": f"q{i} r{round_}"}], extra_headers=team
+            )
     client = clients[0]
 
     def chat(text: str, stream: bool = False, **headers: str) -> None:
         try:
-            out = client.chat.completions.create(model="pulze", messages=[{"role": "user", "content": text}],
-                                                 stream=stream, extra_headers=headers)
+            out = client.chat.completions.create(
+                model="pulze", messages=[{"role": "user", "content": text}], stream=stream, extra_headers=headers
+            )
             if stream:
                 for _ in out:
                     pass
@@ -204,7 +224,8 @@ def send_round(clients: list[openai.OpenAI], round_: int) -> None:
     chat("cut off", stream=True, **{"X-Sim-Fault": "truncate"})
     chat("no usage in this stream", stream=True, **{"X-Sim-Stream-Usage": "none"})
     abandoned = client.chat.completions.create(
-        model="pulze", messages=[{"role": "user", "content": "left early"}], stream=True)
+        model="pulze", messages=[{"role": "user", "content": "left early"}], stream=True
+    )
     next(iter(abandoned))
     abandoned.close()
     client.models.list()
@@ -218,16 +239,24 @@ def prometheus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrometheusS
         sim = stack.enter_context(Simulator(chunk_delay=0.01))
         otlp = stack.enter_context(OTLPHTTPReceiver())
         tap = start_tap(
-            workdir, sim.url, "--metric-label", "team", "--label-limit", "6",
+            workdir,
+            sim.url,
+            "--metric-label",
+            "team",
+            "--label-limit",
+            "6",
             # A sink that cannot start is counted (stage start_jsonl) and the proxy runs on.
             jsonl=workdir / "missing-dir" / "records.jsonl",
             env={"OTEL_EXPORTER_OTLP_ENDPOINT": otlp.url, "OTEL_SERVICE_NAME": "llmtap"},
         )
         stack.callback(tap.stop)
         prom = stack.enter_context(
-            PrometheusServer(workdir).start([f"127.0.0.1:{tap.metrics_port}"], rule_files=[DEPLOY / "alerts.yml"]))
-        clients = [stack.enter_context(openai.OpenAI(base_url=tap.base_url, api_key=key, max_retries=0, timeout=30))
-                   for key in (API_KEY, API_KEY + "-second-app")]
+            PrometheusServer(workdir).start([f"127.0.0.1:{tap.metrics_port}"], rule_files=[DEPLOY / "alerts.yml"])
+        )
+        clients = [
+            stack.enter_context(openai.OpenAI(base_url=tap.base_url, api_key=key, max_retries=0, timeout=30))
+            for key in (API_KEY, API_KEY + "-second-app")
+        ]
         prom.wait_scraped()
         # Two rounds with a scrape between, so that every counter grows between samples.
         for round_ in (1, 2):
@@ -270,8 +299,11 @@ def test_every_recording_rule_returns_data(prometheus: PrometheusServer) -> None
 def test_every_dashboard_query_returns_data(prometheus: PrometheusServer) -> None:
     targets = dashboard_targets()
     assert len(targets) > 50
-    problems = {where: f"{why}\n    {expr}" for where, expr, legend in targets
-                if (why := check_returns_data(prometheus, expr, legend))}
+    problems = {
+        where: f"{why}\n    {expr}"
+        for where, expr, legend in targets
+        if (why := check_returns_data(prometheus, expr, legend))
+    }
     assert problems == {}, "\n".join(f"{k}: {v}" for k, v in problems.items())
 
 
@@ -289,8 +321,9 @@ def test_every_variable_query_returns_values(prometheus: PrometheusServer) -> No
 
 def test_alerts_that_this_traffic_must_raise_are_firing(prometheus: PrometheusServer) -> None:
     """A stream without usage is unpriced; the jsonl sink that could not start is an internal error."""
-    firing = {(a["labels"]["alertname"], a["labels"].get("stage", "")) for a in prometheus.alerts()
-              if a["state"] == "firing"}
+    firing = {
+        (a["labels"]["alertname"], a["labels"].get("stage", "")) for a in prometheus.alerts() if a["state"] == "firing"
+    }
     assert ("LLMTapUnpricedRequests", "") in firing
     assert ("LLMTapInternalErrors", "start_jsonl") in firing
 
@@ -308,13 +341,26 @@ def compose_config(*profiles: str) -> dict[str, Any]:
 def test_compose_file_validates_and_wires_the_stack() -> None:
     config = compose_config("demo")
     services = config["services"]
-    assert set(services) == {"llmtap", "prometheus", "grafana", "otel-collector", "jaeger",
-                             "simulator", "llmtap-demo", "traffic"}
+    assert set(services) == {
+        "llmtap",
+        "prometheus",
+        "grafana",
+        "otel-collector",
+        "jaeger",
+        "simulator",
+        "llmtap-demo",
+        "traffic",
+    }
     raw = yaml.safe_load(COMPOSE.read_text())["services"]
     demo = {name for name, s in raw.items() if "demo" in s.get("profiles", [])}
     assert demo == {"simulator", "llmtap-demo", "traffic"}
     assert {name for name, s in raw.items() if not s.get("profiles")} == {
-        "llmtap", "prometheus", "grafana", "otel-collector", "jaeger"}
+        "llmtap",
+        "prometheus",
+        "grafana",
+        "otel-collector",
+        "jaeger",
+    }
 
     def flag(service: str, name: str) -> str:
         command = services[service]["command"]
@@ -340,8 +386,12 @@ def test_compose_file_validates_and_wires_the_stack() -> None:
                 mounts[Path(source).resolve()] = target
     prometheus_dir = Path(mounts[DEPLOY / "prometheus.yml"]).parent
     assert Path(mounts[DEPLOY / "alerts.yml"]) == prometheus_dir / "alerts.yml"
-    assert mounts[DASHBOARDS] == yaml.safe_load(
-        (DASHBOARDS / "provisioning/dashboards/llmtap.yml").read_text())["providers"][0]["options"]["path"]
+    assert (
+        mounts[DASHBOARDS]
+        == yaml.safe_load((DASHBOARDS / "provisioning/dashboards/llmtap.yml").read_text())["providers"][0]["options"][
+            "path"
+        ]
+    )
 
     # Every host name in the configs is a service of the stack, on the port it listens on.
     prom_config = yaml.safe_load((DEPLOY / "prometheus.yml").read_text())
@@ -433,8 +483,18 @@ def test_dockerfile_steps_work_in_a_clean_venv(tmp_path: Path) -> None:
     run(sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(tmp_path / "wheels"), str(src))
     venv = tmp_path / "venv"
     run(sys.executable, "-m", "venv", "--without-pip", str(venv))
-    run(sys.executable, "-m", "pip", "--python", str(venv / "bin/python"), "install", "-q", "--no-deps", "--no-index",
-        *map(str, (tmp_path / "wheels").glob("llmtap-*.whl")))
+    run(
+        sys.executable,
+        "-m",
+        "pip",
+        "--python",
+        str(venv / "bin/python"),
+        "install",
+        "-q",
+        "--no-deps",
+        "--no-index",
+        *map(str, (tmp_path / "wheels").glob("llmtap-*.whl")),
+    )
     purelib = "import sysconfig; print(sysconfig.get_paths()['purelib'])"
     site = Path(run(str(venv / "bin/python"), "-c", purelib).strip())
     (site / "lent-dependencies.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
@@ -451,8 +511,16 @@ def test_dockerfile_steps_work_in_a_clean_venv(tmp_path: Path) -> None:
         a.replace("0.0.0.0", "127.0.0.1").replace("/data/", f"{data}/") for a in cmd
     ]
     with Simulator() as sim:
-        argv += ["--upstream", sim.url, "--listen-port", str(port), "--metrics-port", str(metrics_port),
-                 "--confdir", str(tmp_path / "mitmproxy")]
+        argv += [
+            "--upstream",
+            sim.url,
+            "--listen-port",
+            str(port),
+            "--metrics-port",
+            str(metrics_port),
+            "--confdir",
+            str(tmp_path / "mitmproxy"),
+        ]
         env = {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy")}
         log = tmp_path / "llmtap.log"
         with log.open("wb") as out:
@@ -462,7 +530,10 @@ def test_dockerfile_steps_work_in_a_clean_venv(tmp_path: Path) -> None:
             wait_for_port(metrics_port, proc=proc)
             with openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=API_KEY, max_retries=0) as client:
                 client.chat.completions.create(model="pulze", messages=[{"role": "user", "content": "hi"}])
-            wait_until(lambda: metric_value(f"http://127.0.0.1:{metrics_port}/metrics", "llmtap_requests_total") == 1, timeout=10)
+            wait_until(
+                lambda: metric_value(f"http://127.0.0.1:{metrics_port}/metrics", "llmtap_requests_total") == 1,
+                timeout=10,
+            )
             healthcheck = yaml.safe_load(COMPOSE.read_text())["x-llmtap-sidecar"]["healthcheck"]["test"]
             assert healthcheck[:2] == ["CMD", "python"]
             run(str(venv / "bin/python"), *[a.replace(":9464/", f":{metrics_port}/") for a in healthcheck[2:]])
@@ -476,6 +547,6 @@ def test_dockerfile_steps_work_in_a_clean_venv(tmp_path: Path) -> None:
         assert code == 0, log.read_text()
     assert (data / "llmtap.db").is_file()
 
-    for name, service in compose_config("demo")["services"].items():
+    for _name, service in compose_config("demo")["services"].items():
         if "build" in service:
             run(str(venv / "bin/llmtap"), *service["command"], "--help")

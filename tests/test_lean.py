@@ -9,20 +9,35 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import LLMTAP, REPO, free_port, start_tap
 from mitmproxy import exceptions
-from mitmproxy.proxy.layers.http import HttpRequestHook, HttpResponseHook
 from mitmproxy.options import Options
+from mitmproxy.proxy.layers.http import HttpRequestHook, HttpResponseHook
 from mitmproxy.test import tflow
 
-from conftest import LLMTAP, REPO, free_port, start_tap
 from llmtap.capture.lean import LeanMaster
 
 sys.path.insert(0, str(REPO / "bench"))
-import identical  # noqa: E402  (the bench's echo upstream and byte comparison)
+import identical
 
 NEEDED = {"core", "block", "proxyserver", "nextlayer", "tlsconfig", "disableh2c", "updatealtsvc", "errorcheck"}
-OPT_IN = {"save", "savehar", "maplocal", "mapremote", "modifybody", "modifyheaders", "stickycookie", "stickyauth",
-          "anticache", "anticomp", "serverplayback", "clientplayback", "script", "blocklist", "upstreamauth"}
+OPT_IN = {
+    "save",
+    "savehar",
+    "maplocal",
+    "mapremote",
+    "modifybody",
+    "modifyheaders",
+    "stickycookie",
+    "stickyauth",
+    "anticache",
+    "anticomp",
+    "serverplayback",
+    "clientplayback",
+    "script",
+    "blocklist",
+    "upstreamauth",
+}
 
 
 def with_master(mode: str, body):
@@ -67,8 +82,13 @@ def test_hooks_run_in_chain_order_errors_are_logged_and_halt_stops(caplog) -> No
     calls: list[str] = []
 
     async def body(master):
-        master.addons.add(Recorder("a", calls), Recorder("b", calls, fail=True), Recorder("c", calls),
-                          Recorder("d", calls, halt=True), Recorder("e", calls))
+        master.addons.add(
+            Recorder("a", calls),
+            Recorder("b", calls, fail=True),
+            Recorder("c", calls),
+            Recorder("d", calls, halt=True),
+            Recorder("e", calls),
+        )
         await master.addons.handle_lifecycle(HttpRequestHook(tflow.tflow()))
 
     with caplog.at_level(logging.ERROR):
@@ -112,9 +132,23 @@ def test_update_hook_follows_a_flow_hook_when_an_addon_listens() -> None:
 
 def test_option_of_an_addon_not_loaded_fails_with_a_hint(tmp_path: Path) -> None:
     done = subprocess.run(
-        [LLMTAP, "run", "--listen-port", str(free_port()), "--metrics-port", "-1", "--db", "",
-         "--confdir", str(tmp_path / "conf"), "--set", "anticache=true"],
-        capture_output=True, text=True, timeout=60,
+        [
+            LLMTAP,
+            "run",
+            "--listen-port",
+            str(free_port()),
+            "--metrics-port",
+            "-1",
+            "--db",
+            "",
+            "--confdir",
+            str(tmp_path / "conf"),
+            "--set",
+            "anticache=true",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert done.returncode == 2
     assert "anticache" in done.stderr and "--full" in done.stderr

@@ -26,8 +26,14 @@ REFERENCE_REQUEST = {
     "temperature": 0.5,
     "top_p": 0.9,
     "tools": [
-        {"type": "function", "function": {"name": "get_weather", "description": "d",
-                                          "parameters": {"type": "object", "properties": {}, "required": ["city"]}}},
+        {
+            "type": "function",
+            "function": {
+                "name": "get_weather",
+                "description": "d",
+                "parameters": {"type": "object", "properties": {}, "required": ["city"]},
+            },
+        },
         {"type": "function", "function": {"name": "get_time"}},
     ],
     "tool_choice": "none",
@@ -52,8 +58,13 @@ REFERENCE_RESPONSE = {
     "created": 1701483003546,
     "metadata": {
         "app_id": "app-123",
-        "model": {"model": "gpt-4o-mini", "provider": "openai", "owner": "openai",
-                  "namespace": "openai/gpt-4o-mini", "at": "2024-07-18"},
+        "model": {
+            "model": "gpt-4o-mini",
+            "provider": "openai",
+            "owner": "openai",
+            "namespace": "openai/gpt-4o-mini",
+            "at": "2024-07-18",
+        },
         "costs": {"total_tokens": 0.00066, "prompt_tokens": 0.00016, "completion_tokens": 0.0005},
         "cost_savings": {"total_tokens": 0.002, "prompt_tokens": 0.0015, "completion_tokens": 0.0005},
         "generated_artifacts": {"items": [{}]},
@@ -61,8 +72,10 @@ REFERENCE_RESPONSE = {
         "latency": 0.601,
         "labels": {"team": "search", "weights_cost": "0.5"},
         "error": None,
-        "scores": {"best_models": [{"openai/gpt-4o-mini": 0.93}],
-                   "candidates": [{"openai/gpt-4o-mini": 0.93}, {"anthropic/claude-3-haiku": 0.9}]},
+        "scores": {
+            "best_models": [{"openai/gpt-4o-mini": 0.93}],
+            "candidates": [{"openai/gpt-4o-mini": 0.93}, {"anthropic/claude-3-haiku": 0.9}],
+        },
         "score": 0.93,
         "temperature": 0.5,
         "max_tokens": 123,
@@ -99,10 +112,23 @@ def test_operation_for(method: str, path: str, expected: str | None) -> None:
 def test_request_fields_follow_the_reference() -> None:
     fields = request_fields(REFERENCE_REQUEST, "text_completion", None)
     assert fields == {
-        "request_model": "pulze", "max_tokens": 123, "temperature": 0.5, "top_p": 0.9, "n": 2, "best_of": 2,
-        "stop": ("END",), "presence_penalty": 0.0, "frequency_penalty": 0.5, "logprobs": 2, "seed": None,
-        "tool_count": 2, "tool_names": ("get_weather", "get_time"), "tool_choice": "none",
-        "response_format": "text", "logit_bias": True, "stream": True,
+        "request_model": "pulze",
+        "max_tokens": 123,
+        "temperature": 0.5,
+        "top_p": 0.9,
+        "n": 2,
+        "best_of": 2,
+        "stop": ("END",),
+        "presence_penalty": 0.0,
+        "frequency_penalty": 0.5,
+        "logprobs": 2,
+        "seed": None,
+        "tool_count": 2,
+        "tool_names": ("get_weather", "get_time"),
+        "tool_choice": "none",
+        "response_format": "text",
+        "logit_bias": True,
+        "stream": True,
     }
     assert "input_messages" not in fields  # no capture unless opted in
 
@@ -115,7 +141,9 @@ def test_request_nulls_and_missing_optional_fields() -> None:
     assert request_fields({"prompt": "x"}, "text_completion", None)["request_model"] is None
 
 
-@pytest.mark.parametrize("body", [None, [], "text", 42, {"model": 7, "temperature": "hot", "n": True, "stop": [1, "a"]}])
+@pytest.mark.parametrize(
+    "body", [None, [], "text", 42, {"model": 7, "temperature": "hot", "n": True, "stop": [1, "a"]}]
+)
 def test_request_wrong_types_never_raise(body) -> None:
     fields = request_fields(body, "chat", None)
     if fields:
@@ -123,35 +151,60 @@ def test_request_wrong_types_never_raise(body) -> None:
 
 
 def test_request_content_only_when_opted_in_and_capped() -> None:
-    body = {"messages": [{"role": "system", "content": "be brief"},
-                         {"role": "user", "content": [{"type": "text", "text": "x" * 50}]}]}
+    body = {
+        "messages": [
+            {"role": "system", "content": "be brief"},
+            {"role": "user", "content": [{"type": "text", "text": "x" * 50}]},
+        ]
+    }
     assert "input_messages" not in request_fields(body, "chat", None)
     messages = request_fields(body, "chat", 10)["input_messages"]
     # one budget for the whole prompt: 8 characters of system message leave 2 for the user's
-    assert messages == ({"role": "system", "content": "be brief"},
-                        {"role": "user", "content": "xx", "truncated": True})
+    assert messages == ({"role": "system", "content": "be brief"}, {"role": "user", "content": "xx", "truncated": True})
 
 
 def test_response_fields_follow_the_reference() -> None:
     fields = response_fields(REFERENCE_RESPONSE, None)
     expected = {
-        "response_id": "pulze-req-1", "response_object": "text_completion",
+        "response_id": "pulze-req-1",
+        "response_object": "text_completion",
         "created_at": 1701483003.546,  # milliseconds converted to epoch seconds
         "response_model": "openai/gpt-4o-mini",
-        "input_tokens": 12, "output_tokens": 21, "total_tokens": 33,
-        "cached_input_tokens": None, "reasoning_tokens": None,
-        "app_id": "app-123", "served_model": "gpt-4o-mini", "served_provider": "openai", "served_owner": "openai",
-        "served_namespace": "openai/gpt-4o-mini", "served_at": "2024-07-18",
-        "cost_prompt_usd": 0.00016, "cost_completion_usd": 0.0005, "reported_cost_usd": 0.00066,
-        "cost_savings_prompt_usd": 0.0015, "cost_savings_completion_usd": 0.0005, "cost_savings_usd": 0.002,
-        "upstream_latency_s": 0.601, "retries": 1, "upstream_status_code": 200, "score": 0.93,
-        "best_model": "openai/gpt-4o-mini", "candidate_count": 2,
+        "input_tokens": 12,
+        "output_tokens": 21,
+        "total_tokens": 33,
+        "cached_input_tokens": None,
+        "reasoning_tokens": None,
+        "app_id": "app-123",
+        "served_model": "gpt-4o-mini",
+        "served_provider": "openai",
+        "served_owner": "openai",
+        "served_namespace": "openai/gpt-4o-mini",
+        "served_at": "2024-07-18",
+        "cost_prompt_usd": 0.00016,
+        "cost_completion_usd": 0.0005,
+        "reported_cost_usd": 0.00066,
+        "cost_savings_prompt_usd": 0.0015,
+        "cost_savings_completion_usd": 0.0005,
+        "cost_savings_usd": 0.002,
+        "upstream_latency_s": 0.601,
+        "retries": 1,
+        "upstream_status_code": 200,
+        "score": 0.93,
+        "best_model": "openai/gpt-4o-mini",
+        "candidate_count": 2,
         "response_labels": {"team": "search", "weights_cost": "0.5"},
-        "warning": "fell back once", "upstream_error": None, "category": "general",
-        "choice_count": 2, "finish_reasons": ("stop", "length"),
+        "warning": "fell back once",
+        "upstream_error": None,
+        "category": "general",
+        "choice_count": 2,
+        "finish_reasons": ("stop", "length"),
         # generated_artifacts / search_results are content: kept only when capture is on
-        "metadata": {k: v for k, v in REFERENCE_RESPONSE["metadata"].items()
-                     if k not in ("generated_artifacts", "search_results")},
+        "metadata": {
+            k: v
+            for k, v in REFERENCE_RESPONSE["metadata"].items()
+            if k not in ("generated_artifacts", "search_results")
+        },
     }
     assert fields == expected
     assert response_fields(REFERENCE_RESPONSE, 100)["metadata"] == REFERENCE_RESPONSE["metadata"]
@@ -168,11 +221,20 @@ def test_response_with_null_metadata_parts() -> None:
 
 
 def test_openai_response_without_metadata_and_seconds_timestamp() -> None:
-    body = {"id": "chatcmpl-1", "object": "chat.completion", "created": 1701483003, "model": "gpt-4o-2024-08-06",
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"}, "finish_reason": "stop"}],
-            "usage": {"prompt_tokens": 1000, "completion_tokens": 10, "total_tokens": 1010,
-                      "prompt_tokens_details": {"cached_tokens": 400},
-                      "completion_tokens_details": {"reasoning_tokens": 3}}}
+    body = {
+        "id": "chatcmpl-1",
+        "object": "chat.completion",
+        "created": 1701483003,
+        "model": "gpt-4o-2024-08-06",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"}, "finish_reason": "stop"}],
+        "usage": {
+            "prompt_tokens": 1000,
+            "completion_tokens": 10,
+            "total_tokens": 1010,
+            "prompt_tokens_details": {"cached_tokens": 400},
+            "completion_tokens_details": {"reasoning_tokens": 3},
+        },
+    }
     fields = response_fields(body, 100)
     assert fields["created_at"] == 1701483003
     assert fields["cached_input_tokens"] == 400 and fields["reasoning_tokens"] == 3
@@ -183,14 +245,22 @@ def test_openai_response_without_metadata_and_seconds_timestamp() -> None:
 def test_stream_accumulator_chat() -> None:
     acc = StreamAccumulator(None)
     events = [
-        {"id": "c1", "object": "chat.completion.chunk", "created": 1701483003546, "model": "openai/gpt-4o",
-         "choices": [{"index": 0, "delta": {"role": "assistant"}, "finish_reason": None}]},
+        {
+            "id": "c1",
+            "object": "chat.completion.chunk",
+            "created": 1701483003546,
+            "model": "openai/gpt-4o",
+            "choices": [{"index": 0, "delta": {"role": "assistant"}, "finish_reason": None}],
+        },
         {"id": "c1", "choices": [{"index": 0, "delta": {"content": "Hel"}}]},
         {"id": "c1", "choices": [{"index": 0, "delta": {"content": "lo"}}]},
         {"id": "c1", "choices": [{"index": 0, "delta": {"tool_calls": [{"index": 0}]}}]},
-        {"id": "c1", "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}],
-         "usage": {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7},
-         "metadata": REFERENCE_RESPONSE["metadata"]},
+        {
+            "id": "c1",
+            "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7},
+            "metadata": REFERENCE_RESPONSE["metadata"],
+        },
     ]
     carried = [acc.add(e) for e in events]
     assert carried == [False, True, True, True, False]
@@ -209,16 +279,29 @@ def test_stream_accumulator_completions_with_capture_and_no_usage() -> None:
     acc.add("not an object")
     fields = acc.fields()
     assert fields["input_tokens"] is None and fields["chunk_count"] == 2
-    assert fields["output_messages"] == ({"role": "assistant", "content": "abcd", "truncated": True,
-                                          "finish_reason": "length"},)
+    assert fields["output_messages"] == (
+        {"role": "assistant", "content": "abcd", "truncated": True, "finish_reason": "length"},
+    )
 
 
 @pytest.mark.parametrize(
     "body, raw, expected",
     [
         ({"error": {"message": "Rate limit", "type": "rate_limit"}}, None, "Rate limit"),
-        ({"detail": [{"loc": ["body", "prompt"], "msg": "field required", "type": "missing",
-                      "input": {"secret prompt": 1}}]}, None, "body.prompt: field required"),
+        (
+            {
+                "detail": [
+                    {
+                        "loc": ["body", "prompt"],
+                        "msg": "field required",
+                        "type": "missing",
+                        "input": {"secret prompt": 1},
+                    }
+                ]
+            },
+            None,
+            "body.prompt: field required",
+        ),
         ({"detail": "Not found"}, None, "Not found"),
         (None, b"<html><head><title>500 Internal Server Error</title></head></html>", "500 Internal Server Error"),
         (None, b"upstream exploded\nstack...", "upstream exploded"),
@@ -247,11 +330,18 @@ def test_error_messages_never_carry_credentials(body, raw) -> None:
 
 
 def test_pulze_headers() -> None:
-    fields = pulze.header_fields({"pulze-labels": '{"team": "Search", "n": 3}',
-                                  "pulze-weights": '{"cost": 0.5, "quality": 0.3, "latency": 0.2}',
-                                  "pulze-policies": "not json"})
-    assert fields == {"labels": {"team": "Search", "n": "3"},
-                      "weights": {"cost": 0.5, "quality": 0.3, "latency": 0.2}, "policies": None}
+    fields = pulze.header_fields(
+        {
+            "pulze-labels": '{"team": "Search", "n": 3}',
+            "pulze-weights": '{"cost": 0.5, "quality": 0.3, "latency": 0.2}',
+            "pulze-policies": "not json",
+        }
+    )
+    assert fields == {
+        "labels": {"team": "Search", "n": "3"},
+        "weights": {"cost": 0.5, "quality": 0.3, "latency": 0.2},
+        "policies": None,
+    }
     assert pulze.header_fields({}) == {"labels": None, "weights": None, "policies": None}
 
 
@@ -285,20 +375,37 @@ PRICES = PriceTable({"gpt-4o": Price(2.5, 10.0, 1.25), "gpt-4o-mini": Price(0.15
     "fields, expected",
     [
         # reported beats computed, even when the model has a price
-        ({"reported_cost_usd": 0.00066, "input_tokens": 10, "output_tokens": 10, "response_model": "gpt-4o"},
-         {"cost_usd": 0.00066, "cost_source": "reported"}),
+        (
+            {"reported_cost_usd": 0.00066, "input_tokens": 10, "output_tokens": 10, "response_model": "gpt-4o"},
+            {"cost_usd": 0.00066, "cost_source": "reported"},
+        ),
         # reported zero is a real zero
         ({"reported_cost_usd": 0.0}, {"cost_usd": 0.0, "cost_source": "reported"}),
         # computed, with cached input at its own rate and dated model names
-        ({"input_tokens": 1000, "output_tokens": 100, "cached_input_tokens": 400, "response_model": "gpt-4o-2024-08-06"},
-         {"cost_usd": (600 * 2.5 + 400 * 1.25 + 100 * 10.0) / 1e6, "cost_prompt_usd": (600 * 2.5 + 400 * 1.25) / 1e6,
-          "cost_completion_usd": 100 * 10.0 / 1e6, "cost_source": "computed"}),
+        (
+            {
+                "input_tokens": 1000,
+                "output_tokens": 100,
+                "cached_input_tokens": 400,
+                "response_model": "gpt-4o-2024-08-06",
+            },
+            {
+                "cost_usd": (600 * 2.5 + 400 * 1.25 + 100 * 10.0) / 1e6,
+                "cost_prompt_usd": (600 * 2.5 + 400 * 1.25) / 1e6,
+                "cost_completion_usd": 100 * 10.0 / 1e6,
+                "cost_source": "computed",
+            },
+        ),
         # the longest prefix wins, provider prefixes are ignored
-        ({"input_tokens": 1_000_000, "output_tokens": 0, "served_namespace": "openai/gpt-4o-mini"},
-         {"cost_usd": 0.15, "cost_prompt_usd": 0.15, "cost_completion_usd": 0.0, "cost_source": "computed"}),
+        (
+            {"input_tokens": 1_000_000, "output_tokens": 0, "served_namespace": "openai/gpt-4o-mini"},
+            {"cost_usd": 0.15, "cost_prompt_usd": 0.15, "cost_completion_usd": 0.0, "cost_source": "computed"},
+        ),
         # unknown model: unknown, never $0
-        ({"input_tokens": 10, "output_tokens": 10, "response_model": "acme/secret-model"},
-         {"cost_usd": None, "cost_source": "unknown"}),
+        (
+            {"input_tokens": 10, "output_tokens": 10, "response_model": "acme/secret-model"},
+            {"cost_usd": None, "cost_source": "unknown"},
+        ),
         # no token counts (a stream without usage): unknown
         ({"response_model": "gpt-4o"}, {"cost_usd": None, "cost_source": "unknown"}),
     ],
@@ -316,11 +423,27 @@ def test_price_file_overrides_builtin(tmp_path) -> None:
     assert table.lookup("gpt-4o-mini") is not None  # built-ins stay
 
 
-@pytest.mark.parametrize("body", [
-    b'{"a": 1}', b'{"a": 1}\n', b'{"a": 1} x', b'{"a": 1}{}', b' {"a": 1}', b'\xef\xbb\xbf{"a": 1}',
-    '{"a": 1}'.encode("utf-16-le"), '{"a": 1}'.encode("utf-32"), b'{"a": "\xed\xa0\x80"}', b'{"a": "\xff"}',
-    b'{"a": NaN}', b"[1, 2]", b'"text"', b"{", b"{" * 100_000, b"",
-])
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"a": 1}',
+        b'{"a": 1}\n',
+        b'{"a": 1} x',
+        b'{"a": 1}{}',
+        b' {"a": 1}',
+        b'\xef\xbb\xbf{"a": 1}',
+        '{"a": 1}'.encode("utf-16-le"),
+        '{"a": 1}'.encode("utf-32"),
+        b'{"a": "\xed\xa0\x80"}',
+        b'{"a": "\xff"}',
+        b'{"a": NaN}',
+        b"[1, 2]",
+        b'"text"',
+        b"{",
+        b"{" * 100_000,
+        b"",
+    ],
+)
 def test_load_json_follows_json_loads_exactly(body) -> None:
     try:
         expected = json.loads(body) if body else None

@@ -10,15 +10,15 @@ from pathlib import Path
 
 import openai
 import pytest
+from conftest import TapProcess, start_tap, wait_until
+from prom import PrometheusError, PrometheusServer, Sample
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import TapProcess, start_tap, wait_until
 from llmtap.config import Settings
+from llmtap.devtools.simulator import Simulator
 from llmtap.health import Health
 from llmtap.record import ExchangeRecord
-from llmtap.devtools.simulator import Simulator
 from llmtap.sinks.metrics import MetricsSink
-from prom import PrometheusError, PrometheusServer, Sample
 
 P95 = "histogram_quantile(0.95, sum by (le) (rate(gen_ai_client_operation_duration_seconds_bucket[1m])))"
 
@@ -86,8 +86,10 @@ def test_prometheus_scrapes_what_the_simulator_sent(
         assert prom.value('sum(llmtap_errors_total{error_type="http_429"})') == 1
         for token_type in ("input", "output"):
             assert prom.value(f'sum(llmtap_tokens_total{{type="{token_type}"}})') == sent[token_type]
-            assert prom.value(
-                f'sum(gen_ai_client_token_usage_sum{{gen_ai_token_type="{token_type}"}})') == sent[token_type]
+            assert (
+                prom.value(f'sum(gen_ai_client_token_usage_sum{{gen_ai_token_type="{token_type}"}})')
+                == sent[token_type]
+            )
         assert prom.value("sum(llmtap_cost_usd_total)") == pytest.approx(sent["usd"], rel=1e-9)
         assert prom.value('sum(llmtap_cost_usd_total{cost_source="reported"})') == pytest.approx(sent["usd"], rel=1e-9)
         assert prom.value("sum(llmtap_cost_savings_usd_total)") == pytest.approx(sent["savings"], rel=1e-9)
@@ -113,8 +115,12 @@ def test_hostile_labels_through_the_proxy_stay_under_the_cap(tmp_path: Path, sim
 
     def hostile(i: int) -> None:
         # A named model keeps the served model fixed, so only the hostile values vary.
-        chat(client, f"labelled {i}", model="openai/gpt-4o-mini",
-             extra_headers={"Pulze-Labels": json.dumps({"team": f"team-{i}"})})
+        chat(
+            client,
+            f"labelled {i}",
+            model="openai/gpt-4o-mini",
+            extra_headers={"Pulze-Labels": json.dumps({"team": f"team-{i}"})},
+        )
         chat(client, f"unknown model {i}", model=f"no-such-model-{i}")  # a 404 with its own request model
 
     try:
@@ -140,10 +146,21 @@ def test_hostile_labels_through_the_proxy_stay_under_the_cap(tmp_path: Path, sim
 def test_prometheus_helper_loads_rules_and_answers_range_queries(tmp_path: Path) -> None:
     """``PrometheusServer`` as the dashboards tests use it: rule files, alerts, range queries."""
     rules = tmp_path / "rules.yml"
-    rules.write_text(json.dumps({"groups": [{"name": "t", "rules": [
-        {"record": "llmtap:requests:sum", "expr": "sum(llmtap_requests_total)"},
-        {"alert": "AnyRequest", "expr": "sum(llmtap_requests_total) > 0"},
-    ]}]}))
+    rules.write_text(
+        json.dumps(
+            {
+                "groups": [
+                    {
+                        "name": "t",
+                        "rules": [
+                            {"record": "llmtap:requests:sum", "expr": "sum(llmtap_requests_total)"},
+                            {"alert": "AnyRequest", "expr": "sum(llmtap_requests_total) > 0"},
+                        ],
+                    }
+                ]
+            }
+        )
+    )
     sink = MetricsSink(Settings(metrics_port=0), Health())
     sink.emit(ExchangeRecord("x1", "chat", "POST", "/v1/chat/completions", request_start=1.0, response_end=1.2))
     try:
@@ -181,7 +198,8 @@ def scrape(tap: TapProcess, requests: int) -> Series:
             text = response.read().decode()
         found = {
             (sample.name, tuple(sorted(sample.labels.items()))): sample.value
-            for family in text_string_to_metric_families(text) for sample in family.samples
+            for family in text_string_to_metric_families(text)
+            for sample in family.samples
         }
         counted = sum(value for (name, _), value in found.items() if name == "llmtap_requests_total")
         return found if counted == requests else None

@@ -17,14 +17,17 @@ from pathlib import Path
 
 import openai
 import pytest
-
 from conftest import API_KEY, REPO, free_port, start_tap, wait_for_port, wait_until
-from llmtap.record import ExchangeRecord
+
 from llmtap.devtools.simulator import Simulator
+from llmtap.record import ExchangeRecord
 
 LABELS = {"team": "Search", "env": "prod"}
-HEADERS = {"Pulze-Labels": json.dumps(LABELS), "Pulze-Weights": json.dumps({"cost": 0.7, "quality": 0.3}),
-           "Pulze-Policies": json.dumps({"max_cost": 0.01, "privacy_level": 2})}
+HEADERS = {
+    "Pulze-Labels": json.dumps(LABELS),
+    "Pulze-Weights": json.dumps({"cost": 0.7, "quality": 0.3}),
+    "Pulze-Policies": json.dumps({"max_cost": 0.01, "privacy_level": 2}),
+}
 
 
 def sim_response(ex) -> dict:
@@ -52,7 +55,10 @@ def assert_record_matches(record: ExchangeRecord, ex, *, operation: str, stream:
     assert record.request_model == request["model"] and record.max_tokens == request.get("max_tokens")
     assert record.temperature == request.get("temperature")
     assert (record.input_tokens, record.output_tokens, record.total_tokens) == (
-        usage["prompt_tokens"], usage["completion_tokens"], usage["total_tokens"])
+        usage["prompt_tokens"],
+        usage["completion_tokens"],
+        usage["total_tokens"],
+    )
     assert record.cost_source == "reported"
     assert record.cost_usd == meta["costs"]["total_tokens"]
     assert record.cost_prompt_usd == meta["costs"]["prompt_tokens"]
@@ -75,9 +81,14 @@ def assert_record_matches(record: ExchangeRecord, ex, *, operation: str, stream:
     assert record.request_start <= record.response_start <= record.response_end
     assert record.duration_s > 0
     if stream:
-        assert record.first_token_at is not None and record.response_start <= record.first_token_at <= record.response_end
-        content_events = [e for e in ex.stream_events if any(
-            (c.get("delta") or {}).get("content") or c.get("text") for c in e.get("choices", []))]
+        assert (
+            record.first_token_at is not None and record.response_start <= record.first_token_at <= record.response_end
+        )
+        content_events = [
+            e
+            for e in ex.stream_events
+            if any((c.get("delta") or {}).get("content") or c.get("text") for c in e.get("choices", []))
+        ]
         assert record.chunk_count == len(content_events)
         assert record.finish_reasons == ("stop",) or record.finish_reasons == ("length",)
     else:
@@ -89,12 +100,20 @@ def assert_record_matches(record: ExchangeRecord, ex, *, operation: str, stream:
 def test_sdk_non_streamed_is_byte_identical_and_fully_recorded(tap, simulator, openai_client, operation) -> None:
     if operation == "chat":
         raw = openai_client.chat.completions.with_raw_response.create(
-            model="pulze", messages=[{"role": "user", "content": "Explain reverse proxies"}],
-            max_tokens=50, temperature=0.3, extra_headers=HEADERS)
+            model="pulze",
+            messages=[{"role": "user", "content": "Explain reverse proxies"}],
+            max_tokens=50,
+            temperature=0.3,
+            extra_headers=HEADERS,
+        )
     else:
         raw = openai_client.completions.with_raw_response.create(
-            model="openai/gpt-4o", prompt="Explain reverse proxies", max_tokens=50, temperature=0.3,
-            extra_headers=HEADERS)
+            model="openai/gpt-4o",
+            prompt="Explain reverse proxies",
+            max_tokens=50,
+            temperature=0.3,
+            extra_headers=HEADERS,
+        )
     ex = simulator.exchanges[-1]
     assert raw.http_response.content == ex.decoded_body
     assert raw.parse().id == ex.response_json["id"]
@@ -110,10 +129,14 @@ def test_sdk_stream_arrives_chunk_by_chunk_and_is_recorded(tmp_path, operation) 
         client = openai.OpenAI(base_url=tap.base_url, api_key=API_KEY, max_retries=0)
         try:
             create = client.chat.completions if operation == "chat" else client.completions
-            kwargs = ({"messages": [{"role": "user", "content": "Tell me a story"}]} if operation == "chat"
-                      else {"prompt": "Tell me a story"})
+            kwargs = (
+                {"messages": [{"role": "user", "content": "Tell me a story"}]}
+                if operation == "chat"
+                else {"prompt": "Tell me a story"}
+            )
             with create.with_streaming_response.create(
-                    model="pulze", stream=True, max_tokens=40, temperature=0.7, extra_headers=HEADERS, **kwargs) as resp:
+                model="pulze", stream=True, max_tokens=40, temperature=0.7, extra_headers=HEADERS, **kwargs
+            ) as resp:
                 received, upstream_done_at_first_chunk = [], None
                 for chunk in resp.iter_bytes():
                     if upstream_done_at_first_chunk is None:
@@ -132,18 +155,33 @@ def test_sdk_stream_arrives_chunk_by_chunk_and_is_recorded(tmp_path, operation) 
 
 def curl(*args: str, gid: int | None = None) -> subprocess.CompletedProcess:
     """curl, optionally as group ``gid`` (what the transparent-mode redirect matches)."""
-    return subprocess.run(["curl", "-sS", "--noproxy", "*", "--max-time", "20", *args],
-                          capture_output=True, timeout=30, check=False,
-                          preexec_fn=None if gid is None else lambda: os.setgid(gid))
+    return subprocess.run(
+        ["curl", "-sS", "--noproxy", "*", "--max-time", "20", *args],
+        capture_output=True,
+        timeout=30,
+        check=False,
+        preexec_fn=None if gid is None else lambda: os.setgid(gid),
+    )
 
 
 @pytest.mark.parametrize("encoding", ["gzip", "deflate", "br", "zstd"])
 @pytest.mark.parametrize("stream", [False, True])
 def test_curl_content_encoded_bodies_pass_raw_and_parse(tap, simulator, encoding, stream) -> None:
     body = {"model": "pulze", "messages": [{"role": "user", "content": "compress me"}], "stream": stream}
-    out = curl("-N", f"{tap.base_url}/chat/completions", "-H", f"Authorization: Bearer {API_KEY}",
-               "-H", "Content-Type: application/json", "-H", f"X-Sim-Encoding: {encoding}",
-               "-H", "X-Sim-SSE: crlf", "--data", json.dumps(body))
+    out = curl(
+        "-N",
+        f"{tap.base_url}/chat/completions",
+        "-H",
+        f"Authorization: Bearer {API_KEY}",
+        "-H",
+        "Content-Type: application/json",
+        "-H",
+        f"X-Sim-Encoding: {encoding}",
+        "-H",
+        "X-Sim-SSE: crlf",
+        "--data",
+        json.dumps(body),
+    )
     assert out.returncode == 0, out.stderr
     ex = simulator.exchanges[-1]
     assert out.stdout == ex.response_body  # curl without --compressed: the encoded bytes, untouched
@@ -155,8 +193,16 @@ def test_curl_content_encoded_bodies_pass_raw_and_parse(tap, simulator, encoding
 
 
 def test_stream_without_usage_is_unknown_cost_not_zero(tap, simulator) -> None:
-    out = curl("-N", f"{tap.base_url}/completions", "-H", f"Authorization: Bearer {API_KEY}",
-               "-H", "X-Sim-Stream-Usage: none", "--data", json.dumps({"model": "pulze", "prompt": "hi", "stream": True}))
+    out = curl(
+        "-N",
+        f"{tap.base_url}/completions",
+        "-H",
+        f"Authorization: Bearer {API_KEY}",
+        "-H",
+        "X-Sim-Stream-Usage: none",
+        "--data",
+        json.dumps({"model": "pulze", "prompt": "hi", "stream": True}),
+    )
     assert out.stdout == simulator.exchanges[-1].response_body
     [record] = tap.wait_records(1)
     assert record.error_type is None and record.chunk_count > 0
@@ -167,8 +213,13 @@ def test_other_traffic_passes_untouched_and_is_not_recorded(tap, simulator) -> N
     out = curl(f"{tap.base_url}/models", "-H", f"Authorization: Bearer {API_KEY}")
     assert out.stdout == simulator.exchanges[-1].response_body
     for path in ("/chat/completions", "/completions"):
-        out = curl(f"{tap.base_url}{path}", "-H", f"Authorization: Bearer {API_KEY}",
-                   "--data", json.dumps({"model": "pulze", "prompt": "x", "messages": [{"role": "user", "content": "x"}]}))
+        out = curl(
+            f"{tap.base_url}{path}",
+            "-H",
+            f"Authorization: Bearer {API_KEY}",
+            "--data",
+            json.dumps({"model": "pulze", "prompt": "x", "messages": [{"role": "user", "content": "x"}]}),
+        )
         assert out.returncode == 0
     # records are written in order: had /models been recorded, it would be first of three
     tap.wait_records(2)
@@ -185,9 +236,16 @@ FAULTS = {
 
 @pytest.mark.parametrize("fault", sorted(FAULTS))
 def test_upstream_faults_are_recorded_and_passed_through(tap, simulator, fault) -> None:
-    out = curl("-i", f"{tap.base_url}/chat/completions", "-H", f"Authorization: Bearer {API_KEY}",
-               "-H", f"X-Sim-Fault: {fault}",
-               "--data", json.dumps({"model": "pulze", "messages": [{"role": "user", "content": "x"}]}))
+    out = curl(
+        "-i",
+        f"{tap.base_url}/chat/completions",
+        "-H",
+        f"Authorization: Bearer {API_KEY}",
+        "-H",
+        f"X-Sim-Fault: {fault}",
+        "--data",
+        json.dumps({"model": "pulze", "messages": [{"role": "user", "content": "x"}]}),
+    )
     ex = simulator.exchanges[-1]
     error_type, status = FAULTS[fault]
     [record] = tap.wait_records(1)
@@ -204,9 +262,16 @@ def test_upstream_faults_are_recorded_and_passed_through(tap, simulator, fault) 
 
 
 def test_truncated_stream_reaches_client_as_truncated_and_is_recorded(tap, simulator) -> None:
-    out = curl("-N", f"{tap.base_url}/chat/completions", "-H", f"Authorization: Bearer {API_KEY}",
-               "-H", "X-Sim-Fault: truncate",
-               "--data", json.dumps({"model": "pulze", "stream": True, "messages": [{"role": "user", "content": "x"}]}))
+    out = curl(
+        "-N",
+        f"{tap.base_url}/chat/completions",
+        "-H",
+        f"Authorization: Bearer {API_KEY}",
+        "-H",
+        "X-Sim-Fault: truncate",
+        "--data",
+        json.dumps({"model": "pulze", "stream": True, "messages": [{"role": "user", "content": "x"}]}),
+    )
     ex = simulator.exchanges[-1]
     assert out.returncode != 0  # curl notices the body never ended
     assert out.stdout == ex.response_body
@@ -221,8 +286,9 @@ def test_client_cancelling_a_stream_is_recorded(tmp_path) -> None:
         tap = start_tap(tmp_path, sim.url)
         client = openai.OpenAI(base_url=tap.base_url, api_key=API_KEY, max_retries=0)
         try:
-            stream = client.chat.completions.create(model="pulze", stream=True, max_tokens=60,
-                                                    messages=[{"role": "user", "content": "long story"}])
+            stream = client.chat.completions.create(
+                model="pulze", stream=True, max_tokens=60, messages=[{"role": "user", "content": "long story"}]
+            )
             for chunk in stream:  # read until the first content, then hang up
                 if chunk.choices and chunk.choices[0].delta.content:
                     break
@@ -239,8 +305,15 @@ def test_slow_first_byte_is_timed(tmp_path) -> None:
     with Simulator(first_byte_delay=0.3) as sim:
         tap = start_tap(tmp_path, sim.url)
         try:
-            out = curl(f"{tap.base_url}/completions", "-H", f"Authorization: Bearer {API_KEY}",
-                       "-H", "X-Sim-Fault: slow-first-byte", "--data", json.dumps({"model": "pulze", "prompt": "x"}))
+            out = curl(
+                f"{tap.base_url}/completions",
+                "-H",
+                f"Authorization: Bearer {API_KEY}",
+                "-H",
+                "X-Sim-Fault: slow-first-byte",
+                "--data",
+                json.dumps({"model": "pulze", "prompt": "x"}),
+            )
             assert out.stdout == sim.exchanges[-1].response_body
             [record] = tap.wait_records(1)
             assert record.time_to_first_byte_s >= 0.3 and record.error_type is None
@@ -251,8 +324,17 @@ def test_slow_first_byte_is_timed(tmp_path) -> None:
 def test_connection_refused_upstream_is_recorded(tmp_path) -> None:
     tap = start_tap(tmp_path, f"http://127.0.0.1:{free_port()}")
     try:
-        out = curl("-o", "/dev/null", "-w", "%{http_code}", f"{tap.base_url}/completions",
-                   "-H", f"Authorization: Bearer {API_KEY}", "--data", json.dumps({"model": "pulze", "prompt": "x"}))
+        out = curl(
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            f"{tap.base_url}/completions",
+            "-H",
+            f"Authorization: Bearer {API_KEY}",
+            "--data",
+            json.dumps({"model": "pulze", "prompt": "x"}),
+        )
         assert out.stdout == b"502"  # mitmproxy's own answer when the upstream cannot be reached
         [record] = tap.wait_records(1)
         assert record.error_type == "connection_error" and record.http_status is None
@@ -266,7 +348,8 @@ def test_regular_proxy_mode_with_the_sdk(tmp_path, simulator) -> None:
     client = openai.OpenAI(base_url=simulator.url + "/v1", api_key=API_KEY, max_retries=0, http_client=http_client)
     try:
         raw = client.chat.completions.with_raw_response.create(
-            model="pulze", messages=[{"role": "user", "content": "via HTTP proxy"}], extra_headers=HEADERS)
+            model="pulze", messages=[{"role": "user", "content": "via HTTP proxy"}], extra_headers=HEADERS
+        )
         assert raw.http_response.content == simulator.exchanges[-1].decoded_body
         for _ in client.completions.create(model="pulze", prompt="streamed via proxy", stream=True):
             pass
@@ -283,11 +366,30 @@ def start_mitmdump(tmp_path: Path, mode: str) -> tuple[subprocess.Popen, int]:
     port = free_port()
     mitmdump = str(Path(sys.executable).with_name("mitmdump"))
     proc = subprocess.Popen(
-        [mitmdump, "-q", "-s", str(REPO / "addons" / "tap.py"), "--mode", mode,
-         "--listen-host", "127.0.0.1", "-p", str(port), "--set", f"confdir={tmp_path / 'conf'}",
-         "--set", f"llmtap_jsonl={tmp_path / 'records.jsonl'}", "--set", f"llmtap_db={tmp_path / 'tap.db'}",
-         "--set", "llmtap_metrics_port=-1"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        [
+            mitmdump,
+            "-q",
+            "-s",
+            str(REPO / "addons" / "tap.py"),
+            "--mode",
+            mode,
+            "--listen-host",
+            "127.0.0.1",
+            "-p",
+            str(port),
+            "--set",
+            f"confdir={tmp_path / 'conf'}",
+            "--set",
+            f"llmtap_jsonl={tmp_path / 'records.jsonl'}",
+            "--set",
+            f"llmtap_db={tmp_path / 'tap.db'}",
+            "--set",
+            "llmtap_metrics_port=-1",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
     try:
         wait_for_port(port, proc=proc)
     except BaseException:
@@ -304,8 +406,13 @@ def jsonl_records(path: Path, count: int) -> list[ExchangeRecord]:
 def test_mitmdump_script_route(tmp_path, simulator) -> None:
     proc, port = start_mitmdump(tmp_path, f"reverse:{simulator.url}")
     try:
-        out = curl(f"http://127.0.0.1:{port}/v1/completions", "-H", f"Authorization: Bearer {API_KEY}",
-                   "--data", json.dumps({"model": "pulze", "prompt": "via mitmdump -s"}))
+        out = curl(
+            f"http://127.0.0.1:{port}/v1/completions",
+            "-H",
+            f"Authorization: Bearer {API_KEY}",
+            "--data",
+            json.dumps({"model": "pulze", "prompt": "via mitmdump -s"}),
+        )
         assert out.stdout == simulator.exchanges[-1].response_body
         [record] = jsonl_records(tmp_path / "records.jsonl", 1)
         assert record.operation == "text_completion" and record.output_tokens
@@ -323,17 +430,41 @@ def test_transparent_mode_sees_redirected_traffic(tmp_path, simulator) -> None:
     connection to ``mitmdump -s addons/tap.py --mode transparent``. Only sockets of one group
     are redirected, so the proxy's own connection upstream is not."""
     proc, port = start_mitmdump(tmp_path, "transparent")
-    rule = ["OUTPUT", "-p", "tcp", "-d", "127.0.0.1", "--dport", str(simulator.port), "-m", "owner",
-            "--gid-owner", str(REDIRECTED_GID), "-j", "REDIRECT", "--to-ports", str(port)]
+    rule = [
+        "OUTPUT",
+        "-p",
+        "tcp",
+        "-d",
+        "127.0.0.1",
+        "--dport",
+        str(simulator.port),
+        "-m",
+        "owner",
+        "--gid-owner",
+        str(REDIRECTED_GID),
+        "-j",
+        "REDIRECT",
+        "--to-ports",
+        str(port),
+    ]
     added = subprocess.run(["iptables", "-t", "nat", "-A", *rule], capture_output=True, text=True)
     try:
         if added.returncode:
             pytest.skip(f"cannot add a NAT rule here: {added.stderr.strip()}")
         outs = [
-            curl("-N", f"{simulator.url}/v1/chat/completions", "-H", f"Authorization: Bearer {API_KEY}",
-                 "-H", "Content-Type: application/json", "-H", f"Pulze-Labels: {json.dumps(LABELS)}",
-                 "--data", json.dumps({"model": "pulze", "messages": [{"role": "user", "content": "hi"}],
-                                       "stream": stream}), gid=REDIRECTED_GID)
+            curl(
+                "-N",
+                f"{simulator.url}/v1/chat/completions",
+                "-H",
+                f"Authorization: Bearer {API_KEY}",
+                "-H",
+                "Content-Type: application/json",
+                "-H",
+                f"Pulze-Labels: {json.dumps(LABELS)}",
+                "--data",
+                json.dumps({"model": "pulze", "messages": [{"role": "user", "content": "hi"}], "stream": stream}),
+                gid=REDIRECTED_GID,
+            )
             for stream in (False, True)
         ]
         records = jsonl_records(tmp_path / "records.jsonl", 2)
@@ -353,8 +484,13 @@ def test_transparent_mode_sees_redirected_traffic(tmp_path, simulator) -> None:
 def test_capture_content_only_when_opted_in(tmp_path, simulator) -> None:
     tap = start_tap(tmp_path, simulator.url, "--capture-content")
     try:
-        out = curl(f"{tap.base_url}/chat/completions", "-H", f"Authorization: Bearer {API_KEY}",
-                   "--data", json.dumps({"model": "pulze", "messages": [{"role": "user", "content": "capture me"}]}))
+        out = curl(
+            f"{tap.base_url}/chat/completions",
+            "-H",
+            f"Authorization: Bearer {API_KEY}",
+            "--data",
+            json.dumps({"model": "pulze", "messages": [{"role": "user", "content": "capture me"}]}),
+        )
         assert out.returncode == 0
         [record] = tap.wait_records(1)
         assert record.input_messages == ({"role": "user", "content": "capture me"},)
@@ -376,17 +512,24 @@ def self_signed_tls(tmp_path: Path):
 
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "simulated-pulze")])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(days=1))
-            .not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
-            .sign(key, hashes.SHA256()))
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
+        .sign(key, hashes.SHA256())
+    )
     cert_path, key_path = tmp_path / "sim-cert.pem", tmp_path / "sim-key.pem"
     cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
+    key_path.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.load_cert_chain(cert_path, key_path)
     return cert_path, context
@@ -402,7 +545,8 @@ def test_regular_proxy_mode_over_https_with_the_mitmproxy_ca(tmp_path) -> None:
         client = openai.OpenAI(base_url=sim.url + "/v1", api_key=API_KEY, max_retries=0, http_client=http_client)
         try:
             raw = client.chat.completions.with_raw_response.create(
-                model="pulze", messages=[{"role": "user", "content": "over TLS"}], extra_headers=HEADERS)
+                model="pulze", messages=[{"role": "user", "content": "over TLS"}], extra_headers=HEADERS
+            )
             assert raw.http_response.content == sim.exchanges[-1].decoded_body
             [record] = tap.wait_records(1)
             assert_record_matches(record, sim.exchanges[-1], operation="chat", stream=False)
@@ -418,14 +562,31 @@ def test_jsonl_to_a_stdout_nobody_reads_never_stalls_traffic(tmp_path, simulator
 
     port = free_port()
     proc = subprocess.Popen(
-        [str(Path(sys.executable).with_name("llmtap")), "run", "--upstream", simulator.url, "--listen-port", str(port),
-         "--metrics-port", "-1", "--db", "", "--jsonl", "-", "--confdir", str(tmp_path / "conf")],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        [
+            str(Path(sys.executable).with_name("llmtap")),
+            "run",
+            "--upstream",
+            simulator.url,
+            "--listen-port",
+            str(port),
+            "--metrics-port",
+            "-1",
+            "--db",
+            "",
+            "--jsonl",
+            "-",
+            "--confdir",
+            str(tmp_path / "conf"),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         wait_for_port(port, proc=proc)
         body = {"model": "pulze", "messages": [{"role": "user", "content": "fill the pipe " * 20}]}
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}/v1", timeout=10,
-                          headers={"Authorization": f"Bearer {API_KEY}"}) as client:
+        with httpx.Client(
+            base_url=f"http://127.0.0.1:{port}/v1", timeout=10, headers={"Authorization": f"Bearer {API_KEY}"}
+        ) as client:
             statuses = [client.post("/chat/completions", json=body).status_code for _ in range(300)]
         assert statuses == [200] * 300
         proc.send_signal(signal.SIGINT)
@@ -433,7 +594,8 @@ def test_jsonl_to_a_stdout_nobody_reads_never_stalls_traffic(tmp_path, simulator
         lines = out.decode().splitlines()
         assert len(lines) == 300
         assert {ExchangeRecord.from_json(line).response_id for line in lines} == {
-            json.loads(ex.decoded_body)["id"] for ex in simulator.exchanges}
+            json.loads(ex.decoded_body)["id"] for ex in simulator.exchanges
+        }
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -22,15 +22,40 @@ class Text(str):
 
 def contract(value) -> str:
     """The documented form: what json.dumps makes with the canonical options."""
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
-                      default=lambda mapping: dict(mapping))
+    return json.dumps(
+        value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=lambda mapping: dict(mapping)
+    )
 
 
 ODD_VALUES = [
-    None, True, False, 0, -1, 2**80, Status.OK, 0.1, -0.0, 1e-300, 1.7e9 + 0.123, math.nan, math.inf, -math.inf,
-    "", "plain", 'quote " backslash \\ newline \n tab \t nul \x00', "Zürich 日本 🙂", "lone \ud800 surrogate",
-    "\u2028", "%s %d %%", Text("str subclass"), ("stop", "END"), (), ({"role": "user", "content": "é"},),
-    {"b": 1, "a": {"z": [1, 2.5, None], "y": "ü"}}, types.MappingProxyType({"k": "v"}), {},
+    None,
+    True,
+    False,
+    0,
+    -1,
+    2**80,
+    Status.OK,
+    0.1,
+    -0.0,
+    1e-300,
+    1.7e9 + 0.123,
+    math.nan,
+    math.inf,
+    -math.inf,
+    "",
+    "plain",
+    'quote " backslash \\ newline \n tab \t nul \x00',
+    "Zürich 日本 🙂",
+    "lone \ud800 surrogate",
+    "\u2028",
+    "%s %d %%",
+    Text("str subclass"),
+    ("stop", "END"),
+    (),
+    ({"role": "user", "content": "é"},),
+    {"b": 1, "a": {"z": [1, 2.5, None], "y": "ü"}},
+    types.MappingProxyType({"k": "v"}),
+    {},
 ]
 
 
@@ -49,8 +74,15 @@ def test_canonical_json_recovers_after_a_value_it_cannot_encode() -> None:
 
 
 def test_from_fields_ignores_other_keys_and_defaults_the_rest() -> None:
-    fields = {"exchange_id": "id", "operation": "chat", "method": "POST", "path": "/v1", "request_start": 1.0,
-              "input_tokens": 3, "reported_cost_usd": 0.5}
+    fields = {
+        "exchange_id": "id",
+        "operation": "chat",
+        "method": "POST",
+        "path": "/v1",
+        "request_start": 1.0,
+        "input_tokens": 3,
+        "reported_cost_usd": 0.5,
+    }
     record = ExchangeRecord.from_fields(fields)
     assert record == ExchangeRecord("id", "chat", "POST", "/v1", 1.0, input_tokens=3)
     assert record.cost_source == "unknown" and record.stream is False

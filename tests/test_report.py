@@ -12,18 +12,18 @@ import sqlite3
 import threading
 import time
 from collections import defaultdict
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from importlib import resources
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 
+from llmtap.audit.report import parse_when, report, spend
 from llmtap.audit.store import connect_readonly
 from llmtap.config import Settings
 from llmtap.health import Health
 from llmtap.record import ExchangeRecord
-from llmtap.audit.report import parse_when, report, spend
 from llmtap.sinks.audit import AuditSink
 
 NOW = time.time()
@@ -36,22 +36,34 @@ def traffic(count: int = 90, seed: int = 7) -> list[ExchangeRecord]:
     records = []
     for i in range(count):
         start = NOW - rng.uniform(0, 3 * 86400)
-        status, error = rng.choice([(200, None)] * 6 + [(429, "http_429"), (500, "http_500"), (None, "client_disconnected")])
+        status, error = rng.choice(
+            [(200, None)] * 6 + [(429, "http_429"), (500, "http_500"), (None, "client_disconnected")]
+        )
         model = rng.choice(MODELS)
         known = status == 200 and rng.random() < 0.8
-        records.append(ExchangeRecord(
-            exchange_id=f"r{i}", operation="chat", method="POST", path="/v1/chat/completions",
-            request_start=start, response_end=start + rng.uniform(0.05, 3.0), http_status=status, error_type=error,
-            request_model="pulze", response_model=model if status == 200 else None,
-            provider=model.split("/")[0], app_id=rng.choice(["app-a", "app-b"]),
-            key_fingerprint=rng.choice(["fp_1", "fp_2"]),
-            labels=rng.choice([{"team": "search"}, {"team": "ads"}, None]),
-            input_tokens=rng.randint(5, 500) if status == 200 else None,
-            output_tokens=rng.randint(1, 900) if status == 200 else None,
-            cost_usd=rng.uniform(1e-6, 0.02) if known else (0.0 if status and status != 200 else None),
-            cost_source="reported" if known else ("computed" if status and status != 200 else "unknown"),
-            cost_savings_usd=rng.uniform(0, 0.1) if known else None,
-        ))
+        records.append(
+            ExchangeRecord(
+                exchange_id=f"r{i}",
+                operation="chat",
+                method="POST",
+                path="/v1/chat/completions",
+                request_start=start,
+                response_end=start + rng.uniform(0.05, 3.0),
+                http_status=status,
+                error_type=error,
+                request_model="pulze",
+                response_model=model if status == 200 else None,
+                provider=model.split("/")[0],
+                app_id=rng.choice(["app-a", "app-b"]),
+                key_fingerprint=rng.choice(["fp_1", "fp_2"]),
+                labels=rng.choice([{"team": "search"}, {"team": "ads"}, None]),
+                input_tokens=rng.randint(5, 500) if status == 200 else None,
+                output_tokens=rng.randint(1, 900) if status == 200 else None,
+                cost_usd=rng.uniform(1e-6, 0.02) if known else (0.0 if status and status != 200 else None),
+                cost_source="reported" if known else ("computed" if status and status != 200 else "unknown"),
+                cost_savings_usd=rng.uniform(0, 0.1) if known else None,
+            )
+        )
     return records
 
 
@@ -67,7 +79,7 @@ def audit_db(tmp_path) -> tuple[Path, list[ExchangeRecord]]:
 
 def nearest_rank(values: list[float], p: float) -> float | None:
     values = sorted(values)
-    return values[int(math.ceil(len(values) * p)) - 1] if values else None
+    return values[math.ceil(len(values) * p) - 1] if values else None
 
 
 def expected(records: list[ExchangeRecord], key) -> dict:
@@ -76,16 +88,22 @@ def expected(records: list[ExchangeRecord], key) -> dict:
         groups[key(r)].append(r)
     out = {}
     for name, rs in groups.items():
+
         def total(field):
             values = [getattr(r, field) for r in rs if getattr(r, field) is not None]
             return sum(values) if values else None
+
         durations = [r.duration_s for r in rs]
         out[name] = {
-            "requests": len(rs), "errors": sum(r.error_type is not None for r in rs),
-            "input_tokens": total("input_tokens"), "output_tokens": total("output_tokens"),
-            "cost_usd": total("cost_usd"), "cost_savings_usd": total("cost_savings_usd"),
+            "requests": len(rs),
+            "errors": sum(r.error_type is not None for r in rs),
+            "input_tokens": total("input_tokens"),
+            "output_tokens": total("output_tokens"),
+            "cost_usd": total("cost_usd"),
+            "cost_savings_usd": total("cost_savings_usd"),
             "unknown_cost": sum(r.cost_usd is None for r in rs),
-            "p50_s": nearest_rank(durations, 0.5), "p95_s": nearest_rank(durations, 0.95),
+            "p50_s": nearest_rank(durations, 0.5),
+            "p95_s": nearest_rank(durations, 0.95),
         }
     return out
 
@@ -119,8 +137,9 @@ def test_sums_per_model_equal_sums_computed_from_the_records(audit_db):
 
 def test_json_by_two_dimensions_with_a_time_window(audit_db):
     db, records = audit_db
-    out = json.loads(invoke("--db", str(db), "--since", "24h", "--by", "provider", "--by", "label:team",
-                            "--format", "json"))
+    out = json.loads(
+        invoke("--db", str(db), "--since", "24h", "--by", "provider", "--by", "label:team", "--format", "json")
+    )
     recent = [r for r in records if r.request_start >= NOW - 86400 - 60]
     assert 0 < len(recent) < len(records)
     want = expected(recent, lambda r: (r.provider, (r.labels or {}).get("team")))
@@ -133,9 +152,9 @@ def test_json_by_two_dimensions_with_a_time_window(audit_db):
 
 def test_iso_window_by_day_and_status(audit_db):
     db, records = audit_db
-    today = datetime.fromtimestamp(NOW, timezone.utc).strftime("%Y-%m-%d")
+    today = datetime.fromtimestamp(NOW, UTC).strftime("%Y-%m-%d")
     out = json.loads(invoke("--db", str(db), "--since", today, "--by", "day", "--by", "status", "--format", "json"))
-    since = datetime.fromisoformat(today).replace(tzinfo=timezone.utc).timestamp()
+    since = datetime.fromisoformat(today).replace(tzinfo=UTC).timestamp()
     todays = [r for r in records if r.request_start >= since]
     want = expected(todays, lambda r: (today, str(r.http_status) if r.http_status else r.error_type))
     assert {(row["day"], row["status"]): row["requests"] for row in out["rows"]} == {
@@ -150,7 +169,8 @@ def test_csv_has_a_totals_row(audit_db):
     assert [line[0] for line in lines[1:]] == ["app-a", "app-b", "TOTAL"]
     assert int(lines[-1][1]) == len(records)
     assert float(lines[-1][lines[0].index("cost_usd")]) == pytest.approx(
-        sum(r.cost_usd for r in records if r.cost_usd is not None))
+        sum(r.cost_usd for r in records if r.cost_usd is not None)
+    )
 
 
 def test_table_is_readable(audit_db):
@@ -175,8 +195,8 @@ def test_bad_input_is_a_clear_error(tmp_path, audit_db):
 def test_parse_when():
     assert parse_when("90m", 10_000.0) == 10_000.0 - 5400
     assert parse_when("7d", 1e6) == 1e6 - 7 * 86400
-    assert parse_when("2024-05-01", 0) == datetime(2024, 5, 1, tzinfo=timezone.utc).timestamp()
-    assert parse_when("2024-05-01T10:00:00+02:00", 0) == datetime(2024, 5, 1, 8, tzinfo=timezone.utc).timestamp()
+    assert parse_when("2024-05-01", 0) == datetime(2024, 5, 1, tzinfo=UTC).timestamp()
+    assert parse_when("2024-05-01T10:00:00+02:00", 0) == datetime(2024, 5, 1, 8, tzinfo=UTC).timestamp()
 
 
 def test_report_reads_while_the_proxy_writes(tmp_path):
@@ -205,6 +225,7 @@ def test_report_reads_while_the_proxy_writes(tmp_path):
 
 # --- Datasette ----------------------------------------------------------------------------------
 
+
 def metadata() -> dict:
     return json.loads(resources.files("llmtap").joinpath("datasette-metadata.json").read_text())
 
@@ -214,7 +235,7 @@ def test_canned_queries_run_on_a_real_log(audit_db):
     queries = metadata()["databases"]["llmtap"]["queries"]
     assert {"spend_by_day", "top_models", "most_expensive_requests", "errors"} <= set(queries)
     conn = sqlite3.connect(db)
-    for name, query in queries.items():
+    for _name, query in queries.items():
         params = {p: "" for p in query.get("params", [])}
         conn.execute(query["sql"], params).fetchall()  # raises on a query the schema broke
     by_day = conn.execute(queries["spend_by_day"]["sql"]).fetchall()

@@ -40,8 +40,12 @@ def client(sim: Simulator) -> Iterator[openai.OpenAI]:
     c.close()
 
 
-def post(sim: Simulator, path: str, body: dict | bytes, headers: dict[str, str] | None = None,
-         ) -> tuple[http.client.HTTPResponse, bytes]:
+def post(
+    sim: Simulator,
+    path: str,
+    body: dict | bytes,
+    headers: dict[str, str] | None = None,
+) -> tuple[http.client.HTTPResponse, bytes]:
     """One request on a fresh connection; returns the response and its raw (still encoded) body."""
     conn = http.client.HTTPConnection("127.0.0.1", sim.port, timeout=10)
     data = body if isinstance(body, bytes) else json.dumps(body).encode()
@@ -80,8 +84,9 @@ class RawStream:
         data = json.dumps(body).encode()
         extra = "".join(f"{k}: {v}\r\n" for k, v in {**AUTH, **(headers or {})}.items())
         path = "/v1/chat/completions" if "messages" in body else "/v1/completions"
-        self.sock.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\n{extra}Content-Length: {len(data)}\r\n\r\n"
-                          .encode() + data)
+        self.sock.sendall(
+            f"POST {path} HTTP/1.1\r\nHost: x\r\n{extra}Content-Length: {len(data)}\r\n\r\n".encode() + data
+        )
         self.file = self.sock.makefile("rb")
         self.status_line = self.file.readline()
         self.headers: dict[str, str] = {}
@@ -120,7 +125,7 @@ def test_chat_completion_has_pulze_shape_and_exact_costs(sim: Simulator, client:
     assert resp.choices[0].message.role == "assistant" and resp.choices[0].message.content
     usage = resp.usage
     assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
-    assert usage.prompt_tokens == len("Say something about proxies".split()) + 4 + 3
+    assert usage.prompt_tokens == len(["Say", "something", "about", "proxies"]) + 4 + 3
     assert usage.completion_tokens == len(resp.choices[0].message.content.split())
 
     meta = pulze_metadata(resp)
@@ -131,7 +136,8 @@ def test_chat_completion_has_pulze_shape_and_exact_costs(sim: Simulator, client:
     assert costs["total_tokens"] == costs["prompt_tokens"] + costs["completion_tokens"]
     savings = meta["cost_savings"]
     assert savings["prompt_tokens"] == pytest.approx(
-        usage.prompt_tokens * REFERENCE_PRICE.prompt / 1e6 - prompt_cost, abs=1e-10)
+        usage.prompt_tokens * REFERENCE_PRICE.prompt / 1e6 - prompt_cost, abs=1e-10
+    )
     assert savings["total_tokens"] == savings["prompt_tokens"] + savings["completion_tokens"]
     assert meta["app_id"] == "app-" + hashlib.sha256(KEY.encode()).hexdigest()[:8]
     assert meta["model"]["namespace"] == resp.model and meta["model"]["provider"] == resp.model.split("/")[0]
@@ -230,8 +236,9 @@ def test_auth_validation_and_not_found(sim: Simulator) -> None:
     assert resp.status == 401 and "detail" in json.loads(raw)
     resp, raw = post(sim, "/v1/completions", {"model": "pulze"})
     assert resp.status == 422
-    assert json.loads(raw) == {"detail": [{"loc": ["body", "prompt"], "msg": "field required",
-                                           "type": "value_error.missing"}]}
+    assert json.loads(raw) == {
+        "detail": [{"loc": ["body", "prompt"], "msg": "field required", "type": "value_error.missing"}]
+    }
     resp, raw = post(sim, "/v1/chat/completions", b"{not json")
     assert resp.status == 422 and json.loads(raw)["detail"][0]["type"] == "value_error.jsondecode"
     resp, raw = post(sim, "/v1/nothing-here", {"prompt": "x"})
@@ -272,8 +279,9 @@ def test_stream_is_incremental() -> None:
 
 
 def test_stream_without_usage_and_with_crlf(sim: Simulator) -> None:
-    resp, raw = post(sim, "/v1/chat/completions", {**CHAT, "stream": True},
-                     {"X-Sim-Stream-Usage": "none", "X-Sim-SSE": "crlf"})
+    resp, raw = post(
+        sim, "/v1/chat/completions", {**CHAT, "stream": True}, {"X-Sim-Stream-Usage": "none", "X-Sim-SSE": "crlf"}
+    )
     assert resp.status == 200 and resp.getheader("content-type").startswith("text/event-stream")
     events = sse_events(raw)
     assert events[-1]["choices"][0]["finish_reason"] == "stop"
@@ -410,8 +418,10 @@ def test_keep_alive_100_requests_on_one_connection(sim: Simulator) -> None:
 def test_chunked_request_body_and_expect_continue(sim: Simulator) -> None:
     body = json.dumps({"prompt": "chunked body here"}).encode()
     with socket.create_connection(("127.0.0.1", sim.port), timeout=10) as sock:
-        head = (b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer k\r\n"
-                b"Transfer-Encoding: chunked\r\nExpect: 100-continue\r\nConnection: close\r\n\r\n")
+        head = (
+            b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer k\r\n"
+            b"Transfer-Encoding: chunked\r\nExpect: 100-continue\r\nConnection: close\r\n\r\n"
+        )
         sock.sendall(head)
         assert sock.recv(100).startswith(b"HTTP/1.1 100 Continue")
         sock.sendall(b"5\r\n" + body[:5] + b"\r\n" + b"%x\r\n" % len(body[5:]) + body[5:] + b"\r\n0\r\n\r\n")
@@ -452,8 +462,9 @@ def test_serve_runs_in_foreground_until_sigterm() -> None:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     code = f"from llmtap.devtools.simulator import serve; serve('127.0.0.1', {port}, 0.0, 0.0)"
-    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"}
+    )
     try:
         assert f"http://127.0.0.1:{port}" in proc.stdout.readline()
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)

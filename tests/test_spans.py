@@ -16,15 +16,15 @@ from pathlib import Path
 
 import openai
 import pytest
-from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
-
 from conftest import API_KEY, free_port, start_tap, wait_until
+from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
+from otlp_receiver import OTLPGRPCReceiver, OTLPHTTPReceiver, ReceivedSpan
+
 from llmtap.config import Settings
 from llmtap.health import Health
 from llmtap.record import ExchangeRecord
 from llmtap.sinks.spans import SpanSink
 from llmtap.tracing import provider_name
-from otlp_receiver import OTLPGRPCReceiver, OTLPHTTPReceiver, ReceivedSpan
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -55,18 +55,50 @@ def record(**fields) -> ExchangeRecord:
     """A complete, successful non-streamed Pulze chat exchange unless ``fields`` say otherwise."""
     n = next(_ids)
     base = dict(
-        exchange_id=f"x{n}", operation="chat", method="POST", path="/v1/chat/completions",
-        request_start=T0, request_end=T0 + 0.002, response_start=T0 + 0.4, response_end=T0 + 0.731,
-        upstream_latency_s=0.601, upstream_scheme="https", upstream_host="api.pulze.ai", upstream_port=443,
-        router="pulze", provider="mistralai", http_status=200,
-        key_fingerprint="fp_0123456789abcdef", app_id="app-42", labels={"team": "search", "env": "prod"},
-        trace_id=f"{n:032x}", span_id=f"{n + 0xabc:016x}",
-        request_model="pulze", max_tokens=64, temperature=0.2, top_p=0.9, n=2, stop=("END", "\n\n"),
-        presence_penalty=0.1, frequency_penalty=0.3, seed=7, response_format="json_object",
-        response_id="chatcmpl-1", response_model="mistralai/mistral-small",
-        served_namespace="mistralai/mistral-small", input_tokens=12, output_tokens=21, total_tokens=33,
-        cached_input_tokens=4, reasoning_tokens=5, finish_reasons=("stop", "length"),
-        cost_usd=0.00066, cost_source="reported", cost_savings_usd=0.0123, retries=1, score=0.87,
+        exchange_id=f"x{n}",
+        operation="chat",
+        method="POST",
+        path="/v1/chat/completions",
+        request_start=T0,
+        request_end=T0 + 0.002,
+        response_start=T0 + 0.4,
+        response_end=T0 + 0.731,
+        upstream_latency_s=0.601,
+        upstream_scheme="https",
+        upstream_host="api.pulze.ai",
+        upstream_port=443,
+        router="pulze",
+        provider="mistralai",
+        http_status=200,
+        key_fingerprint="fp_0123456789abcdef",
+        app_id="app-42",
+        labels={"team": "search", "env": "prod"},
+        trace_id=f"{n:032x}",
+        span_id=f"{n + 0xABC:016x}",
+        request_model="pulze",
+        max_tokens=64,
+        temperature=0.2,
+        top_p=0.9,
+        n=2,
+        stop=("END", "\n\n"),
+        presence_penalty=0.1,
+        frequency_penalty=0.3,
+        seed=7,
+        response_format="json_object",
+        response_id="chatcmpl-1",
+        response_model="mistralai/mistral-small",
+        served_namespace="mistralai/mistral-small",
+        input_tokens=12,
+        output_tokens=21,
+        total_tokens=33,
+        cached_input_tokens=4,
+        reasoning_tokens=5,
+        finish_reasons=("stop", "length"),
+        cost_usd=0.00066,
+        cost_source="reported",
+        cost_savings_usd=0.0123,
+        retries=1,
+        score=0.87,
         warning="fell back to a cheaper model",
         input_messages=({"role": "system", "content": "be brief"}, {"role": "user", "content": PROMPT}),
         output_messages=({"role": "assistant", "content": "the lighthouse", "finish_reason": "stop"},),
@@ -85,6 +117,7 @@ def export(receiver: OTLPHTTPReceiver, *records: ExchangeRecord, **settings) -> 
 
 
 # --- unit level: hand-built records ---------------------------------------------------------
+
 
 def test_every_attribute_identity_and_timing(receiver: OTLPHTTPReceiver) -> None:
     rec = record()
@@ -141,15 +174,51 @@ def test_every_attribute_identity_and_timing(receiver: OTLPHTTPReceiver) -> None
 def test_stream_error_and_unknowns_left_out(receiver: OTLPHTTPReceiver) -> None:
     """Unknown values are absent (not zero); an unknown cost says so; failures are ERROR spans."""
     bare = dict.fromkeys(
-        ("request_end", "response_start", "upstream_latency_s", "upstream_host", "upstream_port", "provider",
-         "key_fingerprint", "app_id", "labels", "max_tokens", "temperature", "top_p", "n", "stop",
-         "presence_penalty", "frequency_penalty", "seed", "response_format", "response_id", "response_model",
-         "served_namespace", "input_tokens", "output_tokens", "total_tokens", "cached_input_tokens",
-         "reasoning_tokens", "finish_reasons", "cost_usd", "cost_savings_usd", "retries", "score", "warning"),
+        (
+            "request_end",
+            "response_start",
+            "upstream_latency_s",
+            "upstream_host",
+            "upstream_port",
+            "provider",
+            "key_fingerprint",
+            "app_id",
+            "labels",
+            "max_tokens",
+            "temperature",
+            "top_p",
+            "n",
+            "stop",
+            "presence_penalty",
+            "frequency_penalty",
+            "seed",
+            "response_format",
+            "response_id",
+            "response_model",
+            "served_namespace",
+            "input_tokens",
+            "output_tokens",
+            "total_tokens",
+            "cached_input_tokens",
+            "reasoning_tokens",
+            "finish_reasons",
+            "cost_usd",
+            "cost_savings_usd",
+            "retries",
+            "score",
+            "warning",
+        ),
     )
     streamed = record(stream=True, first_token_at=T0 + 0.25, n=1)
-    failed = record(**bare, cost_source="unknown", request_model=None, operation="text_completion",
-                    path="/v1/completions", http_status=429, error_type="http_429")
+    failed = record(
+        **bare,
+        cost_source="unknown",
+        request_model=None,
+        operation="text_completion",
+        path="/v1/completions",
+        http_status=429,
+        error_type="http_429",
+    )
     spans, _ = export(receiver, streamed, failed)
     by_id = {s.span_id: s for s in spans}
 
@@ -240,7 +309,11 @@ def test_grpc_protocol(monkeypatch) -> None:
         sink.emit(rec)
         sink.close()
         [span] = grpc_receiver.wait_spans(1)
-    assert (span.name, span.span_id, span.attributes["gen_ai.provider.name"]) == ("chat pulze", rec.span_id, "mistral_ai")
+    assert (span.name, span.span_id, span.attributes["gen_ai.provider.name"]) == (
+        "chat pulze",
+        rec.span_id,
+        "mistral_ai",
+    )
     assert health.span_export_failures == 0
 
 
@@ -260,8 +333,9 @@ def test_collector_down_counts_failures_never_raises_logs_once(monkeypatch, capl
             sink.flush()  # one failed batch each
         sink.close()
     assert health.span_export_failures == 3
-    assert [r.getMessage() for r in caplog.records].count("Failed to export spans batch due to timeout, "
-                                                          "max retries or shutdown.") == 1
+    assert [r.getMessage() for r in caplog.records].count(
+        "Failed to export spans batch due to timeout, max retries or shutdown."
+    ) == 1
 
 
 class Blackhole:
@@ -311,31 +385,35 @@ def test_hung_collector_full_queue_drops_newest_and_counts(monkeypatch) -> None:
     assert health.span_export_failures == 7  # every span is accounted for: none delivered
 
 
-@pytest.mark.parametrize("provider, router, expected", [
-    ("openai", None, "openai"),
-    ("OpenAI", "pulze", "openai"),
-    ("anthropic", "pulze", "anthropic"),
-    ("mistralai", "pulze", "mistral_ai"),
-    ("Mistral", None, "mistral_ai"),
-    ("cohere", "pulze", "cohere"),
-    ("google", "pulze", "gcp.gemini"),
-    ("groq", None, "groq"),
-    ("deepseek", None, "deepseek"),
-    ("perplexity", None, "perplexity"),
-    ("xai", None, "x_ai"),
-    ("x-ai", None, "x_ai"),
-    ("azure-openai", None, "azure.ai.openai"),
-    ("bedrock", None, "aws.bedrock"),
-    ("meta", "pulze", "meta"),  # no conventions value: the provider's own name
-    ("Together", None, "together"),
-    (None, "pulze", "pulze"),
-    (None, None, None),
-])
+@pytest.mark.parametrize(
+    "provider, router, expected",
+    [
+        ("openai", None, "openai"),
+        ("OpenAI", "pulze", "openai"),
+        ("anthropic", "pulze", "anthropic"),
+        ("mistralai", "pulze", "mistral_ai"),
+        ("Mistral", None, "mistral_ai"),
+        ("cohere", "pulze", "cohere"),
+        ("google", "pulze", "gcp.gemini"),
+        ("groq", None, "groq"),
+        ("deepseek", None, "deepseek"),
+        ("perplexity", None, "perplexity"),
+        ("xai", None, "x_ai"),
+        ("x-ai", None, "x_ai"),
+        ("azure-openai", None, "azure.ai.openai"),
+        ("bedrock", None, "aws.bedrock"),
+        ("meta", "pulze", "meta"),  # no conventions value: the provider's own name
+        ("Together", None, "together"),
+        (None, "pulze", "pulze"),
+        (None, None, None),
+    ],
+)
 def test_provider_names(provider, router, expected) -> None:
     assert provider_name(record(provider=provider, router=router)) == expected
 
 
 # --- end to end: the real proxy, the openai SDK, the simulator ------------------------------
+
 
 def chat(client: openai.OpenAI, stream: bool = False, **kwargs) -> None:
     messages = [{"role": "user", "content": PROMPT}]
@@ -346,7 +424,9 @@ def chat(client: openai.OpenAI, stream: bool = False, **kwargs) -> None:
 
 
 def complete(client: openai.OpenAI, stream: bool = False, **kwargs) -> None:
-    answer = client.completions.create(model="openai/gpt-4o-mini", prompt=PROMPT, max_tokens=16, stream=stream, **kwargs)
+    answer = client.completions.create(
+        model="openai/gpt-4o-mini", prompt=PROMPT, max_tokens=16, stream=stream, **kwargs
+    )
     if stream:
         for _ in answer:
             pass
@@ -354,8 +434,12 @@ def complete(client: openai.OpenAI, stream: bool = False, **kwargs) -> None:
 
 def test_e2e_http_streams_traceparent_errors_and_propagation(tmp_path: Path, simulator, receiver) -> None:
     """Base endpoint from the environment; four kinds of exchange, a child span, a fault, --propagate."""
-    tap = start_tap(tmp_path, simulator.url, "--propagate",
-                    env={"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.url, "OTEL_BSP_SCHEDULE_DELAY": "100"})
+    tap = start_tap(
+        tmp_path,
+        simulator.url,
+        "--propagate",
+        env={"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.url, "OTEL_BSP_SCHEDULE_DELAY": "100"},
+    )
     try:
         with tap.client() as client:
             chat(client, extra_headers={"traceparent": TRACEPARENT})
@@ -370,8 +454,13 @@ def test_e2e_http_streams_traceparent_errors_and_propagation(tmp_path: Path, sim
         tap.stop()
 
     kinds = [(r.operation, r.stream, r.error_type) for r in records]
-    assert kinds == [("chat", False, None), ("chat", True, None), ("text_completion", False, None),
-                     ("text_completion", True, None), ("chat", False, "http_500")]
+    assert kinds == [
+        ("chat", False, None),
+        ("chat", True, None),
+        ("text_completion", False, None),
+        ("text_completion", True, None),
+        ("chat", False, "http_500"),
+    ]
     for rec in records:
         span = spans[rec.span_id]
         assert span.trace_id == rec.trace_id
@@ -412,9 +501,16 @@ def test_e2e_http_streams_traceparent_errors_and_propagation(tmp_path: Path, sim
 def test_e2e_grpc_and_content_capped(tmp_path: Path, simulator, monkeypatch) -> None:
     """gRPC with --otlp-endpoint; --capture-content puts capped messages on the span."""
     with OTLPGRPCReceiver() as grpc_receiver:
-        tap = start_tap(tmp_path, simulator.url, "--otlp-endpoint", grpc_receiver.url, "--capture-content",
-                        "--set", "llmtap_content_max_chars=20",
-                        env={"OTEL_EXPORTER_OTLP_PROTOCOL": "grpc", "OTEL_BSP_SCHEDULE_DELAY": "100"})
+        tap = start_tap(
+            tmp_path,
+            simulator.url,
+            "--otlp-endpoint",
+            grpc_receiver.url,
+            "--capture-content",
+            "--set",
+            "llmtap_content_max_chars=20",
+            env={"OTEL_EXPORTER_OTLP_PROTOCOL": "grpc", "OTEL_BSP_SCHEDULE_DELAY": "100"},
+        )
         try:
             with tap.client() as client:
                 chat(client)
@@ -438,8 +534,14 @@ def test_e2e_http_full_url_flag(tmp_path: Path, simulator, receiver, audit_args)
 
     With the audit log on, its writer process exports the spans; without, the proxy does.
     """
-    tap = start_tap(tmp_path, simulator.url, "--otlp-endpoint", receiver.traces_url, *audit_args,
-                    env={"OTEL_BSP_SCHEDULE_DELAY": "60000"})
+    tap = start_tap(
+        tmp_path,
+        simulator.url,
+        "--otlp-endpoint",
+        receiver.traces_url,
+        *audit_args,
+        env={"OTEL_BSP_SCHEDULE_DELAY": "60000"},
+    )
     try:
         with tap.client() as client:
             complete(client)
@@ -452,9 +554,14 @@ def test_e2e_http_full_url_flag(tmp_path: Path, simulator, receiver, audit_args)
 
 
 def test_e2e_collector_down_traffic_flows_failures_counted(tmp_path: Path, simulator) -> None:
-    tap = start_tap(tmp_path, simulator.url, env={
-        "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{free_port()}", "OTEL_BSP_SCHEDULE_DELAY": "100",
-    })
+    tap = start_tap(
+        tmp_path,
+        simulator.url,
+        env={
+            "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{free_port()}",
+            "OTEL_BSP_SCHEDULE_DELAY": "100",
+        },
+    )
     try:
         with tap.client() as client:
             chat(client)

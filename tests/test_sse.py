@@ -13,9 +13,9 @@ from llmtap.capture.decoding import SSEDecoder, incremental_decoder
 
 STREAM = (
     b": keep-alive comment\n"
-    b"data: {\"a\": 1}\n\n"
+    b'data: {"a": 1}\n\n'
     b"event: message\r\n"
-    b"data:{\"b\": 2}\r\n\r\n"
+    b'data:{"b": 2}\r\n\r\n'
     b"data: line one\n"
     b"data: line two\n\n"
     b"id: 7\rdata: cr-only\r\r"
@@ -54,7 +54,7 @@ def test_crlf_split_between_chunks_counts_once() -> None:
 
 def test_unterminated_last_event_is_flushed() -> None:
     decoder = SSEDecoder()
-    assert decoder.feed(b"data: {\"z\": 1}") == []
+    assert decoder.feed(b'data: {"z": 1}') == []
     assert decoder.flush() == [b'{"z": 1}']
 
 

@@ -8,7 +8,6 @@ from typing import Any
 
 from llmtap.health import Health
 
-
 _STOP = object()
 
 

@@ -1,76 +1,96 @@
-"""llmtap's settings: declared once as mitmproxy options, parsed once into ``Settings``.
+"""llmtap's settings, declared once: each field of ``Settings`` is one option.
 
 ``mitmdump -s addons/tap.py --set llmtap_db=...`` and ``llmtap run --db ...`` set the same
-options; hooks only ever read the parsed ``Settings``.
+options (``OPTIONS`` is derived from the fields); hooks only ever read the parsed ``Settings``.
+The writer process receives the same ``Settings`` as one JSON document (``to_json``).
+Nothing here imports mitmproxy: a bad value raises ``SettingsError``, which the addon turns
+into mitmproxy's ``OptionsError``.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
-
-from mitmproxy import exceptions
+from typing import Any, NamedTuple
 
 DEFAULT_UPSTREAM = "https://api.pulze.ai"
-FSYNC_POLICIES = ("never", "batch")
 
-#: (option name, type, default, help). The CLI flag is the name without the prefix,
-#: with dashes: ``llmtap_metrics_port`` is ``--metrics-port``.
-OPTIONS: tuple[tuple[str, type, Any, str], ...] = (
-    ("llmtap_db", str, "./llmtap.db", "SQLite audit log path; empty disables the audit log."),
-    ("llmtap_jsonl", str, "", "Also write each record as one JSON line to this file, or '-' for stdout."),
-    ("llmtap_metrics_host", str, "127.0.0.1", "Address of the Prometheus /metrics endpoint."),
-    ("llmtap_metrics_port", int, 9464, "Port of the /metrics endpoint; -1 disables it, 0 picks a free port."),
-    ("llmtap_otlp_endpoint", str, "", "OTLP endpoint for spans (else OTEL_EXPORTER_OTLP_[TRACES_]ENDPOINT); none = tracing off."),
-    ("llmtap_propagate", bool, False, "Inject llmtap's span context upstream as traceparent (changes the request)."),
-    ("llmtap_capture_content", bool, False, "Capture prompt and completion text (audit content table, JSON lines, spans). Off by default."),
-    ("llmtap_content_max_chars", int, 16384, "Cap on captured text, in characters, for the prompt and for the completion of an exchange."),
-    ("llmtap_fsync", str, "never", "Journal/DB durability: 'never' (OS decides, survives kill -9) or 'batch' (fsync per batch, survives power loss)."),
-    ("llmtap_retention_days", int, 0, "Delete audit rows older than this many days; 0 keeps forever."),
-    ("llmtap_metric_labels", Sequence[str], [], "Extra metric labels: Pulze-Labels keys, or 'key' for the key fingerprint."),
-    ("llmtap_label_limit", int, 50, "Distinct values per metric label before new values fold into 'other'."),
-    ("llmtap_key_salt", str, "", "Secret for API-key fingerprints (else LLMTAP_KEY_SALT, else a fixed public salt)."),
-    ("llmtap_prices", str, "", "JSON file of model prices (USD per million tokens) merged over the built-in table."),
-)
+
+class SettingsError(ValueError):
+    """A bad option value; the message names the option, the value and what is allowed."""
+
+
+def _option(default: Any, help_text: str, *, choices: tuple[str, ...] = (), minimum: int | None = None) -> Any:
+    return field(default=default, metadata={"help": help_text, "choices": choices, "minimum": minimum})
 
 
 @dataclass(frozen=True)
 class Settings:
-    db: str = "./llmtap.db"
-    jsonl: str = ""
-    metrics_host: str = "127.0.0.1"
-    metrics_port: int = 9464
-    otlp_endpoint: str = ""
-    propagate: bool = False
-    capture_content: bool = False
-    content_max_chars: int = 16384
-    fsync: str = "never"
-    retention_days: int = 0
-    metric_labels: tuple[str, ...] = field(default_factory=tuple)
-    label_limit: int = 50
-    key_salt: str = ""
-    prices: str = ""
+    """Every llmtap option, with its default and help; ``llmtap_<name>`` in mitmproxy."""
+
+    db: str = _option("./llmtap.db", "SQLite audit log path; empty disables the audit log.")
+    jsonl: str = _option("", "Also write each record as one JSON line to this file, or '-' for stdout.")
+    metrics_host: str = _option("127.0.0.1", "Address of the Prometheus /metrics endpoint.")
+    metrics_port: int = _option(9464, "Port of the /metrics endpoint; -1 disables it, 0 picks a free port.", minimum=-1)
+    otlp_endpoint: str = _option(
+        "", "OTLP endpoint for spans (else OTEL_EXPORTER_OTLP_[TRACES_]ENDPOINT); none = tracing off."
+    )
+    propagate: bool = _option(False, "Inject llmtap's span context upstream as traceparent (changes the request).")
+    capture_content: bool = _option(
+        False, "Capture prompt and completion text (audit content table, JSON lines, spans). Off by default."
+    )
+    content_max_chars: int = _option(
+        16384,
+        "Cap on captured text, in characters, for the prompt and for the completion of an exchange.",
+        minimum=0,
+    )
+    fsync: str = _option(
+        "never",
+        "Journal/DB durability: 'never' (OS decides, survives kill -9) or 'batch' (fsync per batch, survives power loss).",
+        choices=("never", "batch"),
+    )
+    retention_days: int = _option(0, "Delete audit rows older than this many days; 0 keeps forever.", minimum=0)
+    metric_labels: tuple[str, ...] = _option(
+        (), "Extra metric labels: Pulze-Labels keys, or 'key' for the key fingerprint."
+    )
+    label_limit: int = _option(50, "Distinct values per metric label before new values fold into 'other'.", minimum=1)
+    key_salt: str = _option("", "Secret for API-key fingerprints (else LLMTAP_KEY_SALT, else a fixed public salt).")
+    prices: str = _option("", "JSON file of model prices (USD per million tokens) merged over the built-in table.")
+
+    @classmethod
+    def from_values(cls, values: Mapping[str, Any]) -> Settings:
+        """Validated settings from option values by field name (the environment fills the gaps)."""
+        values = dict(values)
+        values["metric_labels"] = tuple(values.get("metric_labels") or ())
+        values["key_salt"] = values.get("key_salt") or os.environ.get("LLMTAP_KEY_SALT", "")
+        capture_env = os.environ.get("OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT", "")
+        values["capture_content"] = bool(values.get("capture_content")) or capture_env.lower() == "true"
+        settings = cls(**values)
+        for option in OPTIONS:
+            value = getattr(settings, option.field)
+            if option.choices and value not in option.choices:
+                raise SettingsError(
+                    f"{option.name} (--{option.flag}): {value!r} is not one of {', '.join(option.choices)}"
+                )
+            if option.minimum is not None and value < option.minimum:
+                raise SettingsError(f"{option.name} (--{option.flag}): {value!r} is below {option.minimum}")
+        return settings
 
     @classmethod
     def from_options(cls, options: Any) -> Settings:
-        """Read and validate the ``llmtap_*`` mitmproxy options; raise ``OptionsError``."""
-        values = {name.removeprefix("llmtap_"): getattr(options, name) for name, *_ in OPTIONS}
-        values["metric_labels"] = tuple(values["metric_labels"])
-        values["key_salt"] = values["key_salt"] or os.environ.get("LLMTAP_KEY_SALT", "")
-        capture_env = os.environ.get("OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT", "")
-        values["capture_content"] = values["capture_content"] or capture_env.lower() == "true"
-        settings = cls(**values)
-        if settings.fsync not in FSYNC_POLICIES:
-            raise exceptions.OptionsError(f"llmtap_fsync must be one of {FSYNC_POLICIES}, not {settings.fsync!r}")
-        if settings.retention_days < 0:
-            raise exceptions.OptionsError("llmtap_retention_days must be >= 0")
-        if settings.label_limit < 1:
-            raise exceptions.OptionsError("llmtap_label_limit must be >= 1")
-        if settings.content_max_chars < 0:
-            raise exceptions.OptionsError("llmtap_content_max_chars must be >= 0")
-        return settings
+        """Read and validate the ``llmtap_*`` mitmproxy options."""
+        return cls.from_values({option.field: getattr(options, option.name) for option in OPTIONS})
+
+    def to_json(self) -> str:
+        """The settings for the writer process: argv is public, so never the key salt."""
+        return json.dumps({**dataclasses.asdict(self), "key_salt": ""})
+
+    @classmethod
+    def from_json(cls, text: str) -> Settings:
+        return cls.from_values(json.loads(text))
 
     @property
     def content_cap(self) -> int | None:
@@ -84,3 +104,40 @@ class Settings:
             or os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
             or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")
         )
+
+
+class Option(NamedTuple):
+    """One ``Settings`` field as a mitmproxy option and a CLI flag."""
+
+    name: str  # the mitmproxy option: llmtap_metrics_port
+    field: str  # the Settings field: metrics_port
+    flag: str  # the CLI flag without dashes: metrics-port
+    typespec: Any  # what mitmproxy's loader.add_option takes
+    default: Any
+    help: str
+    choices: tuple[str, ...]
+    minimum: int | None
+
+
+def _options() -> tuple[Option, ...]:
+    found = []
+    for f in dataclasses.fields(Settings):
+        typespec = {"str": str, "int": int, "bool": bool, "tuple[str, ...]": Sequence[str]}[f.type]
+        default = list(f.default) if isinstance(f.default, tuple) else f.default
+        found.append(
+            Option(
+                f"llmtap_{f.name}",
+                f.name,
+                f.name.replace("_", "-"),
+                typespec,
+                default,
+                f.metadata["help"],
+                f.metadata["choices"],
+                f.metadata["minimum"],
+            )
+        )
+    return tuple(found)
+
+
+#: Every option, in declaration order.
+OPTIONS: tuple[Option, ...] = _options()

@@ -39,7 +39,11 @@ class Health:
         if first:
             log.warning(
                 "llmtap %s failed%s: %s: %s (further %s errors of this kind are only counted)",
-                stage, f" ({context})" if context else "", type(exc).__name__, exc, stage,
+                stage,
+                f" ({context})" if context else "",
+                type(exc).__name__,
+                exc,
+                stage,
             )
 
     def add_errors(self, stage: str, n: int) -> None:

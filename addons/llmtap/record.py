@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from json.encoder import c_encode_basestring, c_make_encoder
 from typing import Any
 
+
 @dataclass(frozen=True, slots=True)
 class ExchangeRecord:
     """Everything llmtap learned about one request/response pair."""
@@ -158,13 +159,18 @@ class ExchangeRecord:
         (``repr`` of an int or finite float, ``c_encode_basestring`` of a str), without a call to it.
         """
         if self._json is None:
-            line = _RECORD_TEMPLATE % tuple([
-                "null" if value is None
-                else c_encode_basestring(value) if type(value) is str
-                else repr(value) if type(value) is int or (type(value) is float and math.isfinite(value))
-                else canonical_json(value)  # bool, containers, NaN/inf, subclasses
-                for value in _sorted_field_values(self)
-            ])
+            line = _RECORD_TEMPLATE % tuple(
+                [
+                    "null"
+                    if value is None
+                    else c_encode_basestring(value)
+                    if type(value) is str
+                    else repr(value)
+                    if type(value) is int or (type(value) is float and math.isfinite(value))
+                    else canonical_json(value)  # bool, containers, NaN/inf, subclasses
+                    for value in _sorted_field_values(self)
+                ]
+            )
             object.__setattr__(self, "_json", line)
         return self._json
 

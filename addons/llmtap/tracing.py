@@ -46,10 +46,10 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from llmtap import __version__
+from llmtap.background import QueueThread
 from llmtap.config import Settings
 from llmtap.health import Health
 from llmtap.record import ExchangeRecord, canonical_json
-from llmtap.background import QueueThread
 
 log = logging.getLogger("llmtap")
 
@@ -161,9 +161,11 @@ def _messages_json(messages: Sequence[Mapping[str, Any]] | None) -> str | None:
     converted = []
     for message in messages:
         content = message.get("content")
-        parts = [] if content is None else [
-            {"type": "text", "content": content if isinstance(content, str) else canonical_json(content)}
-        ]
+        parts = (
+            []
+            if content is None
+            else [{"type": "text", "content": content if isinstance(content, str) else canonical_json(content)}]
+        )
         item: dict[str, Any] = {"role": message.get("role"), "parts": parts}
         if message.get("finish_reason") is not None:
             item["finish_reason"] = message["finish_reason"]
@@ -223,8 +225,9 @@ class _GuardedExporter(SpanExporter):
         except Exception as exc:  # fail open: the exporter's bug must not kill the export thread
             if not self._logged:
                 self._logged = True
-                log.warning("llmtap span export raised %s: %s (further failures are only counted)",
-                            type(exc).__name__, exc)
+                log.warning(
+                    "llmtap span export raised %s: %s (further failures are only counted)", type(exc).__name__, exc
+                )
             result = SpanExportResult.FAILURE
         if result is not SpanExportResult.SUCCESS:
             self._health.add_span_export_failures(len(spans))
@@ -307,8 +310,15 @@ def make_exporter(endpoint: str | None) -> SpanExporter:
 
     The exporters are imported here, so that an llmtap without tracing never loads them.
     """
-    protocol = (os.environ.get(OTEL_EXPORTER_OTLP_TRACES_PROTOCOL)
-                or os.environ.get(OTEL_EXPORTER_OTLP_PROTOCOL) or "http/protobuf").strip().lower()
+    protocol = (
+        (
+            os.environ.get(OTEL_EXPORTER_OTLP_TRACES_PROTOCOL)
+            or os.environ.get(OTEL_EXPORTER_OTLP_PROTOCOL)
+            or "http/protobuf"
+        )
+        .strip()
+        .lower()
+    )
     timeout = None if _timeout_configured() else EXPORT_TIMEOUT_S
     if protocol == "http/protobuf":
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as HTTPExporter
@@ -342,7 +352,7 @@ def _max_queue() -> int:
 
 
 def _ns(seconds: float) -> int:
-    return int(round(seconds * 1e9))
+    return round(seconds * 1e9)
 
 
 def _quiet_repeats(exporter: SpanExporter) -> list[tuple[logging.Logger, Any]]:

@@ -6,7 +6,6 @@ The proxy side (``llmtap.sinks.audit``) imports this module, never the writer's 
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import sys
 
@@ -18,9 +17,8 @@ STOP_TIMEOUT_SECONDS = 10.0
 
 def writer_command(settings: Settings, *, prune_batch: int, max_backoff: float) -> list[str]:
     """How the audit sink starts the writer (never with the key salt: argv is public)."""
-    args = {"settings": {**dataclasses.asdict(settings), "key_salt": ""},
-            "prune_batch": prune_batch, "max_backoff": max_backoff}
-    return [sys.executable, "-m", "llmtap.audit.writer", json.dumps(args)]
+    tuning = json.dumps({"prune_batch": prune_batch, "max_backoff": max_backoff})
+    return [sys.executable, "-m", "llmtap.audit.writer", settings.to_json(), tuning]
 
 
 def next_backoff(delay: float, cap: float) -> float:

@@ -32,7 +32,7 @@ def generations(db_path: str) -> list[int]:
         names = os.listdir(directory or ".")
     except OSError:
         return []
-    return sorted(int(n[len(stem):]) for n in names if n.startswith(stem) and n[len(stem):].isdigit())
+    return sorted(int(n[len(stem) :]) for n in names if n.startswith(stem) and n[len(stem) :].isdigit())
 
 
 def generation_path(db_path: str, gen: int) -> str:

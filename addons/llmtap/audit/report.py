@@ -14,7 +14,7 @@ import sys
 import time
 from collections import defaultdict
 from collections.abc import Sequence
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any, NamedTuple
 
 import click
@@ -32,8 +32,15 @@ DIMENSIONS = {
     "status": "coalesce(CAST(http_status AS TEXT), error_type)",
 }
 METRICS = (
-    "requests", "errors", "input_tokens", "output_tokens", "cost_usd", "cost_savings_usd",
-    "p50_s", "p95_s", "unknown_cost",
+    "requests",
+    "errors",
+    "input_tokens",
+    "output_tokens",
+    "cost_usd",
+    "cost_savings_usd",
+    "p50_s",
+    "p95_s",
+    "unknown_cost",
 )
 _SUMS = """count(*) AS requests,
     sum(error_type IS NOT NULL) AS errors,
@@ -65,7 +72,7 @@ def parse_when(text: str, now: float) -> float:
         return now - float(match[1]) * _UNITS[match[2]]
     moment = datetime.fromisoformat(text.strip())
     if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=timezone.utc)
+        moment = moment.replace(tzinfo=UTC)
     return moment.timestamp()
 
 
@@ -98,8 +105,9 @@ def percentile(sorted_values: Sequence[float], p: float) -> float | None:
     return sorted_values[max(0, math.ceil(p * len(sorted_values)) - 1)]
 
 
-def spend(conn: sqlite3.Connection, by: Sequence[str], since: float | None, until: float | None
-          ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+def spend(
+    conn: sqlite3.Connection, by: Sequence[str], since: float | None, until: float | None
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Rows per group and the totals row, as plain dicts (group names first, then METRICS)."""
     group = grouping(by)
     where, where_params = ["1"], []
@@ -113,12 +121,15 @@ def spend(conn: sqlite3.Connection, by: Sequence[str], since: float | None, unti
     keys = [f"g{i}" for i in range(len(group.exprs))]
     select = "".join(f"{expr} AS {key}, " for expr, key in zip(group.exprs, keys))
     order = f"GROUP BY {', '.join(keys)} ORDER BY {', '.join(keys)}" if keys else ""
-    sums = conn.execute(f"SELECT {select}{_SUMS} FROM exchanges WHERE {where_sql} {order}",
-                        [*group.params, *where_params]).fetchall()
+    sums = conn.execute(
+        f"SELECT {select}{_SUMS} FROM exchanges WHERE {where_sql} {order}", [*group.params, *where_params]
+    ).fetchall()
     totals = dict(conn.execute(f"SELECT {_SUMS} FROM exchanges WHERE {where_sql}", where_params).fetchone())
     latencies: dict[tuple, list[float]] = defaultdict(list)
-    for row in conn.execute(f"SELECT {select}duration_s FROM exchanges WHERE {where_sql} AND duration_s IS NOT NULL",
-                            [*group.params, *where_params]):
+    for row in conn.execute(
+        f"SELECT {select}duration_s FROM exchanges WHERE {where_sql} AND duration_s IS NOT NULL",
+        [*group.params, *where_params],
+    ):
         latencies[tuple(row)[:-1]].append(row[-1])
     everything = sorted(v for values in latencies.values() for v in values)
     totals.update(p50_s=percentile(everything, 0.5), p95_s=percentile(everything, 0.95))
@@ -126,12 +137,14 @@ def spend(conn: sqlite3.Connection, by: Sequence[str], since: float | None, unti
     for row in sums:
         key = tuple(row[k] for k in keys)
         values = sorted(latencies.get(key, ()))
-        rows.append({
-            **dict(zip(group.names, key)),
-            **{m: row[m] for m in METRICS if m in row.keys()},
-            "p50_s": percentile(values, 0.5),
-            "p95_s": percentile(values, 0.95),
-        })
+        rows.append(
+            {
+                **dict(zip(group.names, key)),
+                **{m: row[m] for m in METRICS if m in row.keys()},  # noqa: SIM118 (sqlite3.Row: `in` tests values)
+                "p50_s": percentile(values, 0.5),
+                "p95_s": percentile(values, 0.95),
+            }
+        )
     return rows, {**dict.fromkeys(group.names), **{m: totals[m] for m in METRICS}}
 
 
@@ -146,8 +159,9 @@ def _open(db: str) -> sqlite3.Connection:
 @click.option("--db", default="./llmtap.db", show_default=True, help="The audit log to read.")
 @click.option("--since", type=When(), help="Start: a duration back from now (24h, 7d) or an ISO date (UTC).")
 @click.option("--until", type=When(), help="End (exclusive), same forms as --since.")
-@click.option("--by", multiple=True, metavar="DIMENSION",
-              help=f"Group by {', '.join(DIMENSIONS)} or label:NAME. Repeatable.")
+@click.option(
+    "--by", multiple=True, metavar="DIMENSION", help=f"Group by {', '.join(DIMENSIONS)} or label:NAME. Repeatable."
+)
 @click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table", show_default=True)
 def report(db: str, since: float | None, until: float | None, by: tuple[str, ...], fmt: str) -> None:
     """Spend report from the audit log: requests, errors, tokens, USD and latency per group."""
@@ -158,8 +172,9 @@ def report(db: str, since: float | None, until: float | None, by: tuple[str, ...
     finally:
         conn.close()
     if fmt == "json":
-        click.echo(json.dumps({"since": since, "until": until, "by": group.names, "rows": rows, "totals": totals},
-                              indent=2))
+        click.echo(
+            json.dumps({"since": since, "until": until, "by": group.names, "rows": rows, "totals": totals}, indent=2)
+        )
     elif fmt == "csv":
         writer = csv.writer(sys.stdout, lineterminator="\n")
         writer.writerow([*group.names, *METRICS])
@@ -175,13 +190,14 @@ def _csv(value: Any) -> Any:
     return "" if value is None else value
 
 
-def _print_table(names: list[str], rows: list[dict[str, Any]], totals: dict[str, Any],
-                 since: float | None, until: float | None) -> None:
+def _print_table(
+    names: list[str], rows: list[dict[str, Any]], totals: dict[str, Any], since: float | None, until: float | None
+) -> None:
     from rich.console import Console
     from rich.table import Table
 
     def when(ts: float | None, default: str) -> str:
-        return default if ts is None else datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+        return default if ts is None else datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M UTC")
 
     table = Table(title=f"llmtap spend, {when(since, 'start')} to {when(until, 'now')}", title_justify="left")
     for name in names:
@@ -197,10 +213,14 @@ def _print_table(names: list[str], rows: list[dict[str, Any]], totals: dict[str,
 
 def _metric_cells(row: dict[str, Any]) -> list[str]:
     return [
-        f"{row['requests']:,}", f"{row['errors'] or 0:,}",
-        _count(row["input_tokens"]), _count(row["output_tokens"]),
-        _usd(row["cost_usd"]), _usd(row["cost_savings_usd"]),
-        _seconds(row["p50_s"]), _seconds(row["p95_s"]),
+        f"{row['requests']:,}",
+        f"{row['errors'] or 0:,}",
+        _count(row["input_tokens"]),
+        _count(row["output_tokens"]),
+        _usd(row["cost_usd"]),
+        _usd(row["cost_savings_usd"]),
+        _seconds(row["p50_s"]),
+        _seconds(row["p95_s"]),
         f"{row['unknown_cost'] or 0:,}",
     ]
 
@@ -239,6 +259,8 @@ def verify(db: str) -> None:
     if check.ok:
         click.echo(f"OK: {check.rows} rows, hash chain intact from {start}")
         return
-    click.echo(f"BROKEN at row id={check.broken_id} exchange_id={check.broken_exchange_id}: {check.reason} "
-               f"({check.rows} rows before it verified, from {start})")
+    click.echo(
+        f"BROKEN at row id={check.broken_id} exchange_id={check.broken_exchange_id}: {check.reason} "
+        f"({check.rows} rows before it verified, from {start})"
+    )
     click.get_current_context().exit(1)

@@ -53,35 +53,94 @@ _ROW_SQL_FAULTS = (sqlite3.IntegrityError, sqlite3.InterfaceError, sqlite3.DataE
 
 # --- schema: an append-only list of small migrations; PRAGMA user_version counts those applied ---
 
+
 def _create_exchanges(db: Database) -> None:
     """One row per exchange: every record field, typed, plus derived timings and the chain."""
     db["exchanges"].create(
         {
             "id": int,
-            "exchange_id": str, "operation": str, "method": str, "path": str,
-            "request_start": float, "request_end": float, "response_start": float,
-            "first_token_at": float, "response_end": float, "upstream_latency_s": float,
-            "duration_s": float, "ttft_s": float,
-            "client_address": str, "upstream_scheme": str, "upstream_host": str, "upstream_port": int,
-            "router": str, "provider": str, "http_status": int, "error_type": str, "error_message": str,
+            "exchange_id": str,
+            "operation": str,
+            "method": str,
+            "path": str,
+            "request_start": float,
+            "request_end": float,
+            "response_start": float,
+            "first_token_at": float,
+            "response_end": float,
+            "upstream_latency_s": float,
+            "duration_s": float,
+            "ttft_s": float,
+            "client_address": str,
+            "upstream_scheme": str,
+            "upstream_host": str,
+            "upstream_port": int,
+            "router": str,
+            "provider": str,
+            "http_status": int,
+            "error_type": str,
+            "error_message": str,
             "stream": int,
-            "key_fingerprint": str, "app_id": str, "labels": str, "weights": str, "policies": str,
-            "traceparent": str, "trace_id": str, "span_id": str,
-            "request_model": str, "max_tokens": int, "temperature": float, "top_p": float, "n": int,
-            "best_of": int, "stop": str, "presence_penalty": float, "frequency_penalty": float,
-            "logprobs": int, "seed": int, "tool_count": int, "tool_names": str, "tool_choice": str,
-            "response_format": str, "logit_bias": int,
-            "response_id": str, "response_object": str, "created_at": float, "response_model": str,
-            "served_model": str, "served_provider": str, "served_owner": str, "served_namespace": str,
-            "served_at": str, "input_tokens": int, "output_tokens": int, "total_tokens": int,
-            "cached_input_tokens": int, "reasoning_tokens": int, "finish_reasons": str,
-            "choice_count": int, "chunk_count": int,
-            "cost_usd": float, "cost_prompt_usd": float, "cost_completion_usd": float, "cost_source": str,
-            "cost_savings_usd": float, "cost_savings_prompt_usd": float, "cost_savings_completion_usd": float,
-            "retries": int, "upstream_status_code": int, "score": float, "best_model": str,
-            "candidate_count": int, "response_labels": str, "warning": str, "upstream_error": str,
-            "category": str, "metadata_json": str,
-            "prev_hash": str, "row_hash": str,
+            "key_fingerprint": str,
+            "app_id": str,
+            "labels": str,
+            "weights": str,
+            "policies": str,
+            "traceparent": str,
+            "trace_id": str,
+            "span_id": str,
+            "request_model": str,
+            "max_tokens": int,
+            "temperature": float,
+            "top_p": float,
+            "n": int,
+            "best_of": int,
+            "stop": str,
+            "presence_penalty": float,
+            "frequency_penalty": float,
+            "logprobs": int,
+            "seed": int,
+            "tool_count": int,
+            "tool_names": str,
+            "tool_choice": str,
+            "response_format": str,
+            "logit_bias": int,
+            "response_id": str,
+            "response_object": str,
+            "created_at": float,
+            "response_model": str,
+            "served_model": str,
+            "served_provider": str,
+            "served_owner": str,
+            "served_namespace": str,
+            "served_at": str,
+            "input_tokens": int,
+            "output_tokens": int,
+            "total_tokens": int,
+            "cached_input_tokens": int,
+            "reasoning_tokens": int,
+            "finish_reasons": str,
+            "choice_count": int,
+            "chunk_count": int,
+            "cost_usd": float,
+            "cost_prompt_usd": float,
+            "cost_completion_usd": float,
+            "cost_source": str,
+            "cost_savings_usd": float,
+            "cost_savings_prompt_usd": float,
+            "cost_savings_completion_usd": float,
+            "retries": int,
+            "upstream_status_code": int,
+            "score": float,
+            "best_model": str,
+            "candidate_count": int,
+            "response_labels": str,
+            "warning": str,
+            "upstream_error": str,
+            "category": str,
+            "metadata_json": str,
+            "prev_hash": str,
+            "row_hash": str,
         },
         pk="id",
         not_null={"exchange_id", "prev_hash", "row_hash"},  # nothing else may cost a row
@@ -109,8 +168,15 @@ def _create_journal_offsets(db: Database) -> None:
 def _create_pruned(db: Database) -> None:
     """Retention's ledger: what was deleted, and the hash the remaining chain starts from."""
     db["pruned"].create(
-        {"id": int, "pruned_at": float, "cutoff": float, "rows": int,
-         "first_id": int, "last_id": int, "anchor_hash": str},
+        {
+            "id": int,
+            "pruned_at": float,
+            "cutoff": float,
+            "rows": int,
+            "first_id": int,
+            "last_id": int,
+            "anchor_hash": str,
+        },
         pk="id",
     )
 
@@ -164,6 +230,7 @@ def connect_readonly(path: str | os.PathLike[str]) -> sqlite3.Connection:
 
 
 # --- rows and the hash chain -------------------------------------------------------------------
+
 
 def row_builder(types: Mapping[str, str]) -> Callable[[Mapping[str, Any]], dict[str, Any]]:
     """A function from a journaled record (``ExchangeRecord.to_dict()`` as parsed from its JSON
@@ -280,8 +347,7 @@ class RowBuilder:
         self.columns = sorted(name for name in types if name not in _UNHASHED)
         self._general = row_builder(types)
         self._kinds = [
-            "ELAPSED" if name in _ELAPSED else "JSON" if name in JSON_COLUMNS else types[name]
-            for name in self.columns
+            "ELAPSED" if name in _ELAPSED else "JSON" if name in JSON_COLUMNS else types[name] for name in self.columns
         ]
         # an elapsed column holds its end time until the row's request_start is known
         self._get = operator.itemgetter(*[_ELAPSED.get(name) or _SOURCES.get(name, name) for name in self.columns])
@@ -376,8 +442,16 @@ class RowBuilder:
                 return None
         keys = [encode_basestring(name).replace("%", "%%") for name in names]
         return _Plan(
-            tuple(convert), tuple(elapsed), _picker(reals), tuple(reals), _picker(ints), _picker(texts),
-            _picker(strs), tuple(names), _picker(present), _picker(body),
+            tuple(convert),
+            tuple(elapsed),
+            _picker(reals),
+            tuple(reals),
+            _picker(ints),
+            _picker(texts),
+            _picker(strs),
+            tuple(names),
+            _picker(present),
+            _picker(body),
             "{" + ",".join(f"{key}:{spec}" for key, spec in zip(keys, layout)) + "}",
             _insert_sql(tuple(names)),
         )

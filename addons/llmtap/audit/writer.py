@@ -27,7 +27,6 @@ written, spans wait with the rows.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import logging
 import math
@@ -40,17 +39,18 @@ import time
 from typing import Any
 
 from llmtap.audit.control import STOP_TIMEOUT_SECONDS, next_backoff
+from llmtap.audit.journal import fsync_path, generation_path, generations, lock_file, read_lines
 from llmtap.audit.store import AuditStore, Batch
 from llmtap.config import Settings
 from llmtap.health import Health
 from llmtap.record import ExchangeRecord
-from llmtap.audit.journal import fsync_path, generation_path, generations, lock_file, read_lines
 
 log = logging.getLogger("llmtap")
 
 POLL_SECONDS = 0.05  # how often the journal is looked at; also how long a batch gathers
 NICENESS = 10  # below the proxy: on a shared core the proxy comes first, the journal absorbs the lag
 REPORT_EVERY_SECONDS = 1.0
+
 
 class Writer:
     """One pass at a time over the journal: ``cycle`` applies what is there."""
@@ -158,8 +158,12 @@ class Writer:
             with contextlib.suppress(Exception):
                 gauges[name] = float(read())
         return {
-            "positions": self.positions(), "newest": self.newest, "errors": dict(health.internal_errors),
-            "dropped": health.audit_dropped, "span_failures": health.span_export_failures, "gauges": gauges,
+            "positions": self.positions(),
+            "newest": self.newest,
+            "errors": dict(health.internal_errors),
+            "dropped": health.audit_dropped,
+            "span_failures": health.span_export_failures,
+            "gauges": gauges,
         }
 
     def close(self) -> None:
@@ -216,14 +220,15 @@ class Reporter:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = json.loads((argv or sys.argv[1:])[0])
+    settings_json, tuning_json = argv or sys.argv[1:]
+    args = json.loads(tuning_json)
     # the proxy decides when this process ends (stdin), also on Ctrl-C or SIGTERM to the group
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     with contextlib.suppress(OSError):
         os.nice(NICENESS)
     logging.basicConfig(level=logging.INFO, format="llmtap writer: %(message)s", stream=sys.stderr)
-    settings = Settings(**{**args["settings"], "metric_labels": tuple(args["settings"]["metric_labels"])})
+    settings = Settings.from_json(settings_json)
     writer = Writer(settings, Health(), prune_batch=args["prune_batch"])
     try:
         serve(writer, sys.stdin.fileno(), Reporter(sys.stdout), max_backoff=args["max_backoff"])

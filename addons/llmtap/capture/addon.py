@@ -19,7 +19,9 @@ from typing import Any
 from mitmproxy import ctx, http
 
 from llmtap import __version__
-from llmtap.config import OPTIONS, Settings
+from llmtap.capture.decoding import SSEDecoder, incremental_decoder
+from llmtap.capture.headers import error_type, header_map, key_fingerprint, trace_id_of
+from llmtap.config import OPTIONS, Settings, SettingsError
 from llmtap.health import Health
 from llmtap.pricing.cost import PriceTable, resolve_cost
 from llmtap.protocols import pulze
@@ -35,8 +37,6 @@ from llmtap.protocols.openai_compat import (
 from llmtap.protocols.values import load_json
 from llmtap.record import ExchangeRecord
 from llmtap.sinks import Sink
-from llmtap.capture.decoding import SSEDecoder, incremental_decoder
-from llmtap.capture.headers import error_type, header_map, key_fingerprint, trace_id_of
 
 log = logging.getLogger("llmtap")
 
@@ -52,10 +52,11 @@ class StreamTee:
     chunks keep flowing either way.
     """
 
-    __slots__ = ("exchange", "health", "on_done", "_decode", "_sse")
+    __slots__ = ("_decode", "_sse", "exchange", "health", "on_done")
 
-    def __init__(self, exchange: Exchange, content_encoding: str | None, health: Health,
-                 on_done: Callable[[], None]) -> None:
+    def __init__(
+        self, exchange: Exchange, content_encoding: str | None, health: Health, on_done: Callable[[], None]
+    ) -> None:
         self.exchange = exchange
         self.health = health
         self.on_done = on_done
@@ -89,7 +90,13 @@ class Exchange:
     """What is known about one exchange while it is in flight (lives in ``flow.metadata``)."""
 
     __slots__ = (
-        "operation", "path", "fields", "stream", "first_token_at", "parse_problem", "finished",
+        "fields",
+        "finished",
+        "first_token_at",
+        "operation",
+        "parse_problem",
+        "path",
+        "stream",
     )
 
     def __init__(self, operation: str, path: str, fields: dict[str, Any]) -> None:
@@ -114,18 +121,21 @@ class LLMTap:
 
     # --- options -------------------------------------------------------------------------
     def load(self, loader) -> None:
-        for name, typespec, default, help_text in OPTIONS:
-            loader.add_option(name, typespec, default, help_text)
+        for option in OPTIONS:
+            loader.add_option(option.name, option.typespec, option.default, option.help, option.choices or None)
 
     def configure(self, updated: set[str]) -> None:
         if not any(name.startswith("llmtap_") for name in updated):
             return
-        settings = Settings.from_options(ctx.options)
+        from mitmproxy.exceptions import OptionsError
+
+        try:
+            settings = Settings.from_options(ctx.options)
+        except SettingsError as exc:
+            raise OptionsError(str(exc)) from exc
         try:
             prices = PriceTable.load(settings.prices or None)
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-            from mitmproxy.exceptions import OptionsError
-
             raise OptionsError(f"llmtap_prices: cannot read {settings.prices!r}: {exc}") from exc
         changed = settings != self.settings
         self.settings, self.prices = settings, prices
@@ -178,7 +188,9 @@ class LLMTap:
         """One short banner on stderr: what to give the app, and where everything goes."""
         proxyserver = ctx.master.addons.get("proxyserver")
         addrs = proxyserver.listen_addrs() if proxyserver else []
-        host, port = (addrs[0][0], addrs[0][1]) if addrs else (ctx.options.listen_host or "127.0.0.1", ctx.options.listen_port)
+        host, port = (
+            (addrs[0][0], addrs[0][1]) if addrs else (ctx.options.listen_host or "127.0.0.1", ctx.options.listen_port)
+        )
         host = "127.0.0.1" if host in ("", "0.0.0.0", "::") else host
         mode = ctx.options.mode[0] if ctx.options.mode else "regular"
         if mode.startswith("reverse:"):
@@ -224,7 +236,9 @@ class LLMTap:
         if self.settings.propagate and exchange.fields.get("span_id"):
             incoming = exchange.fields.get("traceparent")
             flags = incoming.strip()[-2:] if incoming else "01"  # keep the app's sampling decision
-            flow.request.headers["traceparent"] = f"00-{exchange.fields['trace_id']}-{exchange.fields['span_id']}-{flags}"
+            flow.request.headers["traceparent"] = (
+                f"00-{exchange.fields['trace_id']}-{exchange.fields['span_id']}-{flags}"
+            )
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         exchange = flow.metadata.get(_METADATA_KEY)
@@ -290,10 +304,15 @@ class LLMTap:
         except Exception as exc:  # a record must exist even when building it failed
             self.health.error("build_record", exc, exchange.path)
             record = ExchangeRecord(
-                exchange_id=flow.id, operation=exchange.operation, method=flow.request.method,
-                path=exchange.path, request_start=flow.request.timestamp_start,
-                response_end=time.time(), http_status=flow.response.status_code if flow.response else None,
-                error_type="llmtap_parse_error", error_message=f"{type(exc).__name__}: {exc}"[:300],
+                exchange_id=flow.id,
+                operation=exchange.operation,
+                method=flow.request.method,
+                path=exchange.path,
+                request_start=flow.request.timestamp_start,
+                response_end=time.time(),
+                http_status=flow.response.status_code if flow.response else None,
+                error_type="llmtap_parse_error",
+                error_message=f"{type(exc).__name__}: {exc}"[:300],
             )
         for sink in self.sinks:
             try:
@@ -333,10 +352,14 @@ class LLMTap:
             fields["error_message"] = redact(flow.error.msg[:300])
         elif exchange.parse_problem and fields["error_type"] is None:
             self.health.error("parse_response", ValueError(exchange.parse_problem), exchange.path)
-        fields["router"] = "pulze" if (pulze.is_pulze_host(fields.get("upstream_host")) or fields.get("metadata")) else None
-        fields["provider"] = (fields.get("served_provider") or "").lower() or provider_from(
-            fields.get("upstream_host"), fields.get("served_namespace"), fields.get("response_model")
-        ) or ("pulze" if fields["router"] else None)
+        fields["router"] = (
+            "pulze" if (pulze.is_pulze_host(fields.get("upstream_host")) or fields.get("metadata")) else None
+        )
+        fields["provider"] = (
+            (fields.get("served_provider") or "").lower()
+            or provider_from(fields.get("upstream_host"), fields.get("served_namespace"), fields.get("response_model"))
+            or ("pulze" if fields["router"] else None)
+        )
         fields.update(resolve_cost(fields, self.prices))
         fields.update(exchange_id=flow.id, operation=exchange.operation, method=flow.request.method, path=exchange.path)
         return ExchangeRecord.from_fields(fields)  # leaves out parsers' intermediates (reported_cost_usd)

@@ -20,7 +20,7 @@ class SSEDecoder:
     comment lines, multi-line ``data`` fields and an optional space after the colon.
     """
 
-    __slots__ = ("_partial", "_data", "_after_cr")
+    __slots__ = ("_after_cr", "_data", "_partial")
 
     def __init__(self) -> None:
         self._partial = b""

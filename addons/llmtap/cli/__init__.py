@@ -7,8 +7,8 @@ import sys
 import click
 
 from llmtap import __version__
-from llmtap.config import DEFAULT_UPSTREAM, OPTIONS
 from llmtap.audit.report import audit, report
+from llmtap.config import DEFAULT_UPSTREAM, OPTIONS
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -19,40 +19,71 @@ def main() -> None:
 
 def llmtap_options(command):
     """One CLI flag per ``llmtap_*`` mitmproxy option: ``llmtap_metrics_port`` is ``--metrics-port``."""
-    for name, typespec, default, help_text in reversed(OPTIONS):
-        dest = name.removeprefix("llmtap_")
-        flag = "--" + dest.replace("_", "-")
-        if typespec is bool:
-            option = click.option(flag, dest, is_flag=True, help=help_text)
-        elif typespec in (str, int):
-            option = click.option(flag, dest, type=typespec, default=default, show_default=bool(default), help=help_text)
+    for spec in reversed(OPTIONS):
+        flag = "--" + spec.flag
+        if spec.typespec is bool:
+            option = click.option(flag, spec.field, is_flag=True, help=spec.help)
+        elif spec.typespec in (str, int):
+            kind = click.Choice(spec.choices) if spec.choices else spec.typespec
+            option = click.option(
+                flag, spec.field, type=kind, default=spec.default, show_default=bool(spec.default), help=spec.help
+            )
         else:  # a sequence: a repeatable flag in the singular
-            option = click.option(flag.removesuffix("s"), dest, multiple=True, help=help_text + " Repeatable.")
+            option = click.option(flag.removesuffix("s"), spec.field, multiple=True, help=spec.help + " Repeatable.")
         command = option(command)
     return command
 
 
 @main.command()
 @click.option("--upstream", default=DEFAULT_UPSTREAM, show_default=True, help="Upstream API (reverse mode).")
-@click.option("--mode", type=click.Choice(["reverse", "regular"]), default="reverse", show_default=True,
-              help="reverse: apps use llmtap as base URL. regular: apps set HTTPS_PROXY.")
+@click.option(
+    "--mode",
+    type=click.Choice(["reverse", "regular"]),
+    default="reverse",
+    show_default=True,
+    help="reverse: apps use llmtap as base URL. regular: apps set HTTPS_PROXY.",
+)
 @click.option("--listen-host", default="127.0.0.1", show_default=True)
 @click.option("--listen-port", default=8080, show_default=True, type=int)
 @click.option("--confdir", default="", help="mitmproxy confdir (CA certificates); default ~/.mitmproxy.")
-@click.option("--set", "extra_sets", multiple=True, metavar="OPTION=VALUE",
-              help="Any other mitmproxy option, as with mitmdump --set. Repeatable.")
-@click.option("--lean/--full", default=True, show_default=True,
-              help="lean: only the mitmproxy addons this mode needs (faster). full: all of mitmdump's.")
+@click.option(
+    "--set",
+    "extra_sets",
+    multiple=True,
+    metavar="OPTION=VALUE",
+    help="Any other mitmproxy option, as with mitmdump --set. Repeatable.",
+)
+@click.option(
+    "--lean/--full",
+    default=True,
+    show_default=True,
+    help="lean: only the mitmproxy addons this mode needs (faster). full: all of mitmdump's.",
+)
 @llmtap_options
-def run(upstream: str, mode: str, listen_host: str, listen_port: int, confdir: str,
-        extra_sets: tuple[str, ...], lean: bool, **llmtap_options) -> None:
+def run(
+    upstream: str,
+    mode: str,
+    listen_host: str,
+    listen_port: int,
+    confdir: str,
+    extra_sets: tuple[str, ...],
+    lean: bool,
+    **llmtap_options,
+) -> None:
     """Run the sidecar (mitmproxy with the llmtap addon) in the foreground."""
     from llmtap.capture.server import serve
 
     llmtap_options["metric_labels"] = list(llmtap_options["metric_labels"])
-    code = serve(upstream=upstream, mode=mode, listen_host=listen_host, listen_port=listen_port,
-                 confdir=confdir, extra_sets=extra_sets, lean=lean,
-                 options={f"llmtap_{k}": v for k, v in llmtap_options.items()})
+    code = serve(
+        upstream=upstream,
+        mode=mode,
+        listen_host=listen_host,
+        listen_port=listen_port,
+        confdir=confdir,
+        extra_sets=extra_sets,
+        lean=lean,
+        options={f"llmtap_{k}": v for k, v in llmtap_options.items()},
+    )
     sys.exit(code)
 
 
@@ -61,7 +92,9 @@ def run(upstream: str, mode: str, listen_host: str, listen_port: int, confdir: s
 @click.option("--port", default=8000, show_default=True, type=int)
 @click.option("--chunk-delay", default=0.02, show_default=True, type=float, help="Seconds between stream chunks.")
 @click.option("--first-byte-delay", default=0.0, show_default=True, type=float)
-@click.option("--fault-rate", default=0.0, show_default=True, type=float, help="Share of requests given a random fault.")
+@click.option(
+    "--fault-rate", default=0.0, show_default=True, type=float, help="Share of requests given a random fault."
+)
 def simulate(host: str, port: int, chunk_delay: float, first_byte_delay: float, fault_rate: float) -> None:
     """Run the simulated Pulze API (for demos, tests and benchmarks)."""
     from llmtap.devtools.simulator import serve
@@ -93,8 +126,11 @@ def demo(count: int, exit_after: bool, workdir: str, listen_port: int, metrics_p
     """Simulated Pulze upstream + llmtap + traffic; prints where metrics, DB and report are."""
     from llmtap.devtools.demo import run_demo
 
-    sys.exit(run_demo(count=count, exit_after=exit_after, workdir=workdir,
-                      listen_port=listen_port, metrics_port=metrics_port))
+    sys.exit(
+        run_demo(
+            count=count, exit_after=exit_after, workdir=workdir, listen_port=listen_port, metrics_port=metrics_port
+        )
+    )
 
 
 main.add_command(report)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,13 +20,22 @@ def run_demo(*, count: int, exit_after: bool, workdir: str, listen_port: int, me
     simulator = Simulator(chunk_delay=0.02, fault_rate=0.0)
     simulator.start()
     args = [
-        sys.executable, "-m", "llmtap.cli", "run",
-        "--upstream", simulator.url,
-        "--listen-port", str(listen_port),
-        "--metrics-port", str(metrics_port),
-        "--db", str(db),
-        "--jsonl", str(out / "records.jsonl"),
-        "--confdir", str(out / "mitmproxy"),
+        sys.executable,
+        "-m",
+        "llmtap.cli",
+        "run",
+        "--upstream",
+        simulator.url,
+        "--listen-port",
+        str(listen_port),
+        "--metrics-port",
+        str(metrics_port),
+        "--db",
+        str(db),
+        "--jsonl",
+        str(out / "records.jsonl"),
+        "--confdir",
+        str(out / "mitmproxy"),
     ]
     with log_path.open("wb") as log:
         proxy = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)

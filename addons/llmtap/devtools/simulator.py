@@ -67,32 +67,89 @@ TRUNCATE_AFTER = 3
 _NAMESPACES = tuple(PRICES)
 _ALIASES = {**{ns: ns for ns in PRICES}, **{ns.split("/", 1)[1]: ns for ns in PRICES}}
 _MODEL_INFO = {
-    ns: {"model": ns.split("/", 1)[1], "provider": ns.split("/", 1)[0], "owner": ns.split("/", 1)[0],
-         "namespace": ns, "at": "2024-06-01"}
+    ns: {
+        "model": ns.split("/", 1)[1],
+        "provider": ns.split("/", 1)[0],
+        "owner": ns.split("/", 1)[0],
+        "namespace": ns,
+        "at": "2024-06-01",
+    }
     for ns in PRICES
 }
 _CATEGORIES = ("general", "coding", "summarization", "creative-writing", "question-answering")
-_VOCAB = (
-    "the model considers your question and answers it with care using a few plain words "
-    "about latency cost tokens routing providers quality streams requests responses metrics "
-    "proxy observes every exchange so that teams can see spend per label and per app while "
-    "developers keep shipping features quickly without surprises in the monthly invoice"
-).split()
+_VOCAB = [
+    "the",
+    "model",
+    "considers",
+    "your",
+    "question",
+    "and",
+    "answers",
+    "it",
+    "with",
+    "care",
+    "using",
+    "a",
+    "few",
+    "plain",
+    "words",
+    "about",
+    "latency",
+    "cost",
+    "tokens",
+    "routing",
+    "providers",
+    "quality",
+    "streams",
+    "requests",
+    "responses",
+    "metrics",
+    "proxy",
+    "observes",
+    "every",
+    "exchange",
+    "so",
+    "that",
+    "teams",
+    "can",
+    "see",
+    "spend",
+    "per",
+    "label",
+    "and",
+    "per",
+    "app",
+    "while",
+    "developers",
+    "keep",
+    "shipping",
+    "features",
+    "quickly",
+    "without",
+    "surprises",
+    "in",
+    "the",
+    "monthly",
+    "invoice",
+]
 _REASONS = {s.value: s.phrase for s in HTTPStatus}
 _SERVER = "llmtap-simulator"
-_ROUTES = {"/v1/chat/completions": "POST", "/v1/completions": "POST", "/v1/models": "GET",
-           "/v1/models/rank": "POST"}
+_ROUTES = {"/v1/chat/completions": "POST", "/v1/completions": "POST", "/v1/models": "GET", "/v1/models/rank": "POST"}
 
 
 def _dumps(obj: Any) -> bytes:
     return json.dumps(obj, separators=(",", ":")).encode()
 
 
-_MODELS_LIST = _dumps({
-    "object": "list",
-    "data": [{"id": ns, "object": "model", "created": 1717200000, "owned_by": info["owner"]}
-             for ns, info in _MODEL_INFO.items()],
-})
+_MODELS_LIST = _dumps(
+    {
+        "object": "list",
+        "data": [
+            {"id": ns, "object": "model", "created": 1717200000, "owned_by": info["owner"]}
+            for ns, info in _MODEL_INFO.items()
+        ],
+    }
+)
 
 
 def _cost_dict(prompt: float, completion: float) -> dict[str, float]:
@@ -260,16 +317,23 @@ def _labels(headers: dict[str, str]) -> dict[str, str]:
         if not isinstance(parsed, dict):
             raise _invalid(["header", header], "value is not a valid dict", "type_error.dict")
         for k, v in parsed.items():
-            labels[prefix + str(k)] = (str(v).lower() if not prefix else json.dumps(v).strip('"'))
+            labels[prefix + str(k)] = str(v).lower() if not prefix else json.dumps(v).strip('"')
     return labels
 
 
 class Simulator:
     """A Pulze-compatible API on loopback, run on its own event loop in a daemon thread."""
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 0, chunk_delay: float = 0.02,
-                 first_byte_delay: float = 0.0, seed: int = 0, fault_rate: float = 0.0,
-                 tls: ssl.SSLContext | None = None) -> None:
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        chunk_delay: float = 0.02,
+        first_byte_delay: float = 0.0,
+        seed: int = 0,
+        fault_rate: float = 0.0,
+        tls: ssl.SSLContext | None = None,
+    ) -> None:
         self.host, self.port = host, port
         self.tls = tls  # serve HTTPS, for regular-proxy (HTTPS_PROXY) tests
         self.chunk_delay, self.first_byte_delay = chunk_delay, first_byte_delay
@@ -410,8 +474,9 @@ class Simulator:
             return await self._send_json(ex, writer, keep_alive, 200, body, coding)
         return await self._complete(ex, writer, keep_alive, coding)
 
-    async def _complete(self, ex: SimExchange, writer: asyncio.StreamWriter, keep_alive: bool,
-                        coding: str | None) -> bool:
+    async def _complete(
+        self, ex: SimExchange, writer: asyncio.StreamWriter, keep_alive: bool, coding: str | None
+    ) -> bool:
         t0 = time.monotonic()
         headers = ex.request_headers
         fault = headers.get("x-sim-fault", "").lower() or None
@@ -424,8 +489,9 @@ class Simulator:
             ex.finished_at = time.time()
             return False
         if fault == "429":
-            body = {"error": {"message": "Rate limit exceeded, retry later", "type": "rate_limit_exceeded",
-                              "code": 429}}
+            body = {
+                "error": {"message": "Rate limit exceeded, retry later", "type": "rate_limit_exceeded", "code": 429}
+            }
             return await self._send_json(ex, writer, keep_alive, 429, body, coding, [("retry-after", "1")])
         if fault == "500":
             html = b"<html><head><title>500</title></head><body><h1>Internal Server Error</h1></body></html>"
@@ -435,8 +501,15 @@ class Simulator:
         chat = ex.path == "/v1/chat/completions"
         # Answers are deterministic, so an identical request reuses its serialised body and only
         # the id, timestamp and latency change: that keeps benchmarks measuring the proxy, not us.
-        key = (ex.path, ex.request_body, headers.get("authorization"), headers.get("pulze-labels"),
-               headers.get("pulze-weights"), headers.get("pulze-policies"), fault == "retry")
+        key = (
+            ex.path,
+            ex.request_body,
+            headers.get("authorization"),
+            headers.get("pulze-labels"),
+            headers.get("pulze-weights"),
+            headers.get("pulze-policies"),
+            fault == "retry",
+        )
         template = self._templates.get(key)
         req = None
         if template is None:
@@ -451,14 +524,18 @@ class Simulator:
         if template is None:
             if len(self._templates) >= 4096:
                 self._templates.clear()
-            template = self._templates[key] = _template({
-                "id": _ID_SLOT,
-                "object": "chat.completion" if chat else "text_completion",
-                "created": _CREATED_SLOT,
-                "model": req.namespace,
-                "choices": [_choice(chat, i, " ".join(words), req.finish[i]) for i, words in enumerate(req.answers)],
-                **_usage_and_metadata(req, _LATENCY_SLOT, fault),
-            })
+            template = self._templates[key] = _template(
+                {
+                    "id": _ID_SLOT,
+                    "object": "chat.completion" if chat else "text_completion",
+                    "created": _CREATED_SLOT,
+                    "model": req.namespace,
+                    "choices": [
+                        _choice(chat, i, " ".join(words), req.finish[i]) for i, words in enumerate(req.answers)
+                    ],
+                    **_usage_and_metadata(req, _LATENCY_SLOT, fault),
+                }
+            )
         body = template % (cid.encode(), b"%d" % created, repr(round(time.monotonic() - t0, 6)).encode())
         if self.record_exchanges:
             ex.response_json = json.loads(body)
@@ -492,26 +569,58 @@ class Simulator:
             answers.append(words[:max_tokens] if cut else words)
             finish.append("length" if cut else "stop")
         auth = headers.get("authorization", "")[7:].strip()
-        return _Completion(chat, ns, prompt_tokens, answers, finish, score, candidates, category,
-                           temperature, max_tokens, _labels(headers), app_id_for(auth),
-                           payload.get("stream") is True,
-                           headers.get("x-sim-stream-usage", "").lower() != "none")
+        return _Completion(
+            chat,
+            ns,
+            prompt_tokens,
+            answers,
+            finish,
+            score,
+            candidates,
+            category,
+            temperature,
+            max_tokens,
+            _labels(headers),
+            app_id_for(auth),
+            payload.get("stream") is True,
+            headers.get("x-sim-stream-usage", "").lower() != "none",
+        )
 
     # ----------------------------------------------------------------- writing
 
-    async def _send_json(self, ex: SimExchange, writer: asyncio.StreamWriter, keep_alive: bool, status: int,
-                         body: dict[str, Any], coding: str | None = None,
-                         extra: list[tuple[str, str]] | None = None) -> bool:
+    async def _send_json(
+        self,
+        ex: SimExchange,
+        writer: asyncio.StreamWriter,
+        keep_alive: bool,
+        status: int,
+        body: dict[str, Any],
+        coding: str | None = None,
+        extra: list[tuple[str, str]] | None = None,
+    ) -> bool:
         ex.response_json = body
         return await self._send(ex, writer, keep_alive, status, _dumps(body), "application/json", coding, extra)
 
-    async def _send(self, ex: SimExchange, writer: asyncio.StreamWriter, keep_alive: bool, status: int,
-                    body: bytes, content_type: str = "application/json", coding: str | None = None,
-                    extra: list[tuple[str, str]] | None = None, truncate: bool = False) -> bool:
+    async def _send(
+        self,
+        ex: SimExchange,
+        writer: asyncio.StreamWriter,
+        keep_alive: bool,
+        status: int,
+        body: bytes,
+        content_type: str = "application/json",
+        coding: str | None = None,
+        extra: list[tuple[str, str]] | None = None,
+        truncate: bool = False,
+    ) -> bool:
         """Write a Content-Length response; ``truncate`` sends half the body and closes."""
         wire = encode_body(coding, body) if coding else body
-        headers = [("content-type", content_type), ("content-length", str(len(wire))),
-                   ("x-request-id", ex.request_id), ("server", _SERVER)]
+        headers = [
+            ("content-type", content_type),
+            ("content-length", str(len(wire))),
+            ("x-request-id", ex.request_id),
+            ("server", _SERVER),
+        ]
         if coding:
             headers.append(("content-encoding", coding))
         headers.extend(extra or ())
@@ -525,13 +634,24 @@ class Simulator:
         await writer.drain()
         return keep_alive
 
-    async def _send_stream(self, ex: SimExchange, writer: asyncio.StreamWriter, keep_alive: bool,
-                           coding: str | None, events: Iterator[tuple[bool, dict[str, Any]]]) -> bool:
+    async def _send_stream(
+        self,
+        ex: SimExchange,
+        writer: asyncio.StreamWriter,
+        keep_alive: bool,
+        coding: str | None,
+        events: Iterator[tuple[bool, dict[str, Any]]],
+    ) -> bool:
         """Write SSE over chunked encoding, one event per chunk, ``chunk_delay`` apart."""
         crlf = ex.request_headers.get("x-sim-sse", "").lower() == "crlf"
         end = b"\r\n\r\n" if crlf else b"\n\n"
-        headers = [("content-type", "text/event-stream; charset=utf-8"), ("transfer-encoding", "chunked"),
-                   ("cache-control", "no-cache"), ("x-request-id", ex.request_id), ("server", _SERVER)]
+        headers = [
+            ("content-type", "text/event-stream; charset=utf-8"),
+            ("transfer-encoding", "chunked"),
+            ("cache-control", "no-cache"),
+            ("x-request-id", ex.request_id),
+            ("server", _SERVER),
+        ]
         if coding:
             headers.append(("content-encoding", coding))
         if not keep_alive:
@@ -627,8 +747,11 @@ def _usage_and_metadata(req: _Completion, latency: float, fault: str | None) -> 
     completion_tokens = sum(len(a) for a in req.answers)
     costs, savings = costs_for(req.namespace, req.prompt_tokens, completion_tokens)
     return {
-        "usage": {"prompt_tokens": req.prompt_tokens, "completion_tokens": completion_tokens,
-                  "total_tokens": req.prompt_tokens + completion_tokens},
+        "usage": {
+            "prompt_tokens": req.prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": req.prompt_tokens + completion_tokens,
+        },
         "metadata": {
             "app_id": req.app_id,
             "model": dict(_MODEL_INFO[req.namespace]),
@@ -652,33 +775,58 @@ def _usage_and_metadata(req: _Completion, latency: float, fault: str | None) -> 
 
 def _choice(chat: bool, index: int, text: str, finish: str | None) -> dict[str, Any]:
     if chat:
-        return {"index": index, "message": {"role": "assistant", "content": text}, "finish_reason": finish,
-                "logprobs": None}
+        return {
+            "index": index,
+            "message": {"role": "assistant", "content": text},
+            "finish_reason": finish,
+            "logprobs": None,
+        }
     return {"index": index, "text": text, "finish_reason": finish, "logprobs": None}
 
 
-def _events(req: _Completion, cid: str, created: int, t0: float,
-            fault: str | None) -> Iterator[tuple[bool, dict[str, Any]]]:
+def _events(
+    req: _Completion, cid: str, created: int, t0: float, fault: str | None
+) -> Iterator[tuple[bool, dict[str, Any]]]:
     """Stream chunks ``(is_final, event)``: role deltas, one word per chunk, then usage + metadata.
 
     A generator, so the final metadata's latency is measured when the last chunk is due.
     """
-    base = {"id": cid, "object": "chat.completion.chunk" if req.chat else "text_completion",
-            "created": created, "model": req.namespace}
+    base = {
+        "id": cid,
+        "object": "chat.completion.chunk" if req.chat else "text_completion",
+        "created": created,
+        "model": req.namespace,
+    }
     if req.chat:
         for i in range(len(req.answers)):
-            yield False, {**base, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
-                                               "finish_reason": None, "logprobs": None}]}
+            yield (
+                False,
+                {
+                    **base,
+                    "choices": [
+                        {
+                            "index": i,
+                            "delta": {"role": "assistant", "content": ""},
+                            "finish_reason": None,
+                            "logprobs": None,
+                        }
+                    ],
+                },
+            )
     for j in range(max(len(a) for a in req.answers)):
         for i, words in enumerate(req.answers):
             if j < len(words):
                 piece = words[j] if j == 0 else " " + words[j]
-                choice = ({"index": i, "delta": {"content": piece}} if req.chat else {"index": i, "text": piece})
+                choice = {"index": i, "delta": {"content": piece}} if req.chat else {"index": i, "text": piece}
                 yield False, {**base, "choices": [{**choice, "finish_reason": None, "logprobs": None}]}
-    last = {**base, "choices": [
-        ({"index": i, "delta": {}} if req.chat else {"index": i, "text": ""}) | {"finish_reason": f, "logprobs": None}
-        for i, f in enumerate(req.finish)
-    ]}
+    last = {
+        **base,
+        "choices": [
+            ({"index": i, "delta": {}} if req.chat else {"index": i, "text": ""})
+            | {"finish_reason": f, "logprobs": None}
+            for i, f in enumerate(req.finish)
+        ],
+    }
     if req.stream_usage:
         last.update(_usage_and_metadata(req, round(time.monotonic() - t0, 6), fault))
     yield True, last
@@ -702,13 +850,22 @@ def _head(status: int, headers: list[tuple[str, str]]) -> bytes:
     return f"HTTP/1.1 {status} {_REASONS.get(status, '')}\r\n{lines}\r\n".encode("latin-1")
 
 
-def serve(host: str = "127.0.0.1", port: int = 8000, chunk_delay: float = 0.02, first_byte_delay: float = 0.0,
-          fault_rate: float = 0.0, seed: int = 0) -> None:
+def serve(
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    chunk_delay: float = 0.02,
+    first_byte_delay: float = 0.0,
+    fault_rate: float = 0.0,
+    seed: int = 0,
+) -> None:
     """Run a simulator in the foreground until Ctrl-C or SIGTERM (``llmtap simulate``).
 
     Exchanges are not kept: a long-running simulator must not grow without bound.
     """
     sim = Simulator(host, port, chunk_delay, first_byte_delay, seed, fault_rate)
     sim.record_exchanges = False
-    asyncio.run(sim.run(lambda: print(f"llmtap simulator listening on {sim.url} (Ctrl-C to stop)", flush=True),
-                        handle_signals=True))
+    asyncio.run(
+        sim.run(
+            lambda: print(f"llmtap simulator listening on {sim.url} (Ctrl-C to stop)", flush=True), handle_signals=True
+        )
+    )

@@ -67,7 +67,9 @@ def _one_request(client, rng: random.Random) -> str:
         headers["X-Sim-Fault"] = rng.choice(FAULTS)
     try:
         if rng.random() < 0.7:
-            kwargs = dict(model=model, messages=[{"role": "user", "content": prompt}], max_tokens=64, extra_headers=headers)
+            kwargs = dict(
+                model=model, messages=[{"role": "user", "content": prompt}], max_tokens=64, extra_headers=headers
+            )
             if stream:
                 for _ in client.chat.completions.create(stream=True, **kwargs):
                     pass

@@ -60,8 +60,11 @@ class PriceTable:
         if path:
             raw = json.loads(Path(path).read_text())
             for model, spec in raw.items():
-                prices[model] = Price(float(spec["input"]), float(spec["output"]),
-                                      None if spec.get("cached_input") is None else float(spec["cached_input"]))
+                prices[model] = Price(
+                    float(spec["input"]),
+                    float(spec["output"]),
+                    None if spec.get("cached_input") is None else float(spec["cached_input"]),
+                )
         return cls(prices)
 
     def lookup(self, *names: str | None) -> Price | None:

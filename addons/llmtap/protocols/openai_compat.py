@@ -62,7 +62,11 @@ def request_fields(body: Any, operation: str, content_cap: int | None) -> dict[s
         "top_p": as_float(body.get("top_p")),
         "n": as_int(body.get("n")),
         "best_of": as_int(body.get("best_of")),
-        "stop": (stop,) if isinstance(stop, str) and stop else tuple(s for s in stop if isinstance(s, str)) if isinstance(stop, list) else None,
+        "stop": (stop,)
+        if isinstance(stop, str) and stop
+        else tuple(s for s in stop if isinstance(s, str))
+        if isinstance(stop, list)
+        else None,
         "presence_penalty": as_float(body.get("presence_penalty")),
         "frequency_penalty": as_float(body.get("frequency_penalty")),
         "logprobs": as_int(body.get("logprobs")),
@@ -99,7 +103,7 @@ def response_fields(body: Any, content_cap: int | None) -> dict[str, Any]:
 class StreamAccumulator:
     """Collects record fields from the JSON events of a streamed response, one at a time."""
 
-    __slots__ = ("envelope", "finish_reasons", "choices_seen", "content_chunks", "texts", "_cap")
+    __slots__ = ("_cap", "choices_seen", "content_chunks", "envelope", "finish_reasons", "texts")
 
     def __init__(self, content_cap: int | None) -> None:
         self.envelope: dict[str, Any] = {}
@@ -145,8 +149,10 @@ class StreamAccumulator:
         reasons = tuple(self.finish_reasons[i] for i in sorted(self.finish_reasons))
         fields["finish_reasons"] = reasons or None
         if self.texts is not None:
-            messages = [_message("assistant", "".join(self.texts.get(i, ())), self.finish_reasons.get(i))
-                        for i in sorted(self.choices_seen)]
+            messages = [
+                _message("assistant", "".join(self.texts.get(i, ())), self.finish_reasons.get(i))
+                for i in sorted(self.choices_seen)
+            ]
             fields["output_messages"] = cap_messages(messages, self._cap)
         return fields
 
@@ -215,8 +221,12 @@ def _envelope(body: dict[str, Any], keep_content: bool) -> dict[str, Any]:
         "input_tokens": as_int(usage.get("prompt_tokens")),
         "output_tokens": as_int(usage.get("completion_tokens")),
         "total_tokens": as_int(usage.get("total_tokens")),
-        "cached_input_tokens": as_int(prompt_details.get("cached_tokens")) if isinstance(prompt_details, dict) else None,
-        "reasoning_tokens": as_int(completion_details.get("reasoning_tokens")) if isinstance(completion_details, dict) else None,
+        "cached_input_tokens": as_int(prompt_details.get("cached_tokens"))
+        if isinstance(prompt_details, dict)
+        else None,
+        "reasoning_tokens": as_int(completion_details.get("reasoning_tokens"))
+        if isinstance(completion_details, dict)
+        else None,
     }
     fields.update(pulze.metadata_fields(body.get("metadata"), keep_content))
     return fields
@@ -289,10 +299,19 @@ def _message(role: str, content: str, finish_reason: str | None = None) -> dict[
 def _input_messages(body: dict[str, Any], operation: str, cap: int) -> tuple[dict[str, Any], ...]:
     if operation == "chat":
         messages = body.get("messages")
-        found = [_message(as_str(m.get("role")) or "user", _text(m.get("content")))
-                 for m in (messages if isinstance(messages, list) else ()) if isinstance(m, dict)]
+        found = [
+            _message(as_str(m.get("role")) or "user", _text(m.get("content")))
+            for m in (messages if isinstance(messages, list) else ())
+            if isinstance(m, dict)
+        ]
     else:
         prompt = body.get("prompt")
-        prompts = [prompt] if isinstance(prompt, str) else [p for p in prompt if isinstance(p, str)] if isinstance(prompt, list) else []
+        prompts = (
+            [prompt]
+            if isinstance(prompt, str)
+            else [p for p in prompt if isinstance(p, str)]
+            if isinstance(prompt, list)
+            else []
+        )
         found = [_message("user", p) for p in prompts]
     return cap_messages(found, cap)

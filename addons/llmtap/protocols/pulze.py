@@ -13,6 +13,7 @@ from typing import Any
 
 from llmtap.protocols.values import as_float, as_int, as_str
 
+
 def is_pulze_host(host: str | None) -> bool:
     return bool(host) and (host == "pulze.ai" or host.endswith(".pulze.ai"))
 

@@ -50,15 +50,14 @@ import time
 from typing import Any
 
 from llmtap.audit import control
+from llmtap.audit.journal import AuditLogInUse, Journal
 from llmtap.config import Settings
 from llmtap.health import Health
 from llmtap.record import ExchangeRecord
-from llmtap.audit.journal import AuditLogInUse, Journal
 
 __all__ = ["AuditLogInUse", "AuditSink"]
 
 log = logging.getLogger("llmtap")
-
 
 
 class AuditSink:
@@ -236,7 +235,9 @@ class AuditSink:
                     buffer = b""
                     if stopping and stop_sent:
                         return
-                    self.health.error(self.name, RuntimeError(f"exit status {code}"), "audit writer process died; restarting")
+                    self.health.error(
+                        self.name, RuntimeError(f"exit status {code}"), "audit writer process died; restarting"
+                    )
                     delay = control.next_backoff(delay, self.MAX_RESTART_DELAY_SECONDS)
                     restart_at = time.monotonic() + delay
             if stopping and time.monotonic() > deadline:
@@ -257,7 +258,10 @@ class AuditSink:
         self._reported = {}
         try:
             self._writer = subprocess.Popen(
-                self._command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=_writer_env(),
+                self._command,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                env=_writer_env(),
             )
         except OSError as exc:
             self.health.error(self.name, exc, "cannot start the audit writer process")

@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import os
 
+from llmtap.background import QueueThread
 from llmtap.config import Settings
 from llmtap.health import Health
 from llmtap.record import ExchangeRecord
-from llmtap.background import QueueThread
 
 
 class AppendOnlyFile:
@@ -43,7 +43,7 @@ class StdoutLines(QueueThread):
     def handle(self, line: bytes) -> None:
         view = memoryview(line)
         while view:  # a pipe may take part of a line at a time
-            view = view[os.write(1, view):]
+            view = view[os.write(1, view) :]
 
 
 class JsonlSink:

@@ -96,7 +96,7 @@ class LabelCap:
 class _Children:
     """A labelled metric whose children are cached: ``labels()`` locks and re-validates."""
 
-    __slots__ = ("_metric", "_cache")
+    __slots__ = ("_cache", "_metric")
 
     def __init__(self, metric: Any) -> None:
         self._metric = metric
@@ -136,56 +136,73 @@ class Metrics:
         self.duration = histogram(
             "gen_ai_client_operation_duration_seconds",
             "GenAI operation duration: first request byte to last response byte.",
-            (*GENAI_LABELS, "error_type"), DURATION_BUCKETS,
+            (*GENAI_LABELS, "error_type"),
+            DURATION_BUCKETS,
         )
         self.first_chunk = histogram(
             "gen_ai_client_operation_time_to_first_chunk_seconds",
             "Time to the first content-carrying chunk of a streamed response.",
-            GENAI_LABELS, DURATION_BUCKETS,
+            GENAI_LABELS,
+            DURATION_BUCKETS,
         )
         self.token_usage = histogram(
             "gen_ai_client_token_usage",
             "Tokens per operation, by gen_ai_token_type (input|output).",
-            (*GENAI_LABELS, "gen_ai_token_type"), TOKEN_BUCKETS,
+            (*GENAI_LABELS, "gen_ai_token_type"),
+            TOKEN_BUCKETS,
         )
         self.requests = counter(
-            "llmtap_requests_total", "Completion exchanges seen.",
+            "llmtap_requests_total",
+            "Completion exchanges seen.",
             ("operation", "provider", "request_model", "response_model", "status_code", "stream", "app", *extra),
         )
         self.tokens = counter(
-            "llmtap_tokens_total", "Tokens reported by upstreams, by type.",
+            "llmtap_tokens_total",
+            "Tokens reported by upstreams, by type.",
             ("type", "provider", "response_model", "app", *extra),
         )
         self.cost = counter(
-            "llmtap_cost_usd_total", "Spend in USD (exchanges whose cost is unknown add nothing).",
+            "llmtap_cost_usd_total",
+            "Spend in USD (exchanges whose cost is unknown add nothing).",
             ("provider", "response_model", "app", "cost_source", *extra),
         )
         self.savings = counter(
-            "llmtap_cost_savings_usd_total", "USD saved against Pulze's reference model, as reported.",
+            "llmtap_cost_savings_usd_total",
+            "USD saved against Pulze's reference model, as reported.",
             ("provider", "response_model", "app"),
         )
         self.unpriced = counter(
-            "llmtap_unpriced_requests_total", "Successful exchanges whose cost is unknown.",
+            "llmtap_unpriced_requests_total",
+            "Successful exchanges whose cost is unknown.",
             ("provider", "response_model"),
         )
         self.upstream_latency = histogram(
-            "llmtap_upstream_latency_seconds", "The provider's own time to answer (metadata.latency).",
-            ("provider", "response_model"), DURATION_BUCKETS,
+            "llmtap_upstream_latency_seconds",
+            "The provider's own time to answer (metadata.latency).",
+            ("provider", "response_model"),
+            DURATION_BUCKETS,
         )
         self.retries = counter(
-            "llmtap_retries_total", "Retries made by the router (metadata.retries).", ("provider", "response_model"),
+            "llmtap_retries_total",
+            "Retries made by the router (metadata.retries).",
+            ("provider", "response_model"),
         )
         self.errors = counter("llmtap_errors_total", "Failed exchanges, by error type.", ("operation", "error_type"))
         self.routed = counter(
-            "llmtap_routed_requests_total", "Exchanges by requested and serving model (routing decisions).",
+            "llmtap_routed_requests_total",
+            "Exchanges by requested and serving model (routing decisions).",
             ("request_model", "response_model", "provider"),
         )
         self.score = histogram(
-            "llmtap_routing_score", "Router score of the model that served (metadata.score).",
-            ("provider", "response_model"), SCORE_BUCKETS,
+            "llmtap_routing_score",
+            "Router score of the model that served (metadata.score).",
+            ("provider", "response_model"),
+            SCORE_BUCKETS,
         )
         self.passthrough = counter(
-            "llmtap_passthrough_requests_total", "Non-completion requests passed through untouched.", ("method",),
+            "llmtap_passthrough_requests_total",
+            "Non-completion requests passed through untouched.",
+            ("method",),
         )
         registry.register(HealthCollector(health))
 
@@ -208,8 +225,10 @@ class Metrics:
         if r.stream and (ttfc := r.time_to_first_token_s) is not None:
             self.first_chunk(*genai).observe(ttfc)
         for token_type, count in (
-            ("input", r.input_tokens), ("output", r.output_tokens),
-            ("cached_input", r.cached_input_tokens), ("reasoning", r.reasoning_tokens),
+            ("input", r.input_tokens),
+            ("output", r.output_tokens),
+            ("cached_input", r.cached_input_tokens),
+            ("reasoning", r.reasoning_tokens),
         ):
             if (count := _amount(count)) is None:
                 continue
@@ -257,18 +276,32 @@ class HealthCollector(Collector):
     def collect(self) -> Iterator[Any]:
         h = self.health
         # dict(...) copies a Counter atomically under the GIL while the loop may be adding stages.
-        yield _labelled(CounterMetricFamily(
-            "llmtap_internal_errors", "Faults of llmtap's own, by stage (the exchange went on).", labels=["stage"],
-        ), dict(h.internal_errors))
-        yield _labelled(CounterMetricFamily(
-            "llmtap_label_overflow", "Label values folded into 'other' past the cap, by label.", labels=["label"],
-        ), dict(h.label_overflow))
+        yield _labelled(
+            CounterMetricFamily(
+                "llmtap_internal_errors",
+                "Faults of llmtap's own, by stage (the exchange went on).",
+                labels=["stage"],
+            ),
+            dict(h.internal_errors),
+        )
+        yield _labelled(
+            CounterMetricFamily(
+                "llmtap_label_overflow",
+                "Label values folded into 'other' past the cap, by label.",
+                labels=["label"],
+            ),
+            dict(h.label_overflow),
+        )
         yield CounterMetricFamily("llmtap_audit_dropped", "Audit rows lost.", value=h.audit_dropped)
         yield CounterMetricFamily(
-            "llmtap_span_export_failures", "Spans the OTLP exporter failed to deliver.", value=h.span_export_failures,
+            "llmtap_span_export_failures",
+            "Spans the OTLP exporter failed to deliver.",
+            value=h.span_export_failures,
         )
         yield GaugeMetricFamily(
-            "llmtap_in_flight_requests", "Exchanges started and not yet recorded.", value=h.in_flight,
+            "llmtap_in_flight_requests",
+            "Exchanges started and not yet recorded.",
+            value=h.in_flight,
         )
         for name, read in list(h.gauges.items()):
             try:
@@ -278,7 +311,9 @@ class HealthCollector(Collector):
                 continue
             yield GaugeMetricFamily("llmtap_" + _NOT_NAME.sub("_", name), f"Health gauge {name}.", value=value)
         info = GaugeMetricFamily(
-            "llmtap_build_info", "Always 1; the labels say what is running.", labels=list(self.build),
+            "llmtap_build_info",
+            "Always 1; the labels say what is running.",
+            labels=list(self.build),
         )
         info.add_metric(list(self.build.values()), 1)
         yield info

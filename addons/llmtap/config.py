@@ -59,12 +59,22 @@ class Settings:
     label_limit: int = _option(50, "Distinct values per metric label before new values fold into 'other'.", minimum=1)
     key_salt: str = _option("", "Secret for API-key fingerprints (else LLMTAP_KEY_SALT, else a fixed public salt).")
     prices: str = _option("", "JSON file of model prices (USD per million tokens) merged over the built-in table.")
+    family_map: tuple[str, ...] = _option(
+        (),
+        "Read a gateway's traffic as one protocol family: HOST=FAMILY or /PATH/PREFIX=FAMILY (repeatable; "
+        "families: chat_completions, openai_responses, embeddings, azure_openai, …).",
+    )
 
     @classmethod
     def from_values(cls, values: Mapping[str, Any]) -> Settings:
         """Validated settings from option values by field name (the environment fills the gaps)."""
         values = dict(values)
         values["metric_labels"] = tuple(values.get("metric_labels") or ())
+        values["family_map"] = tuple(values.get("family_map") or ())
+        for entry in values["family_map"]:
+            key, _, family = entry.partition("=")
+            if not key.strip() or not family.strip():
+                raise SettingsError(f"llmtap_family_map (--family-map): {entry!r} is not HOST=FAMILY or /PREFIX=FAMILY")
         values["key_salt"] = values.get("key_salt") or os.environ.get("LLMTAP_KEY_SALT", "")
         capture_env = os.environ.get("OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT", "")
         values["capture_content"] = bool(values.get("capture_content")) or capture_env.lower() == "true"

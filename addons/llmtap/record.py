@@ -18,13 +18,17 @@ from dataclasses import dataclass, field
 from json.encoder import c_encode_basestring, c_make_encoder
 from typing import Any
 
+#: The version of the record's meaning that this code writes; see CHANGELOG.md for each change.
+#: 1 (rows that carry none): before protocol families; 2: protocol families, one token meaning.
+RECORD_SCHEMA = 2
+
 
 @dataclass(frozen=True, slots=True)
 class ExchangeRecord:
     """Everything llmtap learned about one request/response pair."""
 
     exchange_id: str
-    operation: str  # "chat" | "text_completion"
+    operation: str  # "chat" | "text_completion" | "embeddings"
     method: str
     path: str
 
@@ -75,10 +79,17 @@ class ExchangeRecord:
     tool_choice: str | None = None
     response_format: str | None = None
     logit_bias: bool | None = None  # present in the request (values are not kept)
+    tool_types: tuple[str, ...] | None = None  # each tool's type ("function", "web_search", …)
+    previous_response_id: str | None = None  # OpenAI Responses: the conversation join key
+    conversation_id: str | None = None  # OpenAI Responses ``conversation``
+    background: bool | None = None  # OpenAI Responses background mode (billed by a later GET)
+    input_count: int | None = None  # embeddings: inputs embedded
+    dimensions: int | None = None  # embeddings: length of the vectors returned (else requested)
 
     # --- response ---
     response_id: str | None = None
     response_object: str | None = None
+    response_status: str | None = None  # OpenAI Responses ``status`` (completed, incomplete, queued, …)
     created_at: float | None = None  # Pulze `created` is in milliseconds; converted here
     response_model: str | None = None  # top-level `model`: who actually served
     served_model: str | None = None  # metadata.model.model
@@ -121,6 +132,9 @@ class ExchangeRecord:
     # is capped at llmtap_content_max_chars. Output messages also carry "finish_reason".
     input_messages: tuple[Mapping[str, Any], ...] | None = None
     output_messages: tuple[Mapping[str, Any], ...] | None = None
+
+    # which version of this record's meaning wrote it (``RECORD_SCHEMA``); None: before versioning (1)
+    record_schema: int | None = None
 
     # the canonical JSON, made once on first use: several sinks write the same line
     _json: str | None = field(default=None, init=False, repr=False, compare=False)

@@ -44,7 +44,17 @@ GENESIS = "sha256:" + "0" * 64
 PAGE_SIZE = 16384
 #: Columns holding JSON text (the record's mappings and lists).
 JSON_COLUMNS = frozenset(
-    {"labels", "weights", "policies", "stop", "tool_names", "finish_reasons", "response_labels", "metadata_json"}
+    {
+        "labels",
+        "weights",
+        "policies",
+        "stop",
+        "tool_names",
+        "tool_types",
+        "finish_reasons",
+        "response_labels",
+        "metadata_json",
+    }
 )
 _UNHASHED = frozenset({"id", "prev_hash", "row_hash"})
 #: Per-row faults: the row is dropped and counted; anything else (locked, I/O) retries the batch.
@@ -181,11 +191,34 @@ def _create_pruned(db: Database) -> None:
     )
 
 
+def _add_family_columns(db: Database) -> None:
+    """Record schema 2: OpenAI Responses, embeddings, and which record schema wrote each row.
+
+    Rows written before have NULL here, which keeps their hashes; a NULL ``record_schema``
+    reads as schema 1.
+    """
+    table = db["exchanges"]
+    for name, kind in (
+        ("tool_types", str),
+        ("previous_response_id", str),
+        ("conversation_id", str),
+        ("background", int),
+        ("input_count", int),
+        ("dimensions", int),
+        ("response_status", str),
+        ("record_schema", int),
+    ):
+        table.add_column(name, kind)
+    table.create_index(["previous_response_id"])
+    table.create_index(["response_id"])
+
+
 MIGRATIONS: tuple[Callable[[Database], None], ...] = (
     _create_exchanges,
     _create_content,
     _create_journal_offsets,
     _create_pruned,
+    _add_family_columns,
 )
 
 

@@ -28,12 +28,15 @@ from llmtap.protocols import registry
 from llmtap.protocols.base import Family, StreamParser
 from llmtap.protocols.errors import redact
 from llmtap.protocols.values import load_json
-from llmtap.record import ExchangeRecord
+from llmtap.record import RECORD_SCHEMA, ExchangeRecord
 from llmtap.sinks import Sink
 
 log = logging.getLogger("llmtap")
 
 _METADATA_KEY = "llmtap"
+#: Background responses awaiting the poll that bills them (ids; oldest forgotten first). A poll
+#: for an id not here passes through: so each is billed once, by this process (see README).
+PENDING_LIMIT = 10_000
 
 
 class StreamTee:
@@ -95,6 +98,7 @@ class Exchange:
         "operation",
         "parse_problem",
         "path",
+        "poll_id",
         "stream",
     )
 
@@ -107,6 +111,7 @@ class Exchange:
         self.first_token_at: float | None = None
         self.parse_problem: str | None = None
         self.finished = False
+        self.poll_id: str | None = None  # a poll for a pending background exchange's result
 
 
 class LLMTap:
@@ -117,6 +122,8 @@ class LLMTap:
         self.health = Health()
         self.prices = PriceTable.load()
         self.sinks: list[Sink] = []
+        self.family_map: registry.FamilyMap = ()
+        self.pending: dict[str, None] = {}  # background response ids awaiting their billing poll
         self._running = False
 
     # --- options -------------------------------------------------------------------------
@@ -134,11 +141,15 @@ class LLMTap:
         except SettingsError as exc:
             raise OptionsError(str(exc)) from exc
         try:
+            family_map = registry.family_map(settings.family_map)
+        except ValueError as exc:
+            raise OptionsError(str(exc)) from exc
+        try:
             prices = PriceTable.load(settings.prices or None)
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
             raise OptionsError(f"llmtap_prices: cannot read {settings.prices!r}: {exc}") from exc
         changed = settings != self.settings
-        self.settings, self.prices = settings, prices
+        self.settings, self.prices, self.family_map = settings, prices, family_map
         if self._running and changed:
             # An operator changed llmtap options at runtime (e.g. ``:set`` in mitmproxy's console).
             # The old sinks are flushed and closed first, on the loop: the audit journal is locked
@@ -221,17 +232,22 @@ class LLMTap:
     def request(self, flow: http.HTTPFlow) -> None:
         method, target = flow.request.method, flow.request.path  # each read decodes the bytes anew
         path, _, query = target.partition("?")  # a query string may hold a key: never recorded
-        found = registry.find(method, path.rstrip("/"), flow.request.host)
+        found = registry.find(method, path.rstrip("/"), flow.request.host, self.family_map)
         if found is None:
             self._passthrough(method)
             return
         family, operation = found
+        poll_id = family.poll_id(method, path.rstrip("/")) if method == "GET" else None
+        if poll_id is not None and poll_id not in self.pending:
+            self._passthrough(method)  # nothing pending under this id: billed already, or never ours
+            return
         try:
             exchange = Exchange(family, operation, path, self._request_fields(flow, family, operation, path, query))
         except Exception as exc:  # fail open: the exchange goes on, recorded from what we can
             self.health.error("parse_request", exc, path)
             exchange = Exchange(family, operation, path, {"request_start": flow.request.timestamp_start})
             exchange.parse_problem = f"request parse failed: {type(exc).__name__}"
+        exchange.poll_id = poll_id
         flow.metadata[_METADATA_KEY] = exchange
         self.health.in_flight += 1
         if self.settings.propagate and exchange.fields.get("span_id"):
@@ -319,12 +335,33 @@ class LLMTap:
                 http_status=flow.response.status_code if flow.response else None,
                 error_type="llmtap_parse_error",
                 error_message=f"{type(exc).__name__}: {exc}"[:300],
+                record_schema=RECORD_SCHEMA,
             )
+        if not self._background(exchange, record):
+            self._passthrough(record.method)
+            return
         for sink in self.sinks:
             try:
                 sink.emit(record)
             except Exception as exc:  # fail open: one sink's fault touches neither the flow nor other sinks
                 self.health.error(sink.name, exc, exchange.path)
+
+    def _background(self, exchange: Exchange, record: ExchangeRecord) -> bool:
+        """Track background responses; False for a poll that bills nothing (it passes through).
+
+        A record saying a response is still queued or in progress makes its id pending; the
+        first poll that finds it finished is recorded (it holds the usage) and clears the id.
+        """
+        if exchange.poll_id is not None:
+            if record.response_status in (None, "queued", "in_progress") or exchange.poll_id not in self.pending:
+                return False
+            del self.pending[exchange.poll_id]
+            return True
+        if record.background and record.response_status in ("queued", "in_progress") and record.response_id:
+            if len(self.pending) >= PENDING_LIMIT:
+                del self.pending[next(iter(self.pending))]
+            self.pending[record.response_id] = None
+        return True
 
     def _build_record(self, flow: http.HTTPFlow, exchange: Exchange) -> ExchangeRecord:
         fields = exchange.fields  # finished exactly once: built up in place, no copy
@@ -336,6 +373,8 @@ class LLMTap:
             fields.update(exchange.stream.fields())
             fields["stream"] = True
             body = exchange.stream.overlay_body()
+            if exchange.stream.problem and not exchange.parse_problem:
+                exchange.parse_problem = exchange.stream.problem
         elif response is not None and response.raw_content is not None:
             raw = response.get_content(strict=False)
             body = load_json(raw)
@@ -354,12 +393,21 @@ class LLMTap:
         else:
             fields["response_end"] = time.time()
         fields["first_token_at"] = exchange.first_token_at
-        fields["error_type"] = error_type(flow)
+        # HTTP and connection errors first; else the family's (an error event in a 200 stream)
+        fields["error_type"] = error_type(flow) or fields.get("error_type")
         if flow.error is not None:
             fields["error_message"] = redact(flow.error.msg[:300])
         elif exchange.parse_problem and fields["error_type"] is None:
             self.health.error("parse_response", ValueError(exchange.parse_problem), exchange.path)
         registry.finish(fields, family, body, capture is not None)
         fields.update(resolve_cost(fields, self.prices))
-        fields.update(exchange_id=flow.id, operation=exchange.operation, method=flow.request.method, path=exchange.path)
+        if fields.get("background") and fields.get("response_status") in ("queued", "in_progress"):
+            fields["cost_source"] = "deferred"  # billed by the poll that finds it finished
+        fields.update(
+            exchange_id=flow.id,
+            operation=exchange.operation,
+            method=flow.request.method,
+            path=exchange.path,
+            record_schema=RECORD_SCHEMA,
+        )
         return ExchangeRecord.from_fields(fields)  # leaves out parsers' intermediates (reported_cost_usd)

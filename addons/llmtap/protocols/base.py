@@ -33,6 +33,11 @@ class StreamParser:
 
     __slots__ = ("done",)
 
+    #: Set (as an instance attribute, by parsers that can tell) when the stream was not what
+    #: the family's shape says: truncated, or an event of the wrong type. The record is kept;
+    #: the capture side counts the problem.
+    problem: str | None = None
+
     def __init__(self) -> None:
         self.done = False
 
@@ -88,6 +93,8 @@ class Overlay:
 
     #: The record's ``router`` when this overlay applies.
     router = "router"
+    #: Names of the families whose exchanges it may apply to; None: any.
+    families: frozenset[str] | None = None
 
     def applies(self, host: str | None, body: dict[str, Any]) -> bool:
         raise NotImplementedError
@@ -127,3 +134,11 @@ class Family:
 
     def stream_parser(self, content_cap: int | None) -> StreamParser:
         raise NotImplementedError
+
+    def poll_id(self, method: str, path: str) -> str | None:
+        """The id of an earlier exchange this request polls for its result, else None.
+
+        Such a request is recorded only while that exchange is pending, and only once it
+        answers with a final result (see ``openai_responses``); otherwise it passes through.
+        """
+        return None

@@ -63,8 +63,8 @@ class AzureOpenAI(Family):
     def response_fields(self, body: Any, content_cap: int | None) -> dict[str, Any]:
         return _by_body(body).response_fields(body, content_cap)
 
-    def stream_parser(self, content_cap: int | None) -> StreamParser:
-        return _AzureStream(content_cap)
+    def stream_parser(self, content_cap: int | None, content_type: str) -> StreamParser:
+        return _AzureStream(content_cap, content_type)
 
 
 def _by_body(body: Any) -> Family:
@@ -80,11 +80,12 @@ def _by_body(body: Any) -> Family:
 class _AzureStream(StreamParser):
     """Chat Completions' or Responses' stream parser, picked by the first event (typed or not)."""
 
-    __slots__ = ("_cap", "_head", "_inner")
+    __slots__ = ("_cap", "_content_type", "_head", "_inner")
 
-    def __init__(self, content_cap: int | None) -> None:
+    def __init__(self, content_cap: int | None, content_type: str) -> None:
         super().__init__()
         self._cap = content_cap
+        self._content_type = content_type
         self._inner: StreamParser | None = None
         self._head = b""
 
@@ -98,7 +99,7 @@ class _AzureStream(StreamParser):
                 text.startswith(b"event:") or b'"type":"response.' in text[:200] or b'"type": "response.' in text[:200]
             )
             family = openai_responses.FAMILY if typed else chat_completions.FAMILY
-            self._inner = family.stream_parser(self._cap)
+            self._inner = family.stream_parser(self._cap, self._content_type)
             data, self._head = self._head, b""
         carried = self._inner.feed(data)
         self.done = self._inner.done
@@ -108,7 +109,7 @@ class _AzureStream(StreamParser):
         if self._inner is None:
             if not self._head:
                 return False
-            self._inner = chat_completions.FAMILY.stream_parser(self._cap)
+            self._inner = chat_completions.FAMILY.stream_parser(self._cap, self._content_type)
             self._inner.feed(self._head)
         carried = self._inner.close()
         self.done = self._inner.done

@@ -172,6 +172,8 @@ def _envelope(body: dict[str, Any]) -> dict[str, Any]:
         if isinstance(completion_details, dict)
         else None,
     }
+    if isinstance(prompt_details, dict) and "cache_write_tokens" in prompt_details:  # OpenAI, since 2026
+        fields["cache_write_input_tokens"] = as_int(prompt_details["cache_write_tokens"])
     return fields
 
 
@@ -191,7 +193,7 @@ class ChatCompletions(Family):
     def response_fields(self, body: Any, content_cap: int | None) -> dict[str, Any]:
         return response_fields(body, content_cap)
 
-    def stream_parser(self, content_cap: int | None) -> StreamAccumulator:
+    def stream_parser(self, content_cap: int | None, content_type: str) -> StreamAccumulator:
         return StreamAccumulator(content_cap)
 
 

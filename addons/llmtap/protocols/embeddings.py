@@ -116,7 +116,7 @@ class Embeddings(Family):
     def response_fields(self, body: Any, content_cap: int | None) -> dict[str, Any]:
         return response_fields(body, content_cap)
 
-    def stream_parser(self, content_cap: int | None) -> NoStream:
+    def stream_parser(self, content_cap: int | None, content_type: str) -> NoStream:
         return NoStream()
 
 

@@ -105,6 +105,10 @@ def response_fields(body: Any, content_cap: int | None) -> dict[str, Any]:
         "output_tokens": as_int(usage.get("output_tokens")),
         "total_tokens": as_int(usage.get("total_tokens")),
         "cached_input_tokens": as_int(input_details.get("cached_tokens")) if isinstance(input_details, dict) else None,
+        "cache_write_input_tokens": as_int(input_details.get("cache_write_tokens"))
+        if isinstance(input_details, dict)
+        else None,
+        "service_tier": as_str(body.get("service_tier")),
         "reasoning_tokens": as_int(output_details.get("reasoning_tokens"))
         if isinstance(output_details, dict)
         else None,
@@ -208,7 +212,7 @@ class OpenAIResponses(Family):
     def response_fields(self, body: Any, content_cap: int | None) -> dict[str, Any]:
         return response_fields(body, content_cap)
 
-    def stream_parser(self, content_cap: int | None) -> ResponsesStream:
+    def stream_parser(self, content_cap: int | None, content_type: str) -> ResponsesStream:
         return ResponsesStream(content_cap)
 
 

@@ -9,7 +9,16 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from llmtap.protocols import azure_openai, chat_completions, embeddings, openai_responses, openrouter, pulze
+from llmtap.protocols import (
+    anthropic_messages,
+    azure_openai,
+    chat_completions,
+    embeddings,
+    gemini,
+    openai_responses,
+    openrouter,
+    pulze,
+)
 from llmtap.protocols.base import Family, Overlay
 from llmtap.protocols.providers import provider_from
 
@@ -20,6 +29,8 @@ FAMILIES: tuple[Family, ...] = (
     openai_responses.FAMILY,
     embeddings.FAMILY,
     chat_completions.FAMILY,
+    anthropic_messages.FAMILY,
+    gemini.FAMILY,
 )
 
 OVERLAYS: tuple[Overlay, ...] = (pulze.OVERLAY, openrouter.OVERLAY)

@@ -120,6 +120,10 @@ def _events(
 
 
 ROUTES = [
-    Route("POST", "/v1beta/models/{model}:generateContent", generate, "google", error),
-    Route("POST", "/v1beta/models/{model}:streamGenerateContent", stream, "google", error),
+    route
+    for version in ("v1beta", "v1")  # google-genai 3 calls /v1
+    for route in (
+        Route("POST", f"/{version}/models/{{model}}:generateContent", generate, "google", error),
+        Route("POST", f"/{version}/models/{{model}}:streamGenerateContent", stream, "google", error),
+    )
 ]

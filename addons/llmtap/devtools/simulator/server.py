@@ -363,7 +363,8 @@ class Simulator:
         reply: StreamReply,
     ) -> bool:
         """Write a stream over chunked encoding, one event per chunk, ``chunk_delay`` apart."""
-        crlf = reply.crlf or ex.request_headers.get("x-sim-sse", "").lower() == "crlf"
+        comments = ex.request_headers.get("x-sim-sse", "").lower() == "crlf"  # with ": keep-alive" lines
+        crlf = reply.crlf or comments
         nl = b"\r\n" if crlf else b"\n"
         style = reply.style
         headers = [
@@ -405,7 +406,7 @@ class Simulator:
                 if i:
                     if self.chunk_delay:
                         await asyncio.sleep(self.chunk_delay)
-                    if crlf and style != "array":
+                    if comments and style != "array":
                         writer.write(frame(b": keep-alive" + nl + nl))
                 ex.stream_events.append(event)
                 if style == "array":

@@ -320,6 +320,10 @@ def test_anthropic_sdk_create_and_stream_with_prompt_caching(sdk_python, ftap, s
         assert record.output_tokens == usage["output_tokens"]
         assert record.cache_write_1h_input_tokens in (0, None)
     assert created.cache_write_input_tokens == 100 and streamed.cached_input_tokens == 100  # written, then read
+    plain_in = out["create"]["usage"]["input_tokens"]
+    written_cost = (plain_in * 1.00 + 100 * 1.25 + created.output_tokens * 5.00) / 1e6  # 5-minute writes: 1.25x
+    read_cost = (out["stream"]["usage"]["input_tokens"] * 1.00 + 100 * 0.10 + streamed.output_tokens * 5.00) / 1e6
+    assert created.cost_usd == pytest.approx(written_cost) and streamed.cost_usd == pytest.approx(read_cost)
     assert streamed.stream and streamed.chunk_count and streamed.first_token_at is not None
     spans = {s.span_id: s for s in receiver.wait_spans(2, timeout=20)}
     assert spans[created.span_id].attributes["gen_ai.provider.name"] == "anthropic"

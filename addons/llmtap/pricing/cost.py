@@ -16,11 +16,18 @@ from typing import Any
 
 @dataclass(frozen=True, slots=True)
 class Price:
-    """USD per million tokens. Cached input falls back to the input price (never cheaper)."""
+    """USD per million tokens. Cached input falls back to the input price (never cheaper).
+
+    Cache writes (``cache_write_input_tokens``, of which ``cache_write_1h_input_tokens`` kept an
+    hour) cost ``cache_write`` / ``cache_write_1h`` where a provider charges more for them
+    (Anthropic: 1.25× and 2× the input price); else the input price.
+    """
 
     input: float
     output: float
     cached_input: float | None = None
+    cache_write: float | None = None
+    cache_write_1h: float | None = None
 
 
 #: List prices in USD per 1M tokens, as published by each provider in 2024-2025. They change:
@@ -44,6 +51,13 @@ BUILTIN_PRICES: dict[str, Price] = {
     "claude-3-5-haiku": Price(0.80, 4.00),
     "claude-3-5-sonnet": Price(3.00, 15.00),
     "claude-3-opus": Price(15.00, 75.00),
+    "claude-haiku-4-5": Price(1.00, 5.00, 0.10, 1.25, 2.00),
+    "claude-sonnet-4-5": Price(3.00, 15.00, 0.30, 3.75, 6.00),
+    "claude-opus-4-1": Price(15.00, 75.00, 1.50, 18.75, 30.00),
+    "gemini-2.5-pro": Price(1.25, 10.00, 0.125),  # prompts up to 200k tokens
+    "gemini-2.5-flash": Price(0.30, 2.50, 0.03),
+    "gemini-2.5-flash-lite": Price(0.10, 0.40, 0.01),
+    "gemini-2.0-flash": Price(0.10, 0.40, 0.025),
     "mistral-small": Price(0.20, 0.60),
     "mistral-large": Price(2.00, 6.00),
     "llama-3-8b-instruct": Price(0.05, 0.25),
@@ -67,7 +81,10 @@ class PriceTable:
                 prices[model] = Price(
                     float(spec["input"]),
                     float(spec["output"]),
-                    None if spec.get("cached_input") is None else float(spec["cached_input"]),
+                    *(
+                        None if spec.get(k) is None else float(spec[k])
+                        for k in ("cached_input", "cache_write", "cache_write_1h")
+                    ),
                 )
         return cls(prices)
 
@@ -99,8 +116,15 @@ def resolve_cost(fields: Mapping[str, Any], prices: PriceTable) -> dict[str, Any
     if price is None:
         return {"cost_usd": None, "cost_source": "unknown"}
     cached = min(fields.get("cached_input_tokens") or 0, input_tokens)
+    written = min(fields.get("cache_write_input_tokens") or 0, input_tokens - cached)
+    written_1h = min(fields.get("cache_write_1h_input_tokens") or 0, written)
     cached_rate = price.input if price.cached_input is None else price.cached_input
-    prompt = ((input_tokens - cached) * price.input + cached * cached_rate) / 1e6
+    write_rate = price.input if price.cache_write is None else price.cache_write
+    write_1h_rate = write_rate if price.cache_write_1h is None else price.cache_write_1h
+    plain = input_tokens - cached - written
+    prompt = (
+        plain * price.input + cached * cached_rate + (written - written_1h) * write_rate + written_1h * write_1h_rate
+    ) / 1e6
     completion = output_tokens * price.output / 1e6
     return {
         "cost_usd": prompt + completion,

@@ -61,8 +61,8 @@ class Settings:
     prices: str = _option("", "JSON file of model prices (USD per million tokens) merged over the built-in table.")
     family_map: tuple[str, ...] = _option(
         (),
-        "Read a gateway's traffic as one protocol family: HOST=FAMILY or /PATH/PREFIX=FAMILY (repeatable; "
-        "families: chat_completions, openai_responses, embeddings, azure_openai, …).",
+        "Read a gateway's traffic as one protocol family: HOST=FAMILY or /PATH/PREFIX=FAMILY (families: "
+        "chat_completions, openai_responses, embeddings, azure_openai, anthropic_messages, gemini).",
     )
 
     @classmethod

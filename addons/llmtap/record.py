@@ -5,6 +5,33 @@ Times are Unix epoch seconds (floats). Money is USD. ``None`` always means "not 
 
 Serialisation is canonical JSON (sorted keys, compact separators, UTF-8): the journal,
 the JSON-lines export and the audit hash chain all depend on ``to_json`` being stable.
+
+Tokens have one meaning whatever the family (record schema 2; each family converts to it):
+
+- ``input_tokens``: every input token, cache reads and cache writes included;
+- ``cached_input_tokens``: the part of ``input_tokens`` read from a prompt cache;
+- ``cache_write_input_tokens``: the part of ``input_tokens`` written to a prompt cache
+  (``cache_write_1h_input_tokens``: of those, the ones kept for an hour);
+- ``output_tokens``: every generated token, reasoning included;
+- ``reasoning_tokens``: the part of ``output_tokens`` spent reasoning (thinking).
+
+Per family (upstream field → record field):
+
+- chat_completions: ``prompt_tokens`` → input; ``prompt_tokens_details.cached_tokens`` /
+  ``.cache_write_tokens`` → cached / cache writes; ``completion_tokens`` → output;
+  ``completion_tokens_details.reasoning_tokens`` → reasoning.
+- openai_responses (and Azure): ``input_tokens``, ``input_tokens_details.cached_tokens`` /
+  ``.cache_write_tokens``, ``output_tokens``, ``output_tokens_details.reasoning_tokens``.
+- embeddings: ``usage.prompt_tokens`` → input; output is 0.
+- anthropic_messages: input = ``input_tokens`` + ``cache_read_input_tokens`` +
+  ``cache_creation_input_tokens`` (Anthropic's ``input_tokens`` excludes the cache);
+  ``cache_creation.ephemeral_1h_input_tokens`` → the 1-hour writes.
+- gemini: ``promptTokenCount`` → input (it includes ``cachedContentTokenCount`` → cached);
+  output = ``candidatesTokenCount`` + ``thoughtsTokenCount`` (Gemini's candidates exclude the
+  thoughts); ``thoughtsTokenCount`` → reasoning.
+
+Rows whose ``record_schema`` is None were written before schemas were numbered (schema 1): for
+Chat Completions the meaning is the same; see CHANGELOG.md.
 """
 
 from __future__ import annotations

@@ -360,3 +360,27 @@ def test_gemini_sdk_plain_and_streamed(sdk_python, ftap, simulator, receiver) ->
     spans = {s.span_id: s for s in receiver.wait_spans(2, timeout=20)}
     assert spans[plain.span_id].attributes["gen_ai.provider.name"] == "gcp.gemini"
     check_sinks_agree(ftap, receiver, records)
+
+
+def test_family_map_reads_a_mapped_prefix_as_its_family(tmp_path, simulator) -> None:
+    """``/openai/v1`` is Azure's by default; mapped to chat_completions it is read as plain OpenAI."""
+    tap = start_tap(tmp_path, simulator.url, "--family-map", "/openai/v1=chat_completions")
+    try:
+        body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "mapped"}]}
+        out = curl(
+            f"{tap.proxy_url}/openai/v1/chat/completions", "-H", f"api-key: {API_KEY}",
+            "-H", "Content-Type: application/json", "-d", json.dumps(body),
+        )  # fmt: skip
+        [record] = tap.wait_records(1)
+        assert out.stdout == simulator.exchanges[-1].response_body
+        assert (record.family, record.provider) == ("chat_completions", None)
+        assert record.input_tokens == json.loads(out.stdout)["usage"]["prompt_tokens"]
+    finally:
+        tap.stop()
+    bad = subprocess.run(
+        [*tap.args[:2], "--family-map", "host=nonsense", "--listen-port", "0", "--db", "", "--metrics-port", "-1"],
+        capture_output=True,
+        timeout=60,
+        cwd=tmp_path,
+    )
+    assert bad.returncode != 0 and b"nonsense" in bad.stdout + bad.stderr

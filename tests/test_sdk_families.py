@@ -165,6 +165,7 @@ def test_background_response_is_billed_once_by_the_poll_that_finds_it_finished(
     assert post.input_tokens is None and post.cost_usd is None and post.cost_source == "deferred"
     assert (poll.method, poll.response_status, poll.background) == ("GET", "completed", True)
     assert poll.path == f"/v1/responses/{out['id']}"
+    assert poll.request_model == post.request_model == "gpt-4o-mini"  # carried over from the POST
     assert poll.input_tokens == out["usage"]["input_tokens"] and poll.output_tokens == out["usage"]["output_tokens"]
     assert poll.cost_source == "computed" and poll.cost_usd > 0
     assert ftap.metric("llmtap_unpriced_requests_total") == 0  # deferred is not unknown

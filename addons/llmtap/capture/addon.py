@@ -123,7 +123,7 @@ class LLMTap:
         self.prices = PriceTable.load()
         self.sinks: list[Sink] = []
         self.family_map: registry.FamilyMap = ()
-        self.pending: dict[str, None] = {}  # background response ids awaiting their billing poll
+        self.pending: dict[str, str | None] = {}  # background response id -> its request model
         self._running = False
 
     # --- options -------------------------------------------------------------------------
@@ -247,7 +247,9 @@ class LLMTap:
             self.health.error("parse_request", exc, path)
             exchange = Exchange(family, operation, path, {"request_start": flow.request.timestamp_start})
             exchange.parse_problem = f"request parse failed: {type(exc).__name__}"
-        exchange.poll_id = poll_id
+        if poll_id is not None:
+            exchange.poll_id = poll_id
+            exchange.fields["request_model"] = self.pending[poll_id]  # a GET has no body to say it
         flow.metadata[_METADATA_KEY] = exchange
         self.health.in_flight += 1
         if self.settings.propagate and exchange.fields.get("span_id"):
@@ -362,7 +364,7 @@ class LLMTap:
         if record.background and record.response_status in ("queued", "in_progress") and record.response_id:
             if len(self.pending) >= PENDING_LIMIT:
                 del self.pending[next(iter(self.pending))]
-            self.pending[record.response_id] = None
+            self.pending[record.response_id] = record.request_model
         return True
 
     def _build_record(self, flow: http.HTTPFlow, exchange: Exchange) -> ExchangeRecord:

@@ -117,12 +117,12 @@ def traffic(base_url: str, count: int, interval: float, api_key: str, seed: int)
 
 
 @main.command()
-@click.option("--count", default=40, show_default=True, type=int, help="Demo requests to send.")
+@click.option("--count", default=40, show_default=True, type=click.IntRange(min=1), help="Demo requests to send.")
 @click.option("--exit", "exit_after", is_flag=True, help="Exit after the traffic instead of waiting for Ctrl-C.")
 @click.option("--dir", "workdir", default="demo-out", show_default=True, help="Where the DB and logs go.")
-@click.option("--listen-port", default=8080, show_default=True, type=int)
-@click.option("--metrics-port", default=9464, show_default=True, type=int)
-def demo(count: int, exit_after: bool, workdir: str, listen_port: int, metrics_port: int) -> None:
+@click.option("--listen-port", type=click.IntRange(1, 65535), help="Proxy port  [default: a free port]")
+@click.option("--metrics-port", type=click.IntRange(1, 65535), help="/metrics port  [default: a free port]")
+def demo(count: int, exit_after: bool, workdir: str, listen_port: int | None, metrics_port: int | None) -> None:
     """Simulated Pulze upstream + llmtap + traffic; prints where metrics, DB and report are."""
     from llmtap.devtools.demo import run_demo
 

@@ -135,8 +135,16 @@ class LLMTap:
             raise OptionsError(str(exc)) from exc
         try:
             prices = PriceTable.load(settings.prices or None)
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-            raise OptionsError(f"llmtap_prices: cannot read {settings.prices!r}: {exc}") from exc
+        except KeyError as exc:
+            raise OptionsError(
+                f"llmtap_prices (--prices): {settings.prices!r}: a model lacks its {exc} price; each entry needs "
+                '{"input": USD, "output": USD} per million tokens ("cached_input" optional)'
+            ) from exc
+        except (OSError, ValueError, TypeError, AttributeError) as exc:
+            raise OptionsError(
+                f"llmtap_prices (--prices): cannot read {settings.prices!r}: {exc}; expected a JSON object "
+                '{"model": {"input": USD, "output": USD}} (USD per million tokens)'
+            ) from exc
         changed = settings != self.settings
         self.settings, self.prices = settings, prices
         if self._running and changed:

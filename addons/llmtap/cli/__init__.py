@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from urllib.parse import urlsplit
 
 import click
 
@@ -34,8 +35,25 @@ def llmtap_options(command):
     return command
 
 
+def _upstream_url(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    """An absolute http(s) URL: without a scheme mitmproxy would silently take https."""
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise click.BadParameter(
+            f"{value!r} is not an http:// or https:// URL; write it with its scheme, "
+            f"e.g. --upstream http://{value.split('://')[-1]} (or https://...)"
+        )
+    return value
+
+
 @main.command()
-@click.option("--upstream", default=DEFAULT_UPSTREAM, show_default=True, help="Upstream API (reverse mode).")
+@click.option(
+    "--upstream",
+    default=DEFAULT_UPSTREAM,
+    show_default=True,
+    callback=_upstream_url,
+    help="Upstream API (reverse mode), with its scheme: https://api.pulze.ai, http://127.0.0.1:8000.",
+)
 @click.option(
     "--mode",
     type=click.Choice(["reverse", "regular"]),

@@ -52,7 +52,7 @@ def _llmtap_port_advice(record: logging.LogRecord) -> bool:
     return True
 
 
-def serve(
+def run_proxy(
     *,
     upstream: str,
     mode: str,

@@ -84,3 +84,23 @@ def test_the_readme_runnable_blocks_work_as_written(tmp_path: Path) -> None:
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
+
+
+def test_the_readme_http_versions_paragraph(tap) -> None:
+    """h2c upgrade is answered in HTTP/1.1; HTTP/2 with prior knowledge fails (mitmproxy)."""
+    text = (REPO / "README.md").read_text()
+    assert "--http2-prior-knowledge" in text and "answered in HTTP/1.1" in text
+
+    def curl(*flags: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            ["curl", "-sS", "--noproxy", "*", "--max-time", "20", *flags, "-o", "/dev/null"]
+            + ["-w", "%{http_version} %{http_code}", "-H", "Authorization: Bearer sk-test", f"{tap.base_url}/models"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    assert curl("--http1.1").stdout == "1.1 200"
+    assert curl("--http2").stdout == "1.1 200"
+    prior = curl("--http2-prior-knowledge")
+    assert prior.returncode != 0 and not prior.stdout.endswith("200")

@@ -181,11 +181,23 @@ def _create_pruned(db: Database) -> None:
     )
 
 
+def _add_family_and_cache_writes(db: Database) -> None:
+    """Protocol families: which family read the exchange, cache writes, the service tier."""
+    for name, kind in (
+        ("family", str),
+        ("cache_write_input_tokens", int),
+        ("cache_write_1h_input_tokens", int),
+        ("service_tier", str),
+    ):
+        db["exchanges"].add_column(name, kind)
+
+
 MIGRATIONS: tuple[Callable[[Database], None], ...] = (
     _create_exchanges,
     _create_content,
     _create_journal_offsets,
     _create_pruned,
+    _add_family_and_cache_writes,
 )
 
 

@@ -88,3 +88,45 @@ def test_demo_shows_every_fault_and_counts_this_run_only(tmp_path: Path) -> None
     assert "this run: sent 40 requests" in second.stdout
     assert re.search(r"TOTAL\s*│\s*40\b", second.stdout), second.stdout  # this run's 40, not 80
     assert "also holds 40 requests from earlier" in second.stdout
+
+
+def test_a_running_demo_prints_urls_that_are_its_own_and_stops_on_ctrl_c(tmp_path: Path) -> None:
+    import queue
+    import signal
+    import urllib.request
+
+    proc = subprocess.Popen(
+        [LLMTAP, "demo", "--count", "10", "--dir", str(tmp_path / "out")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=tmp_path,
+    )
+    lines: queue.Queue[str] = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True).start()
+    seen: list[str] = []
+    try:
+        while not any("keeps running" in line for line in seen):
+            seen.append(lines.get(timeout=120))
+        metrics_url = next(line.split()[1] for line in seen if line.startswith("metrics "))
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        with opener.open(metrics_url, timeout=10) as response:
+            page = response.read().decode()
+        served = sum(
+            float(line.rsplit(" ", 1)[1]) for line in page.splitlines() if line.startswith("llmtap_requests_total{")
+        )
+        assert served == 10  # this demo's proxy: it has seen exactly this run's requests
+        top = subprocess.run(
+            [LLMTAP, "top", "--metrics-url", metrics_url, "--once", "--interval", "0.2"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert top.returncode == 0 and "by model" in top.stdout
+        assert any(line.startswith("live view") and metrics_url in line for line in seen)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

@@ -8,7 +8,7 @@ import subprocess
 from pathlib import Path
 
 from click.testing import CliRunner
-from conftest import LLMTAP
+from conftest import LLMTAP, start_tap, wait_until
 
 from llmtap.cli import main
 
@@ -77,3 +77,21 @@ def test_enum_options_show_their_choices_in_help() -> None:
     result = CliRunner().invoke(main, ["run", "--help"])
     assert result.exit_code == 0
     assert "--fsync [never|batch]" in result.output and "--mode [reverse|regular]" in result.output
+
+
+def test_a_taken_metrics_port_is_named_in_the_banner_and_traffic_still_flows(tmp_path: Path, simulator) -> None:
+    """Fail-open: the proxy serves without /metrics, and its banner says which flag to change."""
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen()
+        port = squatter.getsockname()[1]
+        tap = start_tap(tmp_path, simulator.url, "--metrics-port", str(port))
+        try:
+            banner = wait_until(lambda: "listening:" in tap.output() and tap.output())
+            assert f"NOT served: 127.0.0.1:{port}" in banner and "--metrics-port" in banner
+            client = tap.client()
+            client.chat.completions.create(model="pulze", messages=[{"role": "user", "content": "hi"}])
+            client.close()
+            assert len(tap.wait_records(1)) == 1
+        finally:
+            tap.stop()

@@ -211,6 +211,11 @@ class LLMTap:
         lines = [f"llmtap {__version__} listening: {app}"]
         if metrics is not None:
             lines.append(f"  metrics  http://{self.settings.metrics_host}:{metrics.port}/metrics")
+        elif self.settings.metrics_port >= 0:  # the sink could not start: usually the port is taken
+            lines.append(
+                f"  metrics  NOT served: {self.settings.metrics_host}:{self.settings.metrics_port} failed (see above); "
+                "choose another port with --metrics-port (0 picks a free one)"
+            )
         lines.append(f"  audit    {self.settings.db or 'off'}")
         if self.settings.jsonl:
             lines.append(f"  jsonl    {self.settings.jsonl}")

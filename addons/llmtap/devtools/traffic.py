@@ -14,6 +14,7 @@ import json
 import random
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 PROMPTS = (
@@ -26,9 +27,12 @@ PROMPTS = (
 )
 MODELS = ("pulze", "pulze", "openai/gpt-4o-mini", "anthropic/claude-3-haiku", "mistralai/mistral-small")
 TEAMS = ("search", "support", "growth")
-#: One request in ten asks the simulator for a fault; mostly the kinds a real API produces.
+#: Every FAULT_EVERY-th request asks the simulator for a fault, taking these kinds in turn (the
+#: kinds a real API produces), so that any 40 requests show each of them once.
 FAULTS = ("429", "500", "422", "retry", "truncate")
-#: Share of requests in the other families (the rest are Pulze Chat Completions / Completions).
+FAULT_EVERY = 8
+#: Share of the other requests sent in the other families (the rest are Pulze Chat Completions
+#: and Completions; the faults are asked of those).
 OTHER_FAMILIES = 0.45
 
 
@@ -42,8 +46,19 @@ class TrafficSummary:
         return f"sent {self.sent} requests ({parts})"
 
 
-def drive(base_url: str, *, api_key: str, count: int, interval: float = 0.0, seed: int = 1) -> TrafficSummary:
-    """Send ``count`` requests (0 = until interrupted); returns what happened to them."""
+def drive(
+    base_url: str,
+    *,
+    api_key: str,
+    count: int,
+    interval: float = 0.0,
+    seed: int = 1,
+    on_result: Callable[[str], None] | None = None,
+) -> TrafficSummary:
+    """Send ``count`` requests (0 = until interrupted); returns what happened to them.
+
+    ``on_result`` is called with each request's outcome (for a progress bar).
+    """
     import httpx
     import openai
 
@@ -53,12 +68,16 @@ def drive(base_url: str, *, api_key: str, count: int, interval: float = 0.0, see
     summary = TrafficSummary()
     try:
         while count == 0 or summary.sent < count:
-            if rng.random() < OTHER_FAMILIES:
+            n = summary.sent
+            fault = FAULTS[(n // FAULT_EVERY) % len(FAULTS)] if n % FAULT_EVERY == FAULT_EVERY // 2 else None
+            if fault is None and rng.random() < OTHER_FAMILIES:
                 outcome = _other_family(client, http, api_key, rng)
             else:
-                outcome = _one_request(client, rng)
+                outcome = _one_request(client, rng, fault)
             summary.outcomes[outcome] += 1
             summary.sent += 1
+            if on_result is not None:
+                on_result(outcome)
             if interval:
                 time.sleep(interval)
     except KeyboardInterrupt:
@@ -67,6 +86,44 @@ def drive(base_url: str, *, api_key: str, count: int, interval: float = 0.0, see
         client.close()
         http.close()
     return summary
+
+
+def _one_request(client, rng: random.Random, fault: str | None) -> str:
+    import httpx
+    import openai
+
+    model = rng.choice(MODELS)
+    prompt = rng.choice(PROMPTS)
+    stream = rng.random() < 0.4
+    headers = {"Pulze-Labels": json.dumps({"team": rng.choice(TEAMS)})}
+    if fault is not None:
+        headers["X-Sim-Fault"] = fault
+    try:
+        if rng.random() < 0.7:
+            kwargs = dict(
+                model=model, messages=[{"role": "user", "content": prompt}], max_tokens=64, extra_headers=headers
+            )
+            if stream:
+                for _ in client.chat.completions.create(stream=True, **kwargs):
+                    pass
+            else:
+                client.chat.completions.create(**kwargs)
+        else:
+            kwargs = dict(model=model, prompt=prompt, max_tokens=64, extra_headers=headers)
+            if stream:
+                for _ in client.completions.create(stream=True, **kwargs):
+                    pass
+            else:
+                client.completions.create(**kwargs)
+    except openai.APIStatusError as exc:  # a non-streamed body cut short arrives as llmtap's 502
+        return f"truncated (http {exc.status_code})" if fault == "truncate" else f"http {exc.status_code}"
+    except (openai.APIError, httpx.HTTPError) as exc:  # a stream cut mid-way is httpx's error
+        return "truncated" if fault == "truncate" else type(exc).__name__
+    if fault == "truncate":  # a cut stream the SDK did not raise on
+        return "truncated"
+    if fault == "retry":
+        return "ok after a router retry"
+    return "ok stream" if stream else "ok"
 
 
 def _other_family(client, http, api_key: str, rng: random.Random) -> str:
@@ -128,37 +185,3 @@ def _send(http, path: str, body: dict, headers: dict[str, str], stream: bool) ->
         for _ in response.iter_bytes():
             pass
         return response.status_code
-
-
-def _one_request(client, rng: random.Random) -> str:
-    import httpx
-    import openai
-
-    model = rng.choice(MODELS)
-    prompt = rng.choice(PROMPTS)
-    stream = rng.random() < 0.4
-    headers = {"Pulze-Labels": json.dumps({"team": rng.choice(TEAMS)})}
-    if rng.random() < 0.1:
-        headers["X-Sim-Fault"] = rng.choice(FAULTS)
-    try:
-        if rng.random() < 0.7:
-            kwargs = dict(
-                model=model, messages=[{"role": "user", "content": prompt}], max_tokens=64, extra_headers=headers
-            )
-            if stream:
-                for _ in client.chat.completions.create(stream=True, **kwargs):
-                    pass
-            else:
-                client.chat.completions.create(**kwargs)
-        else:
-            kwargs = dict(model=model, prompt=prompt, max_tokens=64, extra_headers=headers)
-            if stream:
-                for _ in client.completions.create(stream=True, **kwargs):
-                    pass
-            else:
-                client.completions.create(**kwargs)
-    except openai.APIStatusError as exc:
-        return f"http {exc.status_code}"
-    except (openai.APIError, httpx.HTTPError) as exc:  # a stream cut mid-way is httpx's error
-        return type(exc).__name__
-    return "ok stream" if stream else "ok"

@@ -13,6 +13,7 @@ import sqlite3
 import subprocess
 from pathlib import Path
 
+import pytest
 from conftest import API_KEY, LLMTAP, start_tap
 
 from llmtap.audit.store import MIGRATIONS
@@ -78,6 +79,6 @@ def test_a_v1_audit_log_migrates_keeps_verifying_and_reports_old_rows_as_written
     old_rows = [*before.values(), *replayed]
     assert by_schema[1]["requests"] == 6
     assert by_schema[1]["input_tokens"] == sum(r["input_tokens"] or 0 for r in old_rows)
-    assert by_schema[1]["cost_usd"] == sum(r["cost_usd"] or 0 for r in old_rows)
+    assert by_schema[1]["cost_usd"] == pytest.approx(sum(r["cost_usd"] or 0 for r in old_rows))
     assert by_schema[RECORD_SCHEMA]["requests"] == 2
     assert API_KEY not in db.read_text(errors="replace")

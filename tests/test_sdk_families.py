@@ -57,7 +57,8 @@ def check_sinks_agree(tap: TapProcess, receiver: OTLPHTTPReceiver, records: list
         ("reasoning", "reasoning_tokens"),
     ):
         expected = sum(getattr(r, field) or 0 for r in records)
-        assert tap.metric("llmtap_tokens_total", type=token_type) == expected, token_type
+        # the JSON line is written just before the metrics are counted: wait for them (bounded)
+        wait_until(lambda: tap.metric("llmtap_tokens_total", type=token_type) == expected, timeout=5)
     spans = {s.span_id: s for s in receiver.wait_spans(len(records), timeout=20)}
     for record in records:
         _check_span(spans[record.span_id], record)
@@ -244,7 +245,7 @@ def test_openrouter_reported_cost_and_byok(ftap, simulator, byok: bool) -> None:
     assert usage["is_byok"] is byok and record.router == "openrouter" and record.provider == "openai"
     expected = usage["cost"] + (usage["cost_details"]["upstream_inference_cost"] if byok else 0)
     assert record.cost_source == "reported" and record.cost_usd == pytest.approx(expected)
-    assert ftap.metric("llmtap_cost_usd_total", cost_source="reported") == pytest.approx(expected)
+    wait_until(lambda: ftap.metric("llmtap_cost_usd_total", cost_source="reported") == pytest.approx(expected), 5)
 
 
 # --- raw bytes and faults, per family ------------------------------------------------------------------

@@ -233,6 +233,8 @@ def test_azure_deployment_is_the_model_when_the_body_has_none() -> None:
     path = "/openai/deployments/prod-chat/chat/completions"
     assert family.request_fields({"messages": []}, "chat", path, "api-version=1", None)["request_model"] == "prod-chat"
     assert family.request_fields({"model": "m"}, "chat", path, "", None)["request_model"] == "m"
+    versioned = family.request_fields({}, "chat", path, "x=1&api-version=2024-10-21", None)
+    assert versioned["api_version"] == "2024-10-21"
     emb = family.request_fields({"input": ["a", "b"]}, "embeddings", "/openai/deployments/e/embeddings", "", None)
     assert (emb["request_model"], emb["input_count"]) == ("e", 2)
     assert family.response_fields(EMBEDDINGS_RESPONSE, None)["dimensions"] == 3

@@ -196,6 +196,7 @@ def test_embeddings_and_azure_openai(sdk_python, ftap, simulator, receiver) -> N
     [plain] = by_response_id(records, azure["plain"]["id"])
     assert plain.path == "/openai/deployments/my-gpt4o-mini/chat/completions"
     assert (plain.provider, plain.request_model, plain.max_tokens) == ("azure", "my-gpt4o-mini", 20)
+    assert plain.api_version == "2024-10-21"
     assert plain.input_tokens == azure["plain"]["usage"]["prompt_tokens"]
     [streamed] = [r for r in records if r.family == "azure_openai" and r.stream]
     assert streamed.input_tokens == azure["stream_usage"]["prompt_tokens"]  # include_usage asked for it

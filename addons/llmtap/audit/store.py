@@ -214,6 +214,7 @@ def _add_family_columns(db: Database) -> None:
         ("previous_response_id", str),
         ("conversation_id", str),
         ("background", int),
+        ("api_version", str),
         ("input_count", int),
         ("dimensions", int),
         ("response_status", str),

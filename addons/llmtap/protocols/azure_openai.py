@@ -58,6 +58,10 @@ class AzureOpenAI(Family):
         fields = family.request_fields(body, operation, path, query, content_cap)
         if fields.get("request_model") is None:
             fields["request_model"] = deployment_of(path)
+        if "api-version=" in query:
+            fields["api_version"] = next(
+                (v[:40] for k, _, v in (p.partition("=") for p in query.split("&")) if k == "api-version"), None
+            )
         return fields
 
     def response_fields(self, body: Any, content_cap: int | None) -> dict[str, Any]:

@@ -89,17 +89,28 @@ class ExchangeRecord:
     input_tokens: int | None = None
     output_tokens: int | None = None
     total_tokens: int | None = None
-    cached_input_tokens: int | None = None
-    reasoning_tokens: int | None = None
+    cached_input_tokens: int | None = None  # cache reads (part of input_tokens)
+    cache_write_input_tokens: int | None = None  # every cache write (part of input_tokens)
+    cache_write_1h_input_tokens: int | None = None  # the part written at the 1-hour rate (Anthropic)
+    reasoning_tokens: int | None = None  # part of output_tokens, never added on top
+    service_tier: str | None = None  # OpenAI service_tier (response's, else request's): flex, priority, ...
     finish_reasons: tuple[str, ...] | None = None
     choice_count: int | None = None
     chunk_count: int | None = None  # content-carrying SSE events (streams only)
 
     # --- money (USD) ---
+    # cost_nanousd is the exact amount, integer nano-dollars (1e-9 USD); cost_usd the same as
+    # the nearest float. cost_source: reported | user | database | unknown ("computed" on rows
+    # of llmtap's former built-in table). price_version: the data priced from
+    # ("genai-prices:0.0.61", "genai-prices-data:<sha256>", "user:<sha256>");
+    # price_model: the entry matched ("openai/gpt-4o", or the --prices file's model key).
     cost_usd: float | None = None
     cost_prompt_usd: float | None = None
     cost_completion_usd: float | None = None
     cost_source: str = "unknown"
+    cost_nanousd: int | None = None
+    price_version: str | None = None
+    price_model: str | None = None
     cost_savings_usd: float | None = None
     cost_savings_prompt_usd: float | None = None
     cost_savings_completion_usd: float | None = None

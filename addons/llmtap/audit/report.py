@@ -42,13 +42,32 @@ METRICS = (
     "p95_s",
     "unknown_cost",
 )
+#: With ``--reprice``: the same rows' tokens under the current price data.
+REPRICE_METRICS = ("reprice_usd", "reprice_unknown")
+#: Money sums: exact integer nano-dollars over the rows that have them; rows written before
+#: ``cost_nanousd`` existed add their float ``cost_usd`` as they always did.
 _SUMS = """count(*) AS requests,
     sum(error_type IS NOT NULL) AS errors,
     sum(input_tokens) AS input_tokens,
     sum(output_tokens) AS output_tokens,
-    sum(cost_usd) AS cost_usd,
+    sum({nano}) AS cost_nanousd,
+    sum(CASE WHEN {nano} IS NULL THEN cost_usd END) AS cost_usd_legacy,
     sum(cost_savings_usd) AS cost_savings_usd,
     sum(cost_usd IS NULL) AS unknown_cost"""
+#: What ``--reprice`` reads of each row (NULL where an older database lacks the column).
+_PRICING_COLUMNS = (
+    "request_start",
+    "input_tokens",
+    "output_tokens",
+    "cached_input_tokens",
+    "cache_write_input_tokens",
+    "cache_write_1h_input_tokens",
+    "served_namespace",
+    "response_model",
+    "request_model",
+    "provider",
+    "service_tier",
+)
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
 
@@ -105,11 +124,36 @@ def percentile(sorted_values: Sequence[float], p: float) -> float | None:
     return sorted_values[max(0, math.ceil(p * len(sorted_values)) - 1)]
 
 
+def _columns(conn: sqlite3.Connection) -> set[str]:
+    return {row[1] for row in conn.execute("PRAGMA table_info(exchanges)")}
+
+
+def _money(row: dict[str, Any]) -> dict[str, Any]:
+    """``cost_usd`` from the exact nano-dollar sum (plus older rows' floats)."""
+    nano, legacy = row.pop("cost_nanousd", None), row.pop("cost_usd_legacy", None)
+    if nano is None and legacy is None:
+        row["cost_usd"] = None
+    else:
+        row["cost_usd"] = (nano or 0) / 1e9 + (legacy or 0.0) if legacy is not None else nano / 1e9
+    row["cost_nanousd"] = nano if legacy is None else None  # exact only when every row was
+    return row
+
+
 def spend(
-    conn: sqlite3.Connection, by: Sequence[str], since: float | None, until: float | None
+    conn: sqlite3.Connection,
+    by: Sequence[str],
+    since: float | None,
+    until: float | None,
+    reprice: Any = None,
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """Rows per group and the totals row, as plain dicts (group names first, then METRICS)."""
+    """Rows per group and the totals row, as plain dicts (group names first, then METRICS).
+
+    ``reprice``: a ``llmtap.pricing.cost.Pricer``; each group then also has ``reprice_usd``
+    (its rows' tokens priced by it, at each row's own time) and ``reprice_unknown``.
+    """
     group = grouping(by)
+    columns = _columns(conn)
+    sums_sql = _SUMS.format(nano="cost_nanousd" if "cost_nanousd" in columns else "NULL")
     where, where_params = ["1"], []
     if since is not None:
         where.append("request_start >= ?")
@@ -122,9 +166,9 @@ def spend(
     select = "".join(f"{expr} AS {key}, " for expr, key in zip(group.exprs, keys))
     order = f"GROUP BY {', '.join(keys)} ORDER BY {', '.join(keys)}" if keys else ""
     sums = conn.execute(
-        f"SELECT {select}{_SUMS} FROM exchanges WHERE {where_sql} {order}", [*group.params, *where_params]
+        f"SELECT {select}{sums_sql} FROM exchanges WHERE {where_sql} {order}", [*group.params, *where_params]
     ).fetchall()
-    totals = dict(conn.execute(f"SELECT {_SUMS} FROM exchanges WHERE {where_sql}", where_params).fetchone())
+    totals = _money(dict(conn.execute(f"SELECT {sums_sql} FROM exchanges WHERE {where_sql}", where_params).fetchone()))
     latencies: dict[tuple, list[float]] = defaultdict(list)
     for row in conn.execute(
         f"SELECT {select}duration_s FROM exchanges WHERE {where_sql} AND duration_s IS NOT NULL",
@@ -137,15 +181,80 @@ def spend(
     for row in sums:
         key = tuple(row[k] for k in keys)
         values = sorted(latencies.get(key, ()))
+        money = _money({k: row[k] for k in ("cost_nanousd", "cost_usd_legacy")})
         rows.append(
             {
                 **dict(zip(group.names, key)),
                 **{m: row[m] for m in METRICS if m in row.keys()},  # noqa: SIM118 (sqlite3.Row: `in` tests values)
+                **money,
                 "p50_s": percentile(values, 0.5),
                 "p95_s": percentile(values, 0.95),
             }
         )
-    return rows, {**dict.fromkeys(group.names), **{m: totals[m] for m in METRICS}}
+    total_row = {
+        **dict.fromkeys(group.names),
+        **{m: totals[m] for m in METRICS},
+        "cost_nanousd": totals["cost_nanousd"],
+    }
+    if reprice is not None:
+        _reprice(conn, group, keys, select, where_sql, where_params, columns, reprice, rows, total_row)
+    return rows, total_row
+
+
+def _reprice(
+    conn: sqlite3.Connection,
+    group: Grouping,
+    keys: list[str],
+    select: str,
+    where_sql: str,
+    where_params: list[Any],
+    columns: set[str],
+    pricer: Any,
+    rows: list[dict[str, Any]],
+    totals: dict[str, Any],
+) -> None:
+    """Each row's tokens priced again under ``pricer`` at the row's own time; rows untouched.
+
+    Every row is repriced from its tokens, reported ones too: beside a router's reported
+    charge this shows what the price data says the same tokens cost.
+    """
+    wanted = ", ".join(c if c in columns else f"NULL AS {c}" for c in _PRICING_COLUMNS)
+    sums: dict[tuple, list[int]] = defaultdict(lambda: [0, 0])  # nano-dollars, rows left unknown
+    for row in conn.execute(
+        f"SELECT {select}{wanted} FROM exchanges WHERE {where_sql}", [*group.params, *where_params]
+    ):
+        values = tuple(row)
+        fields = dict(zip(_PRICING_COLUMNS, values[len(keys) :]))
+        priced = pricer.price(fields)
+        acc = sums[values[: len(keys)]]
+        if priced["cost_nanousd"] is None:
+            acc[1] += 1
+        else:
+            acc[0] += priced["cost_nanousd"]
+    for row in rows:
+        nano, unknown = sums.get(tuple(row[name] for name in group.names), (0, 0))
+        row.update(reprice_usd=nano / 1e9, reprice_nanousd=nano, reprice_unknown=unknown)
+    nano, unknown = sum(v[0] for v in sums.values()), sum(v[1] for v in sums.values())
+    totals.update(reprice_usd=nano / 1e9, reprice_nanousd=nano, reprice_unknown=unknown)
+
+
+def unpriced(conn: sqlite3.Connection, since: float | None, until: float | None) -> list[dict[str, Any]]:
+    """Successful exchanges whose cost is unknown, per model and provider, most first."""
+    where, params = ["cost_usd IS NULL", "error_type IS NULL"], []
+    if since is not None:
+        where.append("request_start >= ?")
+        params.append(since)
+    if until is not None:
+        where.append("request_start < ?")
+        params.append(until)
+    return [
+        {"model": row[0], "provider": row[1], "requests": row[2]}
+        for row in conn.execute(
+            "SELECT coalesce(response_model, request_model), provider, count(*) FROM exchanges "
+            f"WHERE {' AND '.join(where)} GROUP BY 1, 2 ORDER BY 3 DESC, 1, 2",
+            params,
+        )
+    ]
 
 
 def _open(db: str) -> sqlite3.Connection:
@@ -163,27 +272,66 @@ def _open(db: str) -> sqlite3.Connection:
     "--by", multiple=True, metavar="DIMENSION", help=f"Group by {', '.join(DIMENSIONS)} or label:NAME. Repeatable."
 )
 @click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table", show_default=True)
-def report(db: str, since: float | None, until: float | None, by: tuple[str, ...], fmt: str) -> None:
+@click.option(
+    "--reprice",
+    is_flag=True,
+    help="Also show what each group's tokens cost under the current price data, at each exchange's own time "
+    "(rows are never modified).",
+)
+@click.option("--prices", "prices_file", default="", help="With --reprice: your own prices file (YAML or JSON).")
+@click.option("--price-data", default="", help="With --reprice: a genai-prices data file instead of the bundled data.")
+def report(
+    db: str,
+    since: float | None,
+    until: float | None,
+    by: tuple[str, ...],
+    fmt: str,
+    reprice: bool,
+    prices_file: str,
+    price_data: str,
+) -> None:
     """Spend report from the audit log: requests, errors, tokens, USD and latency per group."""
     group = grouping(by)  # validate before opening anything
+    pricer = _pricer(prices_file, price_data) if reprice else None
     conn = _open(db)
     try:
-        rows, totals = spend(conn, group.names, since, until)
+        rows, totals = spend(conn, group.names, since, until, pricer)
+        missing = unpriced(conn, since, until)
     finally:
         conn.close()
+    metrics = [*METRICS, *REPRICE_METRICS] if reprice else list(METRICS)
     if fmt == "json":
-        click.echo(
-            json.dumps({"since": since, "until": until, "by": group.names, "rows": rows, "totals": totals}, indent=2)
-        )
+        document = {"since": since, "until": until, "by": group.names, "rows": rows, "totals": totals}
+        document["unpriced"] = missing
+        if pricer is not None:
+            document["price_version"] = pricer.version
+        click.echo(json.dumps(document, indent=2))
     elif fmt == "csv":
         writer = csv.writer(sys.stdout, lineterminator="\n")
-        writer.writerow([*group.names, *METRICS])
+        writer.writerow([*group.names, *metrics])
         for row in rows:
-            writer.writerow([_csv(row[c]) for c in (*group.names, *METRICS)])
+            writer.writerow([_csv(row[c]) for c in (*group.names, *metrics)])
         label = ["TOTAL", *[""] * (len(group.names) - 1)] if group.names else []
-        writer.writerow([*label, *(_csv(totals[m]) for m in METRICS)])
+        writer.writerow([*label, *(_csv(totals[m]) for m in metrics)])
     else:
-        _print_table(group.names, rows, totals, since, until)
+        _print_table(group.names, rows, totals, since, until, pricer.version if pricer else None)
+        if missing:
+            listed = ", ".join(
+                f"{m['model'] or '(no model)'} ({m['provider'] or '?'}) ×{m['requests']:,}" for m in missing[:20]
+            )
+            more = f", and {len(missing) - 20} more" if len(missing) > 20 else ""
+            click.echo(f"Cost unknown (no price in any source): {listed}{more}")
+
+
+def _pricer(prices_file: str, price_data: str) -> Any:
+    from llmtap.pricing.cost import Pricer, PricesFileError
+
+    try:
+        return Pricer.load(prices_file or None, price_data or None)
+    except PricesFileError as exc:
+        raise click.ClickException(str(exc)) from exc
+    except (OSError, ValueError) as exc:
+        raise click.ClickException(f"{price_data}: not a genai-prices data file: {exc}") from exc
 
 
 def _csv(value: Any) -> Any:
@@ -191,7 +339,12 @@ def _csv(value: Any) -> Any:
 
 
 def _print_table(
-    names: list[str], rows: list[dict[str, Any]], totals: dict[str, Any], since: float | None, until: float | None
+    names: list[str],
+    rows: list[dict[str, Any]],
+    totals: dict[str, Any],
+    since: float | None,
+    until: float | None,
+    reprice_version: str | None = None,
 ) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -202,12 +355,20 @@ def _print_table(
     table = Table(title=f"llmtap spend, {when(since, 'start')} to {when(until, 'now')}", title_justify="left")
     for name in names:
         table.add_column(name, overflow="fold")
-    for header in ("requests", "errors", "in tokens", "out tokens", "cost USD", "saved USD", "p50", "p95", "no cost"):
+    headers = ["requests", "errors", "in tokens", "out tokens", "cost USD", "saved USD", "p50", "p95", "no cost"]
+    if reprice_version is not None:
+        headers += [f"repriced USD ({reprice_version})", "no reprice"]
+    for header in headers:
         table.add_column(header, justify="right", no_wrap=True)
+
+    def cells(row: dict[str, Any]) -> list[str]:
+        extra = [_usd(row["reprice_usd"]), f"{row['reprice_unknown']:,}"] if reprice_version is not None else []
+        return [*_metric_cells(row), *extra]
+
     for i, row in enumerate(rows):
-        table.add_row(*[_cell(row[n]) for n in names], *_metric_cells(row), end_section=i == len(rows) - 1)
+        table.add_row(*[_cell(row[n]) for n in names], *cells(row), end_section=i == len(rows) - 1)
     label = ["TOTAL", *[""] * (len(names) - 1)] if names else []
-    table.add_row(*label, *_metric_cells(totals), style="bold")
+    table.add_row(*label, *cells(totals), style="bold")
     Console(width=None if sys.stdout.isatty() else 200).print(table)  # piped: don't cut columns
 
 
@@ -234,7 +395,7 @@ def _count(value: int | None) -> str:
 
 
 def _usd(value: float | None) -> str:
-    return "unknown" if value is None else f"{value:,.6f}"
+    return "unknown" if value is None else f"{value:,.9f}".rstrip("0").rstrip(".") if value else "0"
 
 
 def _seconds(value: float | None) -> str:

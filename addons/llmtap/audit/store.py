@@ -181,11 +181,26 @@ def _create_pruned(db: Database) -> None:
     )
 
 
+def _add_pricing_columns(db: Database) -> None:
+    """Cache writes, service tier, exact cost and price provenance (NULL on older rows)."""
+    table = db["exchanges"]
+    for column, kind in (
+        ("cache_write_input_tokens", int),
+        ("cache_write_1h_input_tokens", int),
+        ("service_tier", str),
+        ("cost_nanousd", int),  # exact: integer nano-dollars; older rows have only cost_usd
+        ("price_version", str),
+        ("price_model", str),
+    ):
+        table.add_column(column, kind)
+
+
 MIGRATIONS: tuple[Callable[[Database], None], ...] = (
     _create_exchanges,
     _create_content,
     _create_journal_offsets,
     _create_pruned,
+    _add_pricing_columns,
 )
 
 

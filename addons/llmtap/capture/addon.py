@@ -1,7 +1,8 @@
 """The mitmproxy addon: watches completion exchanges and hands one record per exchange to sinks.
 
-It never changes what the app and upstream exchange (``--propagate`` is the one opt-in
-exception: it adds a ``traceparent`` header). Streams are forwarded chunk by chunk through
+It never changes what the app and upstream exchange, with two opt-in exceptions:
+``--propagate`` adds a ``traceparent`` header, and ``--inject-stream-usage`` adds
+``stream_options.include_usage`` to streaming chat requests that lack it. Streams are forwarded chunk by chunk through
 ``StreamTee``, which returns each chunk untouched and reads a copy. Every fault of llmtap's
 own is caught, counted in ``Health`` and logged once: the exchange always goes on.
 """
@@ -23,7 +24,7 @@ from llmtap.capture.decoding import SSEDecoder, incremental_decoder
 from llmtap.capture.headers import error_type, header_map, key_fingerprint, trace_id_of
 from llmtap.config import OPTIONS, Settings, SettingsError
 from llmtap.health import Health
-from llmtap.pricing.cost import PriceTable, resolve_cost
+from llmtap.pricing.cost import Pricer, PricesFileError, resolve_cost
 from llmtap.protocols import pulze
 from llmtap.protocols.openai_compat import (
     StreamAccumulator,
@@ -33,6 +34,7 @@ from llmtap.protocols.openai_compat import (
     redact,
     request_fields,
     response_fields,
+    with_stream_usage,
 )
 from llmtap.protocols.values import load_json
 from llmtap.record import ExchangeRecord
@@ -115,7 +117,7 @@ class LLMTap:
     def __init__(self) -> None:
         self.settings = Settings()
         self.health = Health()
-        self.prices = PriceTable.load()
+        self.prices = Pricer.load()
         self.sinks: list[Sink] = []
         self._running = False
 
@@ -134,9 +136,11 @@ class LLMTap:
         except SettingsError as exc:
             raise OptionsError(str(exc)) from exc
         try:
-            prices = PriceTable.load(settings.prices or None)
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-            raise OptionsError(f"llmtap_prices: cannot read {settings.prices!r}: {exc}") from exc
+            prices = Pricer.load(settings.prices or None, settings.price_data or None)
+        except PricesFileError as exc:  # names the file, the model and the field
+            raise OptionsError(f"llmtap_prices: {exc}") from exc
+        except (OSError, ValueError) as exc:
+            raise OptionsError(f"llmtap_price_data: cannot use {settings.price_data!r}: {exc}") from exc
         changed = settings != self.settings
         self.settings, self.prices = settings, prices
         if self._running and changed:
@@ -233,6 +237,8 @@ class LLMTap:
             exchange.parse_problem = f"request parse failed: {type(exc).__name__}"
         flow.metadata[_METADATA_KEY] = exchange
         self.health.in_flight += 1
+        if self.settings.inject_stream_usage and operation == "chat" and exchange.fields.get("stream"):
+            self._inject_stream_usage(flow, path)
         if self.settings.propagate and exchange.fields.get("span_id"):
             incoming = exchange.fields.get("traceparent")
             flags = incoming.strip()[-2:] if incoming else "01"  # keep the app's sampling decision
@@ -269,6 +275,15 @@ class LLMTap:
                     passthrough(method)
                 except Exception as exc:  # fail open
                     self.health.error(sink.name, exc, "passthrough")
+
+    def _inject_stream_usage(self, flow: http.HTTPFlow, path: str) -> None:
+        """``--inject-stream-usage``, the one body change llmtap may make (opt-in)."""
+        try:
+            content = with_stream_usage(flow.request.get_content(strict=False))
+            if content is not None:
+                flow.request.content = content  # re-encoded and re-measured by mitmproxy
+        except Exception as exc:  # fail open: the request goes as the app sent it
+            self.health.error("inject_stream_usage", exc, path)
 
     def _request_fields(self, flow: http.HTTPFlow, operation: str) -> dict[str, Any]:
         request = flow.request

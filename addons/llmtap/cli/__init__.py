@@ -8,6 +8,7 @@ import click
 
 from llmtap import __version__
 from llmtap.audit.report import audit, report
+from llmtap.cli.prices import prices
 from llmtap.config import DEFAULT_UPSTREAM, OPTIONS
 
 
@@ -135,6 +136,7 @@ def demo(count: int, exit_after: bool, workdir: str, listen_port: int, metrics_p
 
 main.add_command(report)
 main.add_command(audit)
+main.add_command(prices)
 
 
 if __name__ == "__main__":

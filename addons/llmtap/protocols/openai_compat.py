@@ -78,8 +78,9 @@ def request_fields(body: Any, operation: str, content_cap: int | None) -> dict[s
         "response_format": as_str(response_format.get("type")) if isinstance(response_format, dict) else None,
         "logit_bias": bool(body["logit_bias"]) if "logit_bias" in body and body["logit_bias"] is not None else None,
         "stream": body.get("stream") is True,
-        "service_tier": as_str(body.get("service_tier")),
     }
+    if (tier := as_str(body.get("service_tier"))) is not None:  # OpenAI: flex, priority, auto, default
+        fields["service_tier"] = tier
     if content_cap is not None:
         fields["input_messages"] = _input_messages(body, operation, content_cap)
     return fields

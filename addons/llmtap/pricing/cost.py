@@ -15,7 +15,8 @@ Rows written before this scheme say ``computed``: priced by llmtap's former buil
 Money is exact: prices are ``Decimal`` USD per million tokens, the cost is computed in
 ``Decimal`` and rounded half-even to the nano-dollar once, per exchange. ``cost_nanousd`` holds
 it as an integer (sums in SQL are exact); ``cost_usd`` is the same amount as the nearest float
-(``nano / 1e9``, whose ``repr`` is the decimal itself: no float noise in JSON).
+(``nano / 1e9``, whose ``repr`` is the decimal itself: no float noise in JSON). A reported cost
+is kept in ``cost_usd`` exactly as the upstream sent it; its ``cost_nanousd`` is rounded.
 
 Token conventions (``llmtap.record``): ``input_tokens`` counts every input token, cache reads
 (``cached_input_tokens``) and cache writes (``cache_write_input_tokens``) included;
@@ -193,7 +194,9 @@ class Pricer:
             except (ValueError, ArithmeticError, TypeError):
                 nano = None
             if nano is not None and nano >= 0:
-                return {"cost_usd": usd(nano), "cost_nanousd": nano, "cost_source": "reported"}
+                # cost_usd keeps the amount as sent (a router may send sub-nano digits, or float
+                # noise of its own); cost_nanousd is it to the nano-dollar, what sums use
+                return {"cost_usd": float(reported), "cost_nanousd": nano, "cost_source": "reported"}
         input_tokens, output_tokens = fields.get("input_tokens"), fields.get("output_tokens")
         if input_tokens is None or output_tokens is None:
             return _UNKNOWN

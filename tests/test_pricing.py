@@ -27,7 +27,7 @@ from llmtap.config import Settings
 from llmtap.health import Health
 from llmtap.pricing.cost import Pricer, PricesFileError, resolve_cost, to_nano
 from llmtap.pricing.database import PriceDatabase
-from llmtap.protocols.openai_compat import with_stream_usage
+from llmtap.protocols.chat_completions import with_stream_usage
 from llmtap.record import ExchangeRecord
 from llmtap.sinks.audit import AuditSink
 from llmtap.tracing import span_attributes

@@ -2,8 +2,8 @@
 
 It never changes what the app and upstream exchange, with two opt-in exceptions:
 ``--propagate`` adds a ``traceparent`` header, and ``--inject-stream-usage`` adds
-``stream_options.include_usage`` to streaming chat requests that lack it. Streams are forwarded chunk by chunk through
-``StreamTee``, which returns each chunk untouched and reads a copy. Every fault of llmtap's
+``stream_options.include_usage`` to streaming chat requests that lack it. Streams are
+forwarded chunk by chunk through ``StreamTee``, which returns each chunk untouched and reads a copy. Every fault of llmtap's
 own is caught, counted in ``Health`` and logged once: the exchange always goes on.
 """
 

@@ -181,18 +181,25 @@ def _create_pruned(db: Database) -> None:
     )
 
 
-def _add_pricing_columns(db: Database) -> None:
-    """Cache writes, service tier, exact cost and price provenance (NULL on older rows)."""
-    table = db["exchanges"]
-    for column, kind in (
+def _add_family_and_cache_writes(db: Database) -> None:
+    """Protocol families: which family read the exchange, cache writes, the service tier."""
+    for name, kind in (
+        ("family", str),
         ("cache_write_input_tokens", int),
         ("cache_write_1h_input_tokens", int),
         ("service_tier", str),
+    ):
+        db["exchanges"].add_column(name, kind)
+
+
+def _add_pricing_columns(db: Database) -> None:
+    """Exact cost and price provenance (NULL on older rows)."""
+    for name, kind in (
         ("cost_nanousd", int),  # exact: integer nano-dollars; older rows have only cost_usd
         ("price_version", str),
         ("price_model", str),
     ):
-        table.add_column(column, kind)
+        db["exchanges"].add_column(name, kind)
 
 
 MIGRATIONS: tuple[Callable[[Database], None], ...] = (
@@ -200,6 +207,7 @@ MIGRATIONS: tuple[Callable[[Database], None], ...] = (
     _create_content,
     _create_journal_offsets,
     _create_pruned,
+    _add_family_and_cache_writes,
     _add_pricing_columns,
 )
 

@@ -252,9 +252,10 @@ class LLMTap:
         if exchange is None or flow.response is None:
             return
         headers = header_map(flow.response.headers)
-        if "text/event-stream" in headers.get("content-type", ""):
+        content_type = headers.get("content-type", "")
+        if exchange.family.streams(exchange.path, content_type):
             try:
-                parser = exchange.family.stream_parser(self.settings.content_cap)
+                parser = exchange.family.stream_parser(self.settings.content_cap, content_type)
                 tee = StreamTee(
                     exchange, parser, headers.get("content-encoding"), self.health, lambda: self._finish(flow)
                 )
@@ -307,7 +308,7 @@ class LLMTap:
             upstream_scheme=request.scheme,
             upstream_host=request.host,
             upstream_port=request.port,
-            key_fingerprint=key_fingerprint(headers, self.settings.key_salt),
+            key_fingerprint=key_fingerprint(headers, self.settings.key_salt, query),
             traceparent=traceparent if incoming_trace else None,
             trace_id=incoming_trace or f"{random.getrandbits(128) or 1:032x}",
             span_id=f"{random.getrandbits(64) or 1:016x}",
@@ -327,6 +328,7 @@ class LLMTap:
             record = ExchangeRecord(
                 exchange_id=flow.id,
                 operation=exchange.operation,
+                family=exchange.family.name,
                 method=flow.request.method,
                 path=exchange.path,
                 request_start=flow.request.timestamp_start,
@@ -369,12 +371,19 @@ class LLMTap:
         else:
             fields["response_end"] = time.time()
         fields["first_token_at"] = exchange.first_token_at
-        fields["error_type"] = error_type(flow)
+        # the transport's verdict first; else what the family read (an error event in a 200 stream)
+        fields["error_type"] = error_type(flow) or fields.get("error_type")
         if flow.error is not None:
             fields["error_message"] = redact(flow.error.msg[:300])
         elif exchange.parse_problem and fields["error_type"] is None:
             self.health.error("parse_response", ValueError(exchange.parse_problem), exchange.path)
         registry.finish(fields, family, body, capture is not None)
         fields.update(resolve_cost(fields, self.prices))
-        fields.update(exchange_id=flow.id, operation=exchange.operation, method=flow.request.method, path=exchange.path)
+        fields.update(
+            exchange_id=flow.id,
+            operation=exchange.operation,
+            family=family.name,
+            method=flow.request.method,
+            path=exchange.path,
+        )
         return ExchangeRecord.from_fields(fields)  # leaves out parsers' intermediates (reported_cost_usd)

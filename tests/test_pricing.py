@@ -617,3 +617,57 @@ def test_llmtap_prices_with_a_user_file(tmp_path) -> None:
         CliRunner().invoke(prices, ["gpt-4o", "--prices", str(path), "--at", "2024-06-01", "--json"]).output
     )
     assert old["source"] == "database"  # before the user's period, the database's price
+
+
+# --- the families' parsers feed the pricing as the record's token conventions say ---------------------
+
+
+def _finished(family, body: dict, host: str) -> dict:
+    from llmtap.protocols import registry
+
+    fields = {"request_start": T_2025, "upstream_host": host, **family.response_fields(body, None)}
+    registry.finish(fields, family, body, False)
+    return fields
+
+
+def test_an_anthropic_messages_body_is_priced_with_its_cache_split() -> None:
+    from llmtap.protocols import anthropic_messages
+
+    body = {
+        "id": "msg_1",
+        "type": "message",
+        "role": "assistant",
+        "model": "claude-sonnet-4-5",
+        "content": [{"type": "text", "text": "hi"}],
+        "stop_reason": "end_turn",
+        "usage": {
+            "input_tokens": 1000,  # Anthropic's count excludes the cache reads and writes
+            "cache_read_input_tokens": 3000,
+            "cache_creation_input_tokens": 2000,
+            "cache_creation": {"ephemeral_5m_input_tokens": 1500, "ephemeral_1h_input_tokens": 500},
+            "output_tokens": 400,
+        },
+    }
+    fields = _finished(anthropic_messages.FAMILY, body, "api.anthropic.com")
+    assert fields["input_tokens"] == 6000 and fields["provider"] == "anthropic"
+    # the hand-computed amount of test_anthropic_cache_read_and_write_with_the_one_hour_split
+    assert_exact(resolve_cost(fields, DATABASE), "0.018525", "database", "anthropic/claude-sonnet-4-5")
+
+
+def test_a_gemini_body_is_priced_with_its_thinking_tokens_once() -> None:
+    from llmtap.protocols import gemini
+
+    body = {
+        "candidates": [{"content": {"parts": [{"text": "hi"}], "role": "model"}, "finishReason": "STOP"}],
+        "modelVersion": "gemini-2.5-pro",
+        "usageMetadata": {
+            "promptTokenCount": 10_000,
+            "cachedContentTokenCount": 2000,
+            "candidatesTokenCount": 300,  # excludes the thoughts
+            "thoughtsTokenCount": 700,
+            "totalTokenCount": 11_000,
+        },
+    }
+    fields = _finished(gemini.FAMILY, body, "generativelanguage.googleapis.com")
+    assert fields["output_tokens"] == 1000 and fields["reasoning_tokens"] == 700
+    assert_exact(resolve_cost(fields, DATABASE), "0.02025", "database", "google/gemini-2.5-pro")

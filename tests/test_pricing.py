@@ -671,3 +671,37 @@ def test_a_gemini_body_is_priced_with_its_thinking_tokens_once() -> None:
     fields = _finished(gemini.FAMILY, body, "generativelanguage.googleapis.com")
     assert fields["output_tokens"] == 1000 and fields["reasoning_tokens"] == 700
     assert_exact(resolve_cost(fields, DATABASE), "0.02025", "database", "google/gemini-2.5-pro")
+
+
+def test_an_audit_log_of_an_older_llmtap_still_reports_and_reprices(tmp_path) -> None:
+    from sqlite_utils import Database
+
+    from llmtap.audit.store import MIGRATIONS
+
+    path = tmp_path / "old.db"
+    db = Database(sqlite3.connect(path))
+    for step in MIGRATIONS[:4]:  # the schema before cache writes, exact costs and provenance
+        step(db)
+    rows = [
+        ("a", T_2025, "gpt-4.1-nano", "openai", 10**6, 0, 2.0, "computed"),  # the old table's 20× price
+        ("b", T_2025, "gpt-4o", "openai", 1000, 100, 0.00030000000000000003, "computed"),
+        ("c", T_2025, "acme-llm", None, 10, 10, None, "unknown"),
+    ]
+    for exchange_id, start, model, provider, tokens_in, tokens_out, cost, source in rows:
+        db.execute(
+            "INSERT INTO exchanges (exchange_id, request_start, response_model, provider, input_tokens, "
+            "output_tokens, cost_usd, cost_source, prev_hash, row_hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'p', 'r')",
+            (exchange_id, start, model, provider, tokens_in, tokens_out, cost, source),
+        )
+    db.conn.commit()
+    db.conn.close()
+    conn = connect_readonly(path)  # read-only: nothing migrates the file
+    try:
+        _, totals = spend(conn, [], None, None, DATABASE)
+        assert "cost_nanousd" not in {r[1] for r in conn.execute("PRAGMA table_info(exchanges)")}
+    finally:
+        conn.close()
+    assert totals["cost_usd"] == pytest.approx(2.0003, rel=1e-12) and totals["cost_nanousd"] is None
+    assert totals["unknown_cost"] == 1
+    # today's prices: gpt-4.1-nano 0.10 per 1M input; gpt-4o 1000 × 2.5 + 100 × 10 per 1M
+    assert totals["reprice_nanousd"] == nano("0.1") + nano("0.0035") and totals["reprice_unknown"] == 1

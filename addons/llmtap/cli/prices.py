@@ -129,12 +129,17 @@ def prices(
             if isinstance(rate, dict):
                 tiers = ", ".join(f"{t['price']} above {t['start']:,} input tokens" for t in rate["tiers"])
                 rate = f"{rate['base']} ({tiers})"
-            click.echo(f"  {name:<15} {rate} USD / 1M tokens")
+            click.echo(f"  {name:<15} {rate}{_unit(rate)}")
         for period in out.get("periods") or ():
             start = period.get("from") or (f"daily {period['daily']}" if "daily" in period else "initially")
             click.echo(f"  period {start}: input {_flat(period['input'])}, output {_flat(period['output'])}")
     if out["source"] == "unknown":
         click.get_current_context().exit(1)
+
+
+def _unit(rate: str) -> str:
+    """A number (or tiered numbers) takes the unit; a rule in words reads as it is."""
+    return "" if rate.startswith("2 × input") else " USD / 1M tokens"
 
 
 def _flat(rate: Any) -> str:

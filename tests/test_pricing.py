@@ -605,6 +605,7 @@ def test_llmtap_prices_shows_source_rates_and_version() -> None:
     assert unknown.exit_code == 1 and "unknown" in unknown.output
     version = runner.invoke(prices, [])
     assert version.exit_code == 0 and "genai-prices:0.0.61" in version.output
+    assert "prices known to 2026-03-13" in version.output  # 0.0.61's latest dated change
 
 
 def test_llmtap_prices_with_a_user_file(tmp_path) -> None:
@@ -705,3 +706,26 @@ def test_an_audit_log_of_an_older_llmtap_still_reports_and_reprices(tmp_path) ->
     assert totals["unknown_cost"] == 1
     # today's prices: gpt-4.1-nano 0.10 per 1M input; gpt-4o 1000 × 2.5 + 100 × 10 per 1M
     assert totals["reprice_nanousd"] == nano("0.1") + nano("0.0035") and totals["reprice_unknown"] == 1
+
+
+def test_a_prices_file_overrides_the_database_through_the_proxy(tmp_path, simulator) -> None:
+    path = tmp_path / "prices.yaml"
+    path.write_text("openai/gpt-4o-mini:\n  input: 1\n  output: 3\n")
+    tap = start_tap(tmp_path, simulator.url, "--prices", str(path))
+    client = tap.client()
+    try:
+        client.chat.completions.create(
+            model="gpt-4o-mini",
+            messages=[{"role": "user", "content": "what does it cost"}],
+            extra_headers={"X-Sim-Metadata": "none"},
+        )
+        (record,) = tap.wait_records(1)
+        wait_until(lambda: tap.metric("llmtap_cost_usd_total", cost_source="user") > 0)
+        metric = tap.metric("llmtap_cost_usd_total", cost_source="user")
+    finally:
+        client.close()
+        assert tap.stop() == 0
+    want = (record.input_tokens * 1 + record.output_tokens * 3) / Decimal(10**6)
+    assert record.cost_source == "user" and record.cost_nanousd == to_nano(want)
+    assert record.price_model == "openai/gpt-4o-mini" and record.price_version.startswith("user:")
+    assert metric == record.cost_nanousd / 1e9

@@ -110,6 +110,8 @@ def prices(
         else:
             click.echo(f"price data: {info['description']}")
             click.echo(f"version:    {info['version']} ({info['providers']} providers, {info['models']} models)")
+            if info["latest_price_start"]:
+                click.echo(f"date:       prices known to {info['latest_price_start']} (its latest dated price change)")
             if "user_prices" in info:
                 user = info["user_prices"]
                 click.echo(f"overrides:  {user['path']} ({user['version']}, {user['models']} models)")

@@ -147,11 +147,22 @@ class PriceDatabase:
         return None if info is None else DatabaseMatch(provider, info)
 
     def describe(self) -> dict[str, Any]:
+        """Version and size, and the data's date as far as it tells: the latest date a price in
+        it starts (the package records no release date in its data)."""
+        starts = [
+            conditional.constraint.start_date
+            for provider in self.snapshot.providers
+            for model in provider.models
+            if isinstance(model.prices, list)
+            for conditional in model.prices
+            if getattr(conditional.constraint, "start_date", None) is not None
+        ]
         return {
             "version": self.version,
             "description": self.description,
             "providers": len(self.snapshot.providers),
             "models": sum(len(p.models) for p in self.snapshot.providers),
+            "latest_price_start": max(starts).isoformat() if starts else None,
         }
 
 

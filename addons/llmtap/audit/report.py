@@ -15,6 +15,7 @@ import time
 from collections import defaultdict
 from collections.abc import Sequence
 from datetime import UTC, datetime
+from decimal import Decimal
 from typing import Any, NamedTuple
 
 import click
@@ -42,18 +43,18 @@ METRICS = (
     "p95_s",
     "unknown_cost",
 )
-#: With ``--reprice``: the same rows' tokens under the current price data.
-REPRICE_METRICS = ("reprice_usd", "reprice_unknown")
-#: Money sums: exact integer nano-dollars over the rows that have them; rows written before
-#: ``cost_nanousd`` existed add their float ``cost_usd`` as they always did.
 _SUMS = """count(*) AS requests,
     sum(error_type IS NOT NULL) AS errors,
     sum(input_tokens) AS input_tokens,
     sum(output_tokens) AS output_tokens,
-    sum({nano}) AS cost_nanousd,
-    sum(CASE WHEN {nano} IS NULL THEN cost_usd END) AS cost_usd_legacy,
+    sum(cost_usd) AS cost_usd,
     sum(cost_savings_usd) AS cost_savings_usd,
     sum(cost_usd IS NULL) AS unknown_cost"""
+#: Grouping without --by: one row per model (never a lone row repeating the TOTAL).
+DEFAULT_BY = "model"
+MONEY = ("cost_usd", "cost_savings_usd")
+#: With ``--reprice``: the same rows' tokens under the current price data.
+REPRICE_METRICS = ("reprice_usd", "reprice_unknown")
 #: What ``--reprice`` reads of each row (NULL where an older database lacks the column).
 _PRICING_COLUMNS = (
     "request_start",
@@ -128,15 +129,8 @@ def _columns(conn: sqlite3.Connection) -> set[str]:
     return {row[1] for row in conn.execute("PRAGMA table_info(exchanges)")}
 
 
-def _money(row: dict[str, Any]) -> dict[str, Any]:
-    """``cost_usd`` from the exact nano-dollar sum (plus older rows' floats)."""
-    nano, legacy = row.pop("cost_nanousd", None), row.pop("cost_usd_legacy", None)
-    if nano is None and legacy is None:
-        row["cost_usd"] = None
-    else:
-        row["cost_usd"] = (nano or 0) / 1e9 + (legacy or 0.0) if legacy is not None else nano / 1e9
-    row["cost_nanousd"] = nano if legacy is None else None  # exact only when every row was
-    return row
+def _nano(amount: Decimal | None) -> int | None:
+    return None if amount is None else round(amount.scaleb(9))
 
 
 def spend(
@@ -148,12 +142,15 @@ def spend(
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Rows per group and the totals row, as plain dicts (group names first, then METRICS).
 
+    Money is summed exactly: a row's ``cost_nanousd`` (integer nano-dollars) where it has one,
+    else its float ``cost_usd`` as a decimal (rows of an older llmtap). Each row and the totals
+    also carry ``cost_nanousd``, the sum in nano-dollars.
+
     ``reprice``: a ``llmtap.pricing.cost.Pricer``; each group then also has ``reprice_usd``
     (its rows' tokens priced by it, at each row's own time) and ``reprice_unknown``.
     """
     group = grouping(by)
     columns = _columns(conn)
-    sums_sql = _SUMS.format(nano="cost_nanousd" if "cost_nanousd" in columns else "NULL")
     where, where_params = ["1"], []
     if since is not None:
         where.append("request_start >= ?")
@@ -166,27 +163,43 @@ def spend(
     select = "".join(f"{expr} AS {key}, " for expr, key in zip(group.exprs, keys))
     order = f"GROUP BY {', '.join(keys)} ORDER BY {', '.join(keys)}" if keys else ""
     sums = conn.execute(
-        f"SELECT {select}{sums_sql} FROM exchanges WHERE {where_sql} {order}", [*group.params, *where_params]
+        f"SELECT {select}{_SUMS} FROM exchanges WHERE {where_sql} {order}", [*group.params, *where_params]
     ).fetchall()
-    totals = _money(dict(conn.execute(f"SELECT {sums_sql} FROM exchanges WHERE {where_sql}", where_params).fetchone()))
+    totals = dict(conn.execute(f"SELECT {_SUMS} FROM exchanges WHERE {where_sql}", where_params).fetchone())
     latencies: dict[tuple, list[float]] = defaultdict(list)
+    # money is summed here as decimals (SQLite's float sum adds noise such as 0.0008649999999999999)
+    money: dict[tuple, dict[str, Decimal]] = defaultdict(dict)
+    money_cols = ", ".join(MONEY) + (", cost_nanousd" if "cost_nanousd" in columns else ", NULL")
     for row in conn.execute(
-        f"SELECT {select}duration_s FROM exchanges WHERE {where_sql} AND duration_s IS NOT NULL",
-        [*group.params, *where_params],
+        f"SELECT {select}duration_s, {money_cols} FROM exchanges WHERE {where_sql}", [*group.params, *where_params]
     ):
-        latencies[tuple(row)[:-1]].append(row[-1])
+        values = tuple(row)
+        key, duration, amounts = values[: len(keys)], values[len(keys)], values[len(keys) + 1 : -1]
+        if duration is not None:
+            latencies[key].append(duration)
+        for name, amount in zip(MONEY, amounts):
+            if amount is not None:
+                if name == "cost_usd" and values[-1] is not None:  # the exact amount
+                    amount = Decimal(values[-1]).scaleb(-9)
+                exact = amount if isinstance(amount, Decimal) else _decimal(amount)
+                money[key][name] = money[key].get(name, Decimal(0)) + exact
     everything = sorted(v for values in latencies.values() for v in values)
     totals.update(p50_s=percentile(everything, 0.5), p95_s=percentile(everything, 0.95))
+    for name in MONEY:
+        parts = [sums[name] for sums in money.values() if name in sums]
+        totals[name] = float(sum(parts, Decimal(0))) if parts else None
+        if name == "cost_usd":
+            totals["cost_nanousd"] = _nano(sum(parts, Decimal(0))) if parts else None
     rows = []
     for row in sums:
         key = tuple(row[k] for k in keys)
         values = sorted(latencies.get(key, ()))
-        money = _money({k: row[k] for k in ("cost_nanousd", "cost_usd_legacy")})
         rows.append(
             {
                 **dict(zip(group.names, key)),
                 **{m: row[m] for m in METRICS if m in row.keys()},  # noqa: SIM118 (sqlite3.Row: `in` tests values)
-                **money,
+                **{name: float(money[key][name]) if name in money[key] else None for name in MONEY},
+                "cost_nanousd": _nano(money[key].get("cost_usd")),
                 "p50_s": percentile(values, 0.5),
                 "p95_s": percentile(values, 0.95),
             }
@@ -224,8 +237,7 @@ def _reprice(
         f"SELECT {select}{wanted} FROM exchanges WHERE {where_sql}", [*group.params, *where_params]
     ):
         values = tuple(row)
-        fields = dict(zip(_PRICING_COLUMNS, values[len(keys) :]))
-        priced = pricer.price(fields)
+        priced = pricer.price(dict(zip(_PRICING_COLUMNS, values[len(keys) :])))
         acc = sums[values[: len(keys)]]
         if priced["cost_nanousd"] is None:
             acc[1] += 1
@@ -269,7 +281,10 @@ def _open(db: str) -> sqlite3.Connection:
 @click.option("--since", type=When(), help="Start: a duration back from now (24h, 7d) or an ISO date (UTC).")
 @click.option("--until", type=When(), help="End (exclusive), same forms as --since.")
 @click.option(
-    "--by", multiple=True, metavar="DIMENSION", help=f"Group by {', '.join(DIMENSIONS)} or label:NAME. Repeatable."
+    "--by",
+    multiple=True,
+    metavar="DIMENSION",
+    help=f"Group by {', '.join(DIMENSIONS)} or label:NAME. Repeatable.  [default: {DEFAULT_BY}]",
 )
 @click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table", show_default=True)
 @click.option(
@@ -290,8 +305,13 @@ def report(
     prices_file: str,
     price_data: str,
 ) -> None:
-    """Spend report from the audit log: requests, errors, tokens, USD and latency per group."""
-    group = grouping(by)  # validate before opening anything
+    """Spend report from the audit log: requests, errors, tokens, USD and latency per group.
+
+    A cost sum that leaves out exchanges of unknown cost says so (``0.12 + 3 unknown`` in the
+    table; the ``unknown_cost`` column in every format). Money is summed as exact decimals.
+    The models whose cost is unknown are listed (JSON: ``unpriced``).
+    """
+    group = grouping(by or (DEFAULT_BY,))  # validate before opening anything
     pricer = _pricer(prices_file, price_data) if reprice else None
     conn = _open(db)
     try:
@@ -300,19 +320,22 @@ def report(
     finally:
         conn.close()
     metrics = [*METRICS, *REPRICE_METRICS] if reprice else list(METRICS)
+    if not rows and fmt != "table":
+        click.echo(f"llmtap report: no exchanges {_range(since, until)} in {db}", err=True)
     if fmt == "json":
         document = {"since": since, "until": until, "by": group.names, "rows": rows, "totals": totals}
         document["unpriced"] = missing
         if pricer is not None:
             document["price_version"] = pricer.version
-        click.echo(json.dumps(document, indent=2))
+        click.echo(json.dumps(document, indent=2))  # a float's repr: 0.000865, never 0.0008649999999999999
     elif fmt == "csv":
         writer = csv.writer(sys.stdout, lineterminator="\n")
         writer.writerow([*group.names, *metrics])
         for row in rows:
-            writer.writerow([_csv(row[c]) for c in (*group.names, *metrics)])
-        label = ["TOTAL", *[""] * (len(group.names) - 1)] if group.names else []
-        writer.writerow([*label, *(_csv(totals[m]) for m in metrics)])
+            writer.writerow([_csv(c, row[c]) for c in (*group.names, *metrics)])
+        writer.writerow([*_total_label(group.names), *(_csv(m, totals[m]) for m in metrics)])
+    elif not rows:
+        click.echo(f"No exchanges {_range(since, until)} in {db}.")
     else:
         _print_table(group.names, rows, totals, since, until, pricer.version if pricer else None)
         if missing:
@@ -334,8 +357,38 @@ def _pricer(prices_file: str, price_data: str) -> Any:
         raise click.ClickException(f"{price_data}: not a genai-prices data file: {exc}") from exc
 
 
-def _csv(value: Any) -> Any:
-    return "" if value is None else value
+def _decimal(value: float | int | str) -> Decimal:
+    """A stored amount as a decimal: a float to 15 significant digits, which every float holds
+    exactly, so that a computed 17 x 0.2 / 1e6 = 3.4000000000000003e-06 counts as 0.0000034."""
+    return Decimal(value if isinstance(value, str) else format(value, ".15g"))
+
+
+def _money_text(value: float) -> str:
+    """Plain decimal notation, no float noise and no exponent: 1e-05 -> 0.00001."""
+    return format(_decimal(value), "f")
+
+
+def _csv(column: str, value: Any) -> Any:
+    if value is None:
+        return ""
+    return _money_text(value) if column in MONEY or column == "reprice_usd" else value
+
+
+def _total_label(names: Sequence[str]) -> list[str]:
+    return ["TOTAL", *[""] * (len(names) - 1)]
+
+
+def _range(since: float | None, until: float | None) -> str:
+    def when(ts: float) -> str:
+        return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+    if since is None and until is None:
+        return "recorded"
+    if until is None:
+        return f"since {when(since)}"
+    if since is None:
+        return f"before {when(until)}"
+    return f"from {when(since)} to {when(until)}"
 
 
 def _print_table(
@@ -352,23 +405,34 @@ def _print_table(
     def when(ts: float | None, default: str) -> str:
         return default if ts is None else datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M UTC")
 
-    table = Table(title=f"llmtap spend, {when(since, 'start')} to {when(until, 'now')}", title_justify="left")
+    table = Table(
+        title=f"llmtap spend by {', '.join(names)}, {when(since, 'start')} to {when(until, 'now')}",
+        title_justify="left",
+    )
     for name in names:
         table.add_column(name, overflow="fold")
-    headers = ["requests", "errors", "in tokens", "out tokens", "cost USD", "saved USD", "p50", "p95", "no cost"]
-    if reprice_version is not None:
-        headers += [f"repriced USD ({reprice_version})", "no reprice"]
-    for header in headers:
+    for header in (
+        "requests",
+        "errors",
+        "in tokens",
+        "out tokens",
+        "cost USD",
+        "saved USD",
+        "p50",
+        "p95",
+        "unknown_cost",
+        *((f"repriced USD ({reprice_version})", "no reprice") if reprice_version is not None else ()),
+    ):
         table.add_column(header, justify="right", no_wrap=True)
 
     def cells(row: dict[str, Any]) -> list[str]:
-        extra = [_usd(row["reprice_usd"]), f"{row['reprice_unknown']:,}"] if reprice_version is not None else []
-        return [*_metric_cells(row), *extra]
+        if reprice_version is None:
+            return _metric_cells(row)
+        return [*_metric_cells(row), _usd(row["reprice_usd"], row["reprice_unknown"]), f"{row['reprice_unknown']:,}"]
 
     for i, row in enumerate(rows):
         table.add_row(*[_cell(row[n]) for n in names], *cells(row), end_section=i == len(rows) - 1)
-    label = ["TOTAL", *[""] * (len(names) - 1)] if names else []
-    table.add_row(*label, *cells(totals), style="bold")
+    table.add_row(*_total_label(names), *cells(totals), style="bold")
     Console(width=None if sys.stdout.isatty() else 200).print(table)  # piped: don't cut columns
 
 
@@ -378,7 +442,7 @@ def _metric_cells(row: dict[str, Any]) -> list[str]:
         f"{row['errors'] or 0:,}",
         _count(row["input_tokens"]),
         _count(row["output_tokens"]),
-        _usd(row["cost_usd"]),
+        _usd(row["cost_usd"], row["unknown_cost"] or 0),
         _usd(row["cost_savings_usd"]),
         _seconds(row["p50_s"]),
         _seconds(row["p95_s"]),
@@ -394,8 +458,12 @@ def _count(value: int | None) -> str:
     return "-" if value is None else f"{value:,}"
 
 
-def _usd(value: float | None) -> str:
-    return "unknown" if value is None else f"{value:,.9f}".rstrip("0").rstrip(".") if value else "0"
+def _usd(value: Decimal | float | None, unknown: int = 0) -> str:
+    """A sum, marked partial when it leaves out ``unknown`` exchanges: ``0.123456 + 3 unknown``."""
+    if value is None:
+        return f"{unknown:,} unknown" if unknown else "unknown"
+    text = f"{value:,.6f}"
+    return f"{text} + {unknown:,} unknown" if unknown else text
 
 
 def _seconds(value: float | None) -> str:

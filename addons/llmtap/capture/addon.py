@@ -138,9 +138,12 @@ class LLMTap:
         try:
             prices = Pricer.load(settings.prices or None, settings.price_data or None)
         except PricesFileError as exc:  # names the file, the model and the field
-            raise OptionsError(f"llmtap_prices: {exc}") from exc
+            raise OptionsError(f"llmtap_prices (--prices): {exc}") from exc
         except (OSError, ValueError) as exc:
-            raise OptionsError(f"llmtap_price_data: cannot use {settings.price_data!r}: {exc}") from exc
+            raise OptionsError(
+                f"llmtap_price_data (--price-data): cannot use {settings.price_data!r}: {exc}; expected genai-prices' "
+                "own data file (its prices/data.json)"
+            ) from exc
         changed = settings != self.settings
         self.settings, self.prices = settings, prices
         if self._running and changed:
@@ -207,6 +210,11 @@ class LLMTap:
         lines = [f"llmtap {__version__} listening: {app}"]
         if metrics is not None:
             lines.append(f"  metrics  http://{self.settings.metrics_host}:{metrics.port}/metrics")
+        elif self.settings.metrics_port >= 0:  # the sink could not start: usually the port is taken
+            lines.append(
+                f"  metrics  NOT served: {self.settings.metrics_host}:{self.settings.metrics_port} failed (see above); "
+                "choose another port with --metrics-port (0 picks a free one)"
+            )
         lines.append(f"  audit    {self.settings.db or 'off'}")
         if self.settings.jsonl:
             lines.append(f"  jsonl    {self.settings.jsonl}")

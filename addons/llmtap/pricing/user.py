@@ -157,7 +157,10 @@ def _entry(where: str, model: str, spec: Any) -> UserPrice:
         spec.setdefault("cache_read", spec.pop("cached_input"))
     for required in ("input", "output"):
         if spec.get(required) is None:
-            raise PricesFileError(f"{where}: missing field {required!r} (USD per million tokens)")
+            raise PricesFileError(
+                f"{where}: missing field {required!r}; each entry needs "
+                '{"input": USD, "output": USD} per million tokens (cache_read, cache_write optional)'
+            )
     rates = {name: _rate(where, name, spec[name]) for name in _RATES if spec.get(name) is not None}
     tiers = spec.get("tiers") or []
     if not isinstance(tiers, list):

@@ -116,7 +116,7 @@ class Pricer:
     def __init__(self, database: PriceDatabase, user: UserPrices | None = None) -> None:
         self.database = database
         self.user = user
-        # quotes that cannot change with time (no dated price, no user entry), by lookup key
+        # quotes that cannot change with time (no dated price, no dated user entry), by lookup key
         self._fixed: dict[tuple[tuple[str | None, ...], str | None, str | None], Quote | None] = {}
 
     @property
@@ -156,9 +156,9 @@ class Pricer:
         return quote
 
     def _time_independent(self, quote: Quote | None, names: tuple[str | None, ...]) -> bool:
-        if self.user is not None and self.user.knows(names):
-            return False  # a user entry may be dated
-        return quote is None or (quote.database is not None and isinstance(quote.database.model.prices, ModelPrice))
+        if self.user is not None and self.user.dated(names):
+            return False  # which user entry applies depends on the time
+        return quote is None or quote.user is not None or isinstance(quote.database.model.prices, ModelPrice)
 
     def _quote(
         self, names: tuple[str | None, ...], provider: str | None, when: datetime, tier: str | None

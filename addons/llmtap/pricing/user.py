@@ -116,14 +116,16 @@ class UserPrices:
                         return entry
         return None
 
-    def knows(self, names: tuple[str | None, ...]) -> bool:
-        """Whether any entry is filed under one of ``names`` (in force or not)."""
+    def dated(self, names: tuple[str | None, ...]) -> bool:
+        """Whether an entry filed under one of ``names`` has a period (``valid_from``/``valid_to``)."""
+        return any(e.valid_from is not None or e.valid_to is not None for e in self._filed(names))
+
+    def _filed(self, names: tuple[str | None, ...]):
         for name in names:
             if name:
                 key = name.strip().lower()
-                if key in self._entries or key.rsplit("/", 1)[-1] in self._entries:
-                    return True
-        return False
+                for candidate in {key, key.rsplit("/", 1)[-1]}:
+                    yield from self._entries.get(candidate, ())
 
     def __len__(self) -> int:
         return len(self._entries)

@@ -215,7 +215,7 @@ def test_background_response_billed_by_the_first_finished_poll_only(tap, monkeyp
     run_flow(tap, responses_flow(b"GET", b"/v1/responses/resp_other", {**queued, "status": "completed"}))
     assert [(r.method, r.response_status, r.input_tokens, r.cost_source) for r in sink.records] == [
         ("POST", "queued", None, "deferred"),
-        ("GET", "completed", 5, "computed"),
+        ("GET", "completed", 5, "database"),
     ]
     assert sink.records[1].request_model == "gpt-4o-mini" and not tap.pending
 

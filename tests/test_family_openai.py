@@ -198,6 +198,15 @@ def test_embeddings_dimensions_of_base64_vectors(size: int) -> None:
     assert embeddings.dimensions_of([0.1] * size) == size
 
 
+def test_embeddings_priced_at_the_input_rate_when_the_provider_is_known() -> None:
+    from llmtap.pricing.cost import Pricer, resolve_cost
+
+    fields = {"response_model": "text-embedding-3-small", "input_tokens": 10**6, "output_tokens": 0}
+    priced = resolve_cost({**fields, "provider": "openai", "request_start": 1.8e9}, Pricer.load())
+    assert priced["cost_source"] == "database" and priced["cost_usd"] == pytest.approx(0.02)
+    assert resolve_cost({**fields, "provider": None}, Pricer.load())["cost_usd"] is None
+
+
 def test_embeddings_response_fields() -> None:
     fields = embeddings.response_fields(EMBEDDINGS_RESPONSE, None)
     assert (fields["input_tokens"], fields["output_tokens"], fields["dimensions"], fields["choice_count"]) == (

@@ -141,7 +141,7 @@ def test_openai_responses_plain_and_streamed(sdk_python, ftap, simulator, receiv
     assert (one.max_tokens, one.temperature, one.top_p) == (400, 0.3, 0.9)
     assert one.created_at == sim_plain["created_at"] and one.http_status == 200 and one.error_type is None
     expected_cost = ((14 - 7) * 0.15 + 7 * 0.075 + usage["output_tokens"] * 0.60) / 1e6
-    assert one.cost_source == "computed" and one.cost_usd == pytest.approx(expected_cost)
+    assert one.cost_source == "database" and one.cost_usd == pytest.approx(expected_cost)
     assert one.record_schema == RECORD_SCHEMA and one.key_fingerprint.startswith("fp_")
 
     deltas = streamed["events"].count("response.output_text.delta")
@@ -168,7 +168,7 @@ def test_background_response_is_billed_once_by_the_poll_that_finds_it_finished(
     assert poll.path == f"/v1/responses/{out['id']}"
     assert poll.request_model == post.request_model == "gpt-4o-mini"  # carried over from the POST
     assert poll.input_tokens == out["usage"]["input_tokens"] and poll.output_tokens == out["usage"]["output_tokens"]
-    assert poll.cost_source == "computed" and poll.cost_usd > 0
+    assert poll.cost_source == "database" and poll.cost_usd > 0
     assert ftap.metric("llmtap_unpriced_requests_total") == 0  # deferred is not unknown
     check_sinks_agree(ftap, receiver, [post, poll])
 
@@ -190,7 +190,9 @@ def test_embeddings_and_azure_openai(sdk_python, ftap, simulator, receiver) -> N
     [emb] = [r for r in records if r.family == "embeddings"]
     assert (emb.input_count, emb.dimensions, emb.request_model) == (2, 8, "text-embedding-3-small")
     assert emb.input_tokens == embedded["usage"]["prompt_tokens"] and emb.output_tokens == 0
-    assert emb.cost_source == "computed" and emb.cost_usd == pytest.approx(emb.input_tokens * 0.02 / 1e6)
+    # on 127.0.0.1 nothing says who served, and the price data needs the provider for this name:
+    # unknown, not a guess (from api.openai.com it is priced: test_family_openai)
+    assert emb.cost_source == "unknown" and emb.cost_usd is None
     assert emb.response_format == "base64"  # the openai SDK's default encoding
 
     [plain] = by_response_id(records, azure["plain"]["id"])
@@ -245,8 +247,9 @@ def test_openrouter_reported_cost_and_byok(ftap, simulator, byok: bool) -> None:
     assert out.stdout == simulator.exchanges[-1].response_body
     assert usage["is_byok"] is byok and record.router == "openrouter" and record.provider == "openai"
     expected = usage["cost"] + (usage["cost_details"]["upstream_inference_cost"] if byok else 0)
-    assert record.cost_source == "reported" and record.cost_usd == pytest.approx(expected)
-    wait_until(lambda: ftap.metric("llmtap_cost_usd_total", cost_source="reported") == pytest.approx(expected), 5)
+    assert record.cost_source == "reported" and record.cost_usd == pytest.approx(expected, abs=1e-9)
+    metric = lambda: ftap.metric("llmtap_cost_usd_total", cost_source="reported")  # noqa: E731
+    wait_until(lambda: metric() == pytest.approx(expected, abs=1e-9), 5)  # summed in nano-dollars
 
 
 # --- raw bytes and faults, per family ------------------------------------------------------------------

@@ -5,7 +5,8 @@ and, in streams, sends usage and metadata in the last chunk unless ``X-Sim-Strea
 OpenAI sends stream usage only when asked with ``stream_options.include_usage``, in a last chunk
 with no choices; OpenRouter names models ``provider/model`` and adds ``usage.cost`` (USD),
 ``usage.is_byok`` and ``usage.cost_details.upstream_inference_cost`` (BYOK: ``X-Sim-BYOK: 1``),
-and always sends stream usage.
+and always sends stream usage. ``X-Sim-Metadata: none`` makes a Pulze route answer as a plain
+OpenAI-compatible upstream: no ``metadata`` (so no reported cost), stream usage only when asked.
 """
 
 from __future__ import annotations
@@ -76,6 +77,7 @@ class Completion:
     stream_usage: bool  # False when X-Sim-Stream-Usage: none
     flavor: str  # "pulze" | "openai" | "openrouter"
     byok: bool = False
+    plain: bool = False  # a Pulze route with X-Sim-Metadata: none: no metadata
 
 
 def prompt_of(payload: dict[str, Any], chat: bool) -> tuple[str, int]:
@@ -167,6 +169,7 @@ def complete(sim: Simulator, call: Call, flavor: str) -> Reply:
         headers.get("pulze-policies"),
         headers.get("x-sim-byok"),
         call.fault == "retry",
+        headers.get("x-sim-metadata"),
     )
     template = sim.templates.get(key)
     req = None
@@ -192,7 +195,7 @@ def complete(sim: Simulator, call: Call, flavor: str) -> Reply:
             ),
         )
     t0 = call.t0
-    if flavor != "pulze":  # no metadata.latency slot
+    if flavor != "pulze" or headers.get("x-sim-metadata", "").lower() == "none":  # no metadata.latency slot
         return JsonReply(200, lambda: template % (cid.encode(), b"%d" % created))
     return JsonReply(
         200, lambda: template % (cid.encode(), b"%d" % created, repr(round(time.monotonic() - t0, 6)).encode())
@@ -238,13 +241,15 @@ def prepare(sim: Simulator, call: Call, payload: dict[str, Any], chat: bool, fla
         answers.append(found[:max_tokens] if cut else found)
         finish.append("length" if cut else "stop")
     auth = headers.get("authorization", "")[7:].strip()
+    options = payload.get("stream_options")
+    include_usage = isinstance(options, dict) and options.get("include_usage") is True
+    plain = flavor == "pulze" and headers.get("x-sim-metadata", "").lower() == "none"
     if flavor == "pulze":
-        stream_usage = headers.get("x-sim-stream-usage", "").lower() != "none"
+        stream_usage = headers.get("x-sim-stream-usage", "").lower() != "none" and (not plain or include_usage)
     elif flavor == "openrouter":
         stream_usage = True
     else:
-        options = payload.get("stream_options")
-        stream_usage = isinstance(options, dict) and options.get("include_usage") is True
+        stream_usage = include_usage
     return Completion(
         chat,
         ns,
@@ -262,6 +267,7 @@ def prepare(sim: Simulator, call: Call, payload: dict[str, Any], chat: bool, fla
         stream_usage,
         flavor,
         headers.get("x-sim-byok", "") == "1",
+        plain,
     )
 
 
@@ -301,7 +307,7 @@ def usage_and_metadata(req: Completion, latency: float, fault: str | None) -> di
         else:
             usage["cost"] = charge
             usage["cost_details"] = {"upstream_inference_cost": None}
-    if req.flavor != "pulze":
+    if req.flavor != "pulze" or req.plain:
         return {"usage": usage}
     costs, savings = costs_for(req.namespace, req.prompt_tokens, completion_tokens)
     return {

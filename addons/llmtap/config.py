@@ -59,6 +59,12 @@ class Settings:
     label_limit: int = _option(50, "Distinct values per metric label before new values fold into 'other'.", minimum=1)
     key_salt: str = _option("", "Secret for API-key fingerprints (else LLMTAP_KEY_SALT, else a fixed public salt).")
     prices: str = _option("", "JSON file of model prices (USD per million tokens) merged over the built-in table.")
+    token_ceiling: int = _option(
+        10**8, "A token count above this (per exchange and type) is an anomaly, not usage.", minimum=1
+    )
+    cost_ceiling_usd: int = _option(
+        1000, "A cost above this many USD for one exchange is an anomaly: the cost becomes unknown.", minimum=1
+    )
 
     @classmethod
     def from_values(cls, values: Mapping[str, Any]) -> Settings:

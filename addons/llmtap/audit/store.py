@@ -44,7 +44,17 @@ GENESIS = "sha256:" + "0" * 64
 PAGE_SIZE = 16384
 #: Columns holding JSON text (the record's mappings and lists).
 JSON_COLUMNS = frozenset(
-    {"labels", "weights", "policies", "stop", "tool_names", "finish_reasons", "response_labels", "metadata_json"}
+    {
+        "labels",
+        "weights",
+        "policies",
+        "stop",
+        "tool_names",
+        "finish_reasons",
+        "response_labels",
+        "metadata_json",
+        "anomalies",
+    }
 )
 _UNHASHED = frozenset({"id", "prev_hash", "row_hash"})
 #: Per-row faults: the row is dropped and counted; anything else (locked, I/O) retries the batch.
@@ -181,11 +191,17 @@ def _create_pruned(db: Database) -> None:
     )
 
 
+def _add_anomalies(db: Database) -> None:
+    """Numbers an upstream sent that were not used (field -> "raw value: why"), as JSON."""
+    db["exchanges"].add_column("anomalies", str)
+
+
 MIGRATIONS: tuple[Callable[[Database], None], ...] = (
     _create_exchanges,
     _create_content,
     _create_journal_offsets,
     _create_pruned,
+    _add_anomalies,
 )
 
 

@@ -360,6 +360,6 @@ class LLMTap:
             or provider_from(fields.get("upstream_host"), fields.get("served_namespace"), fields.get("response_model"))
             or ("pulze" if fields["router"] else None)
         )
-        fields.update(resolve_cost(fields, self.prices))
+        fields.update(resolve_cost(fields, self.prices, self.settings))
         fields.update(exchange_id=flow.id, operation=exchange.operation, method=flow.request.method, path=exchange.path)
         return ExchangeRecord.from_fields(fields)  # leaves out parsers' intermediates (reported_cost_usd)

@@ -3,6 +3,12 @@
 ``reported``: the upstream said so (Pulze ``metadata.costs``, in USD).
 ``computed``: token counts times a known price (built-in table, overridable by ``--prices``).
 ``unknown``: neither; ``cost_usd`` stays None so no sum can mistake it for free.
+
+Numbers are checked first (``llmtap.pricing.validity``): a negative, non-finite or absurd token
+count or amount is not spend. It becomes None, with a note in the record's ``anomalies``; a
+bad reported cost makes the cost ``unknown`` (not computed from tokens: an upstream that
+reports nonsense is not trusted for the rest either), and so does a computed cost above the
+ceiling.
 """
 
 from __future__ import annotations
@@ -12,6 +18,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from llmtap.config import Settings
+from llmtap.pricing.validity import DEFAULT_CEILINGS, Ceilings, amount_problem, check_fields, note
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,8 +92,30 @@ class PriceTable:
         return None
 
 
-def resolve_cost(fields: Mapping[str, Any], prices: PriceTable) -> dict[str, Any]:
-    """``cost_usd``/``cost_source`` (and computed parts) from parsed fields."""
+def ceilings_of(settings: Settings | None) -> Ceilings:
+    if settings is None:
+        return DEFAULT_CEILINGS
+    return Ceilings(settings.token_ceiling, float(settings.cost_ceiling_usd))
+
+
+def resolve_cost(fields: Mapping[str, Any], prices: PriceTable, settings: Settings | None = None) -> dict[str, Any]:
+    """``cost_usd``/``cost_source`` (and computed parts) from parsed fields, with the numbers
+    checked: when one is bad, the result also holds it set to None, and ``anomalies``."""
+    ceilings = ceilings_of(settings)
+    changes, notes = check_fields(fields, ceilings)
+    if fields.get("anomalies"):
+        notes = {**fields["anomalies"], **notes}
+    checked = {**fields, **changes} if changes else fields
+    cost = _cost(checked, prices, notes)
+    if cost["cost_usd"] is not None and (problem := amount_problem(cost["cost_usd"], ceilings)):
+        notes["cost_usd"] = note(cost["cost_usd"], f"{cost['cost_source']} cost {problem}")
+        cost = {"cost_usd": None, "cost_prompt_usd": None, "cost_completion_usd": None, "cost_source": "unknown"}
+    return {**changes, **cost, "anomalies": notes} if notes else cost
+
+
+def _cost(fields: Mapping[str, Any], prices: PriceTable, notes: Mapping[str, str]) -> dict[str, Any]:
+    if "reported_cost_usd" in notes:  # the upstream reported a cost, and it is not one
+        return {"cost_usd": None, "cost_source": "unknown"}
     reported = fields.get("reported_cost_usd")
     if reported is not None:
         return {"cost_usd": reported, "cost_source": "reported"}

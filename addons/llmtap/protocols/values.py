@@ -18,9 +18,16 @@ def as_int(value: Any) -> int | None:
 
 
 def as_float(value: Any) -> float | None:
+    """A finite float, or None: NaN, infinities and integers beyond a float's range (``10**400``,
+    which ``float()`` refuses with OverflowError) are not numbers llmtap can use."""
+    if type(value) is float:  # the common case, first
+        return value if math.isfinite(value) else None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
-    value = float(value)
+    try:
+        value = float(value)
+    except OverflowError:
+        return None
     return value if math.isfinite(value) else None
 
 

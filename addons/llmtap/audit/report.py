@@ -61,15 +61,25 @@ class When(click.ParamType):
         if isinstance(value, float):
             return value
         try:
-            return parse_when(value, time.time())
+            moment = parse_when(value, time.time())
+        except OverflowError:
+            self.fail(f"{value!r} is too far from now: dates run from year 1 to 9999", param, ctx)
         except ValueError:
             self.fail(f"{value!r} is neither a duration like 24h or 7d nor an ISO date", param, ctx)
+        try:
+            datetime.fromtimestamp(moment, UTC)  # a moment a report can print and SQLite compare
+        except (OverflowError, OSError, ValueError):
+            self.fail(f"{value!r} is too far from now: dates run from year 1 to 9999", param, ctx)
+        return moment
 
 
 def parse_when(text: str, now: float) -> float:
     match = re.fullmatch(r"(\d+(?:\.\d+)?)([smhdw])", text.strip())
     if match:
-        return now - float(match[1]) * _UNITS[match[2]]
+        moment = now - float(match[1]) * _UNITS[match[2]]
+        if not math.isfinite(moment):
+            raise OverflowError(f"{text!r} is out of range")
+        return moment
     moment = datetime.fromisoformat(text.strip())
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=UTC)
@@ -179,7 +189,7 @@ def report(db: str, since: float | None, until: float | None, by: tuple[str, ...
         writer = csv.writer(sys.stdout, lineterminator="\n")
         writer.writerow([*group.names, *METRICS])
         for row in rows:
-            writer.writerow([_csv(row[c]) for c in (*group.names, *METRICS)])
+            writer.writerow([*(_csv_text(row[c]) for c in group.names), *(_csv(row[m]) for m in METRICS)])
         label = ["TOTAL", *[""] * (len(group.names) - 1)] if group.names else []
         writer.writerow([*label, *(_csv(totals[m]) for m in METRICS)])
     else:
@@ -188,6 +198,19 @@ def report(db: str, since: float | None, until: float | None, by: tuple[str, ...
 
 def _csv(value: Any) -> Any:
     return "" if value is None else value
+
+
+#: What makes a spreadsheet read a cell as a formula (OWASP, "CSV Injection").
+_FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def _csv_text(value: Any) -> Any:
+    """A text cell (a model, an app, a label: values that apps and upstreams choose) made safe
+    to open in a spreadsheet: one that starts like a formula is prefixed with ``'``, as the
+    OWASP guidance on CSV injection says. Numbers are never changed."""
+    if isinstance(value, str) and value.startswith(_FORMULA_STARTS):
+        return "'" + value
+    return _csv(value)
 
 
 def _print_table(

@@ -34,6 +34,7 @@ from llmtap.protocols.openai_compat import (
     request_fields,
     response_fields,
 )
+from llmtap.protocols.secrets import credentials, scrub_record
 from llmtap.protocols.values import load_json
 from llmtap.record import ExchangeRecord
 from llmtap.sinks import Sink
@@ -117,6 +118,7 @@ class LLMTap:
         self.health = Health()
         self.prices = PriceTable.load()
         self.sinks: list[Sink] = []
+        self.sink_problems: dict[str, str] = {}  # sinks that could not start: why (for the banner)
         self._running = False
 
     # --- options -------------------------------------------------------------------------
@@ -175,6 +177,7 @@ class LLMTap:
             ("spans", settings.otlp_configured, "llmtap.sinks.spans", "SpanSink"),
         ]
         sinks: list[Sink] = []
+        self.sink_problems = {}
         for name, enabled, module, cls in wanted:
             if not enabled or (name == "spans" and any(sink.name == "audit" for sink in sinks)):
                 continue
@@ -182,6 +185,7 @@ class LLMTap:
                 sinks.append(getattr(importlib.import_module(module), cls)(settings, self.health))
             except Exception as exc:
                 self.health.error(f"start_{name}", exc, "sink disabled")
+                self.sink_problems[name] = f"{type(exc).__name__}: {exc}"
         return sinks
 
     def _print_banner(self) -> None:
@@ -203,7 +207,12 @@ class LLMTap:
         lines = [f"llmtap {__version__} listening: {app}"]
         if metrics is not None:
             lines.append(f"  metrics  http://{self.settings.metrics_host}:{metrics.port}/metrics")
-        lines.append(f"  audit    {self.settings.db or 'off'}")
+        if not self.settings.db:
+            lines.append("  audit    off")
+        elif any(s.name == "audit" for s in self.sinks):
+            lines.append(f"  audit    {self.settings.db}")
+        else:  # e.g. another llmtap writes it: this one must not claim it
+            lines.append(f"  audit    NOT WRITTEN ({self.sink_problems.get('audit', 'failed to start')})")
         if self.settings.jsonl:
             lines.append(f"  jsonl    {self.settings.jsonl}")
         lines.append(f"  spans    {'OTLP on' if self.settings.otlp_configured else 'off (no OTLP endpoint)'}")
@@ -287,6 +296,7 @@ class LLMTap:
             upstream_host=request.host,
             upstream_port=request.port,
             key_fingerprint=key_fingerprint(headers, self.settings.key_salt),
+            _secrets=credentials(headers, request.path),  # removed from the record when it is built
             traceparent=traceparent if incoming_trace else None,
             trace_id=incoming_trace or f"{random.getrandbits(128) or 1:032x}",
             span_id=f"{random.getrandbits(64) or 1:016x}",
@@ -314,6 +324,7 @@ class LLMTap:
                 error_type="llmtap_parse_error",
                 error_message=f"{type(exc).__name__}: {exc}"[:300],
             )
+        record = scrub_record(record, exchange.fields.get("_secrets"))
         for sink in self.sinks:
             try:
                 sink.emit(record)

@@ -51,6 +51,7 @@ from typing import Any
 
 from llmtap.audit import control
 from llmtap.audit.journal import AuditLogInUse, Journal
+from llmtap.audit.store import check_audit_log
 from llmtap.config import Settings
 from llmtap.health import Health
 from llmtap.record import ExchangeRecord
@@ -82,6 +83,7 @@ class AuditSink:
         self.settings = settings
         self.health = health
         self.rotate_bytes = rotate_bytes
+        check_audit_log(settings.db)  # a foreign SQLite file: this sink does not start
         self._journal = Journal(settings.db)
         self._command = control.writer_command(settings, prune_batch=prune_batch, max_backoff=max_backoff)
         self._cond = threading.Condition()  # guards the journal, _memory, _ends and the writer's positions
@@ -322,7 +324,6 @@ class AuditSink:
 
 
 def _writer_env() -> dict[str, str]:
-    """The proxy's environment (OTEL_* included), and llmtap importable from wherever this
-    process loaded it (``mitmdump -s addons/tap.py`` loads it by path)."""
-    here = os.path.dirname(os.path.dirname(os.path.dirname(control.__file__)))
-    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [here, os.environ.get("PYTHONPATH")]))}
+    """The proxy's environment (OTEL_* included). The writer runs in Python's isolated mode,
+    which ignores PYTHONPATH: its import path is set by ``control.writer_command``."""
+    return dict(os.environ)

@@ -59,6 +59,11 @@ class Settings:
     label_limit: int = _option(50, "Distinct values per metric label before new values fold into 'other'.", minimum=1)
     key_salt: str = _option("", "Secret for API-key fingerprints (else LLMTAP_KEY_SALT, else a fixed public salt).")
     prices: str = _option("", "JSON file of model prices (USD per million tokens) merged over the built-in table.")
+    intercept_hosts: tuple[str, ...] = _option(
+        (),
+        "Regular/transparent mode: also decrypt TLS to this host (and its subdomains) besides the known "
+        "LLM APIs; '*' decrypts every host. Other hosts are tunnelled untouched.",
+    )
     token_ceiling: int = _option(
         10**8, "A token count above this (per exchange and type) is an anomaly, not usage.", minimum=1
     )
@@ -70,7 +75,8 @@ class Settings:
     def from_values(cls, values: Mapping[str, Any]) -> Settings:
         """Validated settings from option values by field name (the environment fills the gaps)."""
         values = dict(values)
-        values["metric_labels"] = tuple(values.get("metric_labels") or ())
+        for name in _SEQUENCE_FIELDS:
+            values[name] = tuple(values.get(name) or ())
         values["key_salt"] = values.get("key_salt") or os.environ.get("LLMTAP_KEY_SALT", "")
         capture_env = os.environ.get("OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT", "")
         values["capture_content"] = bool(values.get("capture_content")) or capture_env.lower() == "true"
@@ -144,6 +150,8 @@ def _options() -> tuple[Option, ...]:
         )
     return tuple(found)
 
+
+_SEQUENCE_FIELDS = tuple(f.name for f in dataclasses.fields(Settings) if f.type == "tuple[str, ...]")
 
 #: Every option, in declaration order.
 OPTIONS: tuple[Option, ...] = _options()

@@ -186,7 +186,8 @@ def report(db: str, since: float | None, until: float | None, by: tuple[str, ...
             json.dumps({"since": since, "until": until, "by": group.names, "rows": rows, "totals": totals}, indent=2)
         )
     elif fmt == "csv":
-        writer = csv.writer(sys.stdout, lineterminator="\n")
+        # RFC 4180 line ends: a cell holding a CR is then quoted too, so it cannot break a row
+        writer = csv.writer(sys.stdout, lineterminator="\r\n")
         writer.writerow([*group.names, *METRICS])
         for row in rows:
             writer.writerow([*(_csv_text(row[c]) for c in group.names), *(_csv(row[m]) for m in METRICS)])

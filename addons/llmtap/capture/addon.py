@@ -21,6 +21,7 @@ from mitmproxy import ctx, http
 from llmtap import __version__
 from llmtap.capture.decoding import SSEDecoder, incremental_decoder
 from llmtap.capture.headers import error_type, header_map, key_fingerprint, trace_id_of
+from llmtap.capture.intercept import apply_intercept_hosts, intercept_summary
 from llmtap.config import OPTIONS, Settings, SettingsError
 from llmtap.health import Health
 from llmtap.pricing.cost import PriceTable, resolve_cost
@@ -151,6 +152,7 @@ class LLMTap:
     def running(self) -> None:
         if not self._running:
             self._running = True
+            apply_intercept_hosts(ctx.options, self.settings)
             self.sinks = self._build_sinks()
             self._print_banner()
 
@@ -215,6 +217,8 @@ class LLMTap:
             lines.append(f"  audit    NOT WRITTEN ({self.sink_problems.get('audit', 'failed to start')})")
         if self.settings.jsonl:
             lines.append(f"  jsonl    {self.settings.jsonl}")
+        if not mode.startswith("reverse:"):
+            lines.append(f"  decrypts {intercept_summary(ctx.options)}")
         lines.append(f"  spans    {'OTLP on' if self.settings.otlp_configured else 'off (no OTLP endpoint)'}")
         lines.append(f"  content  {'CAPTURED (opt-in)' if self.settings.capture_content else 'not captured'}")
         print("\n".join(lines), file=sys.stderr, flush=True)

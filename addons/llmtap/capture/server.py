@@ -14,7 +14,9 @@ from mitmproxy.options import Options
 from mitmproxy.tools.dump import DumpMaster
 
 from llmtap.capture.addon import LLMTap
+from llmtap.capture.intercept import apply_intercept_hosts
 from llmtap.capture.lean import LeanMaster
+from llmtap.config import Settings, SettingsError
 
 
 def mode_spec(mode: str, upstream: str) -> str:
@@ -63,7 +65,8 @@ def serve(
             )
             if extra_sets:
                 opts.set(*extra_sets)
-        except exceptions.OptionsError as exc:
+            apply_intercept_hosts(opts, Settings.from_options(opts))
+        except (exceptions.OptionsError, SettingsError) as exc:
             hint = " (the lean proxy loads only the addons llmtap needs; try --full)" if lean else ""
             print(f"llmtap: {exc}{hint}", file=sys.stderr)
             return 2

@@ -38,10 +38,11 @@ def llmtap_options(command):
 @click.option("--upstream", default=DEFAULT_UPSTREAM, show_default=True, help="Upstream API (reverse mode).")
 @click.option(
     "--mode",
-    type=click.Choice(["reverse", "regular"]),
+    type=click.Choice(["reverse", "regular", "transparent"]),
     default="reverse",
     show_default=True,
-    help="reverse: apps use llmtap as base URL. regular: apps set HTTPS_PROXY.",
+    help="reverse: apps use llmtap as base URL. regular: apps set HTTPS_PROXY. "
+    "transparent: the OS redirects the app's traffic to llmtap.",
 )
 @click.option("--listen-host", default="127.0.0.1", show_default=True)
 @click.option("--listen-port", default=8080, show_default=True, type=int)
@@ -73,7 +74,9 @@ def run(
     """Run the sidecar (mitmproxy with the llmtap addon) in the foreground."""
     from llmtap.capture.server import serve
 
-    llmtap_options["metric_labels"] = list(llmtap_options["metric_labels"])
+    for name, value in llmtap_options.items():
+        if isinstance(value, tuple):  # repeatable flags; mitmproxy's sequence options take lists
+            llmtap_options[name] = list(value)
     code = serve(
         upstream=upstream,
         mode=mode,

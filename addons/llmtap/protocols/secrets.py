@@ -7,7 +7,7 @@ record (error texts, path, labels, metadata, captured content) has that exact va
 by ``[redacted]`` before the record reaches any sink.
 
 Which values count as the exchange's credentials: the ``Authorization`` header (the token of
-``Bearer``/``Token``/``Basic`` and the whole value), ``api-key``, ``x-api-key`` and
+``Bearer``/``Token``/``Basic``, else the whole value), ``api-key``, ``x-api-key`` and
 ``x-goog-api-key``, and the query-string parameters ``key``, ``api_key``, ``api-key`` and
 ``access_token`` (as sent, and URL-decoded). Values shorter than ``MIN_SECRET_CHARS`` are not
 treated as secrets: a placeholder key such as ``ollama`` or ``none`` must not mangle model
@@ -41,13 +41,14 @@ def credentials(headers: Mapping[str, str], target: str = "") -> tuple[str, ...]
             continue
         for part in value.split(","):  # repeated headers arrive joined
             part = part.strip()
-            found.add(part)
             scheme, _, token = part.partition(" ")
             token = token.strip()
             if scheme.lower() in _SCHEMES and token:
                 found.add(token)
                 if scheme.lower() == "basic":
                     found.update(_basic_parts(token))
+            else:
+                found.add(part)
     query = target.partition("?")[2]
     if query:
         for pair in query.split("&"):

@@ -64,6 +64,12 @@ class Settings:
         "Regular/transparent mode: also decrypt TLS to this host (and its subdomains) besides the known "
         "LLM APIs; '*' decrypts every host. Other hosts are tunnelled untouched.",
     )
+    stop_grace: int = _option(
+        8,
+        "On SIGTERM/Ctrl-C, seconds in-flight exchanges get to finish (new requests are still served, then "
+        "their connections closed); what is still open is then recorded as proxy_shutdown.",
+        minimum=0,
+    )
     token_ceiling: int = _option(
         10**8, "A token count above this (per exchange and type) is an anomaly, not usage.", minimum=1
     )

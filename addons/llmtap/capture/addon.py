@@ -17,10 +17,11 @@ from collections.abc import Callable
 from typing import Any
 
 from mitmproxy import ctx, http
+from mitmproxy import flow as mitmproxy_flow
 
 from llmtap import __version__
 from llmtap.capture.decoding import SSEDecoder, incremental_decoder
-from llmtap.capture.headers import error_type, header_map, key_fingerprint, trace_id_of
+from llmtap.capture.headers import SHUTDOWN_MESSAGE, error_type, header_map, key_fingerprint, trace_id_of
 from llmtap.capture.intercept import apply_intercept_hosts, intercept_summary
 from llmtap.config import OPTIONS, Settings, SettingsError
 from llmtap.health import Health
@@ -120,6 +121,7 @@ class LLMTap:
         self.prices = PriceTable.load()
         self.sinks: list[Sink] = []
         self.sink_problems: dict[str, str] = {}  # sinks that could not start: why (for the banner)
+        self.open_flows: dict[str, http.HTTPFlow] = {}  # exchanges started and not yet recorded
         self._running = False
 
     # --- options -------------------------------------------------------------------------
@@ -157,6 +159,7 @@ class LLMTap:
             self._print_banner()
 
     def done(self) -> None:
+        self.finish_open_flows()
         self._close_sinks(self.sinks)
         self.sinks = []
         self._running = False
@@ -223,6 +226,13 @@ class LLMTap:
         lines.append(f"  content  {'CAPTURED (opt-in)' if self.settings.capture_content else 'not captured'}")
         print("\n".join(lines), file=sys.stderr, flush=True)
 
+    def finish_open_flows(self) -> None:
+        """The proxy is stopping: record every exchange still open, with what arrived so far."""
+        for flow in list(self.open_flows.values()):
+            if flow.error is None:
+                flow.error = mitmproxy_flow.Error(SHUTDOWN_MESSAGE)
+            self._finish(flow)
+
     def _close_sinks(self, sinks: list[Sink]) -> None:
         for sink in sinks:
             try:
@@ -245,6 +255,7 @@ class LLMTap:
             exchange = Exchange(operation, path, {"request_start": flow.request.timestamp_start})
             exchange.parse_problem = f"request parse failed: {type(exc).__name__}"
         flow.metadata[_METADATA_KEY] = exchange
+        self.open_flows[flow.id] = flow
         self.health.in_flight += 1
         if self.settings.propagate and exchange.fields.get("span_id"):
             incoming = exchange.fields.get("traceparent")
@@ -312,6 +323,7 @@ class LLMTap:
         if exchange is None or exchange.finished:
             return
         exchange.finished = True
+        self.open_flows.pop(flow.id, None)
         self.health.in_flight -= 1
         try:
             record = self._build_record(flow, exchange)

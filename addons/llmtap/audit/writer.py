@@ -173,7 +173,7 @@ class Writer:
             self.store.close()
 
 
-def serve(writer: Writer, commands: int, report, *, max_backoff: float) -> None:
+def run_loop(writer: Writer, commands: int, report, *, max_backoff: float) -> None:
     """The process's loop: cycle every POLL_SECONDS (backing off while SQLite fails) until told
     to stop, or until the proxy is gone."""
     stopping = orphaned = False
@@ -231,7 +231,7 @@ def main(argv: list[str] | None = None) -> None:
     settings = Settings.from_json(settings_json)
     writer = Writer(settings, Health(), prune_batch=args["prune_batch"])
     try:
-        serve(writer, sys.stdin.fileno(), Reporter(sys.stdout), max_backoff=args["max_backoff"])
+        run_loop(writer, sys.stdin.fileno(), Reporter(sys.stdout), max_backoff=args["max_backoff"])
     finally:
         writer.close()
 

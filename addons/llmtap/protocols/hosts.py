@@ -14,7 +14,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 
-from llmtap.protocols.openai_compat import PROVIDER_BY_HOST
+from llmtap.protocols.providers import PROVIDER_BY_HOST
 
 #: Hosts of LLM APIs llmtap reads (a host here also covers its subdomains).
 KNOWN: tuple[str, ...] = tuple(

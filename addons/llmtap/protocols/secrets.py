@@ -1,6 +1,6 @@
 """An exchange's own credentials, and their removal from everything llmtap stores.
 
-Generic patterns (``Bearer …``, ``sk-…``, see ``openai_compat.redact``) miss keys that do not
+Generic patterns (``Bearer …``, ``sk-…``, see ``errors.redact``) miss keys that do not
 look like keys: an upstream that answers ``401 Incorrect API key provided: <key>`` echoes
 whatever the app sent. The proxy holds the exact key from the request, so every string of the
 record (error texts, path, labels, metadata, captured content) has that exact value replaced

@@ -64,6 +64,18 @@ class Settings:
         "Regular/transparent mode: also decrypt TLS to this host (and its subdomains) besides the known "
         "LLM APIs; '*' decrypts every host. Other hosts are tunnelled untouched.",
     )
+    parse_memory_bytes: int = _option(
+        16 << 20,
+        "Memory llmtap may hold to parse one exchange (a partial stream line, a kept body member); "
+        "past it, that part is skipped.",
+        minimum=4096,
+    )
+    parse_scan_bytes: int = _option(
+        64 << 20,
+        "Decoded bytes llmtap reads of one response; past it, parsing stops for that exchange "
+        "(parse_problem on the record) while every byte still passes untouched.",
+        minimum=4096,
+    )
     stop_grace: int = _option(
         8,
         "On SIGTERM/Ctrl-C, seconds in-flight exchanges get to finish (new requests are still served, then "

@@ -46,6 +46,7 @@ class ExchangeRecord:
     http_status: int | None = None
     error_type: str | None = None  # None on success; e.g. "http_429", "client_disconnected"
     error_message: str | None = None
+    parse_problem: str | None = None  # why part of the exchange was not read (the bytes passed anyway)
     stream: bool = False
 
     # --- who ---

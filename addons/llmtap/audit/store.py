@@ -196,12 +196,18 @@ def _add_anomalies(db: Database) -> None:
     db["exchanges"].add_column("anomalies", str)
 
 
+def _add_parse_problem(db: Database) -> None:
+    """Why part of an exchange was not read (a bound reached, an undecodable body)."""
+    db["exchanges"].add_column("parse_problem", str)
+
+
 MIGRATIONS: tuple[Callable[[Database], None], ...] = (
     _create_exchanges,
     _create_content,
     _create_journal_offsets,
     _create_pruned,
     _add_anomalies,
+    _add_parse_problem,
 )
 
 

@@ -52,6 +52,8 @@ def spend_amount(value: Any) -> float | None:
 
 def count_problem(value: Any, ceilings: Ceilings) -> str | None:
     """Why ``value`` is not a token count (None when it is one)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return "not finite"
     if isinstance(value, bool) or not isinstance(value, int):
         return "not an integer"
     if value < 0:

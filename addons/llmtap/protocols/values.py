@@ -31,6 +31,22 @@ def as_float(value: Any) -> float | None:
     return value if math.isfinite(value) else None
 
 
+def as_number(value: Any) -> int | float | None:
+    """An amount as sent (USD): any int or float, non-finite and huge ones included, so that
+    ``llmtap.pricing.validity`` can note what was wrong with it; anything else is None."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return value
+
+
+def as_count(value: Any) -> int | float | None:
+    """A token count as sent: an int (an integral float becomes one), or a non-finite float
+    kept as is for ``llmtap.pricing.validity`` to note; anything else is None."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return value
+    return as_int(value)
+
+
 def as_str(value: Any) -> str | None:
     return value if isinstance(value, str) else None
 

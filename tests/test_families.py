@@ -11,6 +11,14 @@ import json
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from test_family_anthropic_gemini import (
+    ANTHROPIC_REQUEST,
+    ANTHROPIC_RESPONSE,
+    GEMINI_REQUEST,
+    GEMINI_RESPONSE,
+    anthropic_stream,
+    gemini_array_stream,
+)
 from test_parsers import REFERENCE_REQUEST, REFERENCE_RESPONSE
 
 from llmtap.protocols import registry
@@ -43,6 +51,22 @@ SAMPLES = {
         {"error": {"message": "Rate limit", "type": "rate_limit"}},
         CHAT_STREAM,
     ),
+    "anthropic_messages": (
+        "POST",
+        "/v1/messages",
+        ANTHROPIC_REQUEST,
+        ANTHROPIC_RESPONSE,
+        {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}},
+        anthropic_stream(error=True) + anthropic_stream(),
+    ),
+    "gemini": (
+        "POST",
+        "/v1beta/models/gemini-2.5-flash:streamGenerateContent",
+        GEMINI_REQUEST,
+        GEMINI_RESPONSE,
+        {"error": {"code": 400, "message": "API key not valid", "status": "INVALID_ARGUMENT"}},
+        gemini_array_stream(),
+    ),
 }
 
 
@@ -61,7 +85,7 @@ def test_every_key_a_family_returns_is_a_record_field(name: str, content_cap: in
     method, path, request, response, error, stream = SAMPLES[name]
     found = registry.find(method, path, "127.0.0.1")
     assert found is not None and found[0] is family
-    parser = family.stream_parser(content_cap)
+    parser = family.stream_parser(content_cap, "application/json" if name == "gemini" else "text/event-stream")
     parser.feed(stream)
     parser.close()
     returned = {
@@ -107,10 +131,10 @@ def test_finish_applies_the_overlay_and_names_router_and_provider() -> None:
 @given(st.lists(st.integers(min_value=0, max_value=len(CHAT_STREAM)), max_size=12))
 def test_a_stream_split_anywhere_reads_as_one_piece(cuts: list[int]) -> None:
     family = family_named("chat_completions")
-    whole = family.stream_parser(None)
+    whole = family.stream_parser(None, "text/event-stream")
     whole.feed(CHAT_STREAM)
     bounds = [0, *sorted(cuts), len(CHAT_STREAM)]
-    split = family.stream_parser(None)
+    split = family.stream_parser(None, "text/event-stream")
     carried = [split.feed(CHAT_STREAM[a:b]) for a, b in zip(bounds, bounds[1:])]
     assert split.done and whole.done
     assert split.fields() == whole.fields()

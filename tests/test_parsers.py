@@ -378,6 +378,9 @@ def test_key_fingerprint_is_keyed_and_never_the_key() -> None:
     assert fp != key_fingerprint({"authorization": f"Bearer {key}"}, "another-salt")
     assert key_fingerprint({"x-api-key": key}, "") == fp
     assert key_fingerprint({}, "") is None
+    assert key_fingerprint({"x-goog-api-key": key}, "") == fp == key_fingerprint({"api-key": key}, "")
+    assert key_fingerprint({}, "", f"alt=sse&key={key}") == fp
+    assert key_fingerprint({}, "", "alt=sse&monkey=1") is None
 
 
 PRICES = PriceTable({"gpt-4o": Price(2.5, 10.0, 1.25), "gpt-4o-mini": Price(0.15, 0.6)})

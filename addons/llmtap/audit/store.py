@@ -191,6 +191,17 @@ def _create_pruned(db: Database) -> None:
     )
 
 
+def _add_family_and_cache_writes(db: Database) -> None:
+    """Protocol families: which family read the exchange, cache writes, the service tier."""
+    for name, kind in (
+        ("family", str),
+        ("cache_write_input_tokens", int),
+        ("cache_write_1h_input_tokens", int),
+        ("service_tier", str),
+    ):
+        db["exchanges"].add_column(name, kind)
+
+
 def _add_anomalies(db: Database) -> None:
     """Numbers an upstream sent that were not used (field -> "raw value: why"), as JSON."""
     db["exchanges"].add_column("anomalies", str)
@@ -206,6 +217,7 @@ MIGRATIONS: tuple[Callable[[Database], None], ...] = (
     _create_content,
     _create_journal_offsets,
     _create_pruned,
+    _add_family_and_cache_writes,
     _add_anomalies,
     _add_parse_problem,
 )

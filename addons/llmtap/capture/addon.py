@@ -295,9 +295,10 @@ class LLMTap:
         if exchange is None or flow.response is None:
             return
         headers = header_map(flow.response.headers)
-        if "text/event-stream" in headers.get("content-type", ""):
+        content_type = headers.get("content-type", "")
+        if exchange.family.streams(exchange.path, content_type):
             try:
-                parser = exchange.family.stream_parser(self.settings.content_cap)
+                parser = exchange.family.stream_parser(self.settings.content_cap, content_type)
                 parser.bound(self.settings.parse_memory_bytes)
                 tee = StreamTee(
                     exchange,
@@ -383,7 +384,7 @@ class LLMTap:
             upstream_scheme=request.scheme,
             upstream_host=request.host,
             upstream_port=request.port,
-            key_fingerprint=key_fingerprint(headers, self.settings.key_salt),
+            key_fingerprint=key_fingerprint(headers, self.settings.key_salt, query),
             _secrets=credentials(headers, "?" + query),  # removed from the record when it is built
             traceparent=traceparent if incoming_trace else None,
             trace_id=incoming_trace or f"{random.getrandbits(128) or 1:032x}",
@@ -405,6 +406,7 @@ class LLMTap:
             record = ExchangeRecord(
                 exchange_id=flow.id,
                 operation=exchange.operation,
+                family=exchange.family.name,
                 method=flow.request.method,
                 path=exchange.path,
                 request_start=flow.request.timestamp_start,
@@ -457,7 +459,8 @@ class LLMTap:
         else:
             fields["response_end"] = time.time()
         fields["first_token_at"] = exchange.first_token_at
-        fields["error_type"] = error_type(flow)
+        # the transport's verdict first; else what the family read (an error event in a 200 stream)
+        fields["error_type"] = error_type(flow) or fields.get("error_type")
         if flow.error is not None:
             fields["error_message"] = redact(flow.error.msg[:300])
         elif exchange.parse_problem and fields["error_type"] is None:
@@ -465,5 +468,11 @@ class LLMTap:
         fields["parse_problem"] = exchange.parse_problem
         registry.finish(fields, family, body, capture is not None)
         fields.update(resolve_cost(fields, self.prices, self.settings))
-        fields.update(exchange_id=flow.id, operation=exchange.operation, method=flow.request.method, path=exchange.path)
+        fields.update(
+            exchange_id=flow.id,
+            operation=exchange.operation,
+            family=family.name,
+            method=flow.request.method,
+            path=exchange.path,
+        )
         return ExchangeRecord.from_fields(fields)  # leaves out parsers' intermediates (reported_cost_usd)

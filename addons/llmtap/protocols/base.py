@@ -140,5 +140,9 @@ class Family:
     def error_fields(self, body: Any, raw: bytes | None) -> dict[str, Any]:
         return {"error_message": error_message(body, raw)}
 
-    def stream_parser(self, content_cap: int | None) -> StreamParser:
+    def streams(self, path: str, content_type: str) -> bool:
+        """Whether the response is read as a stream, chunk by chunk (else buffered, then read)."""
+        return "text/event-stream" in content_type
+
+    def stream_parser(self, content_cap: int | None, content_type: str) -> StreamParser:
         raise NotImplementedError

@@ -191,7 +191,7 @@ class ChatCompletions(Family):
     def response_fields(self, body: Any, content_cap: int | None) -> dict[str, Any]:
         return response_fields(body, content_cap)
 
-    def stream_parser(self, content_cap: int | None) -> StreamAccumulator:
+    def stream_parser(self, content_cap: int | None, content_type: str) -> StreamAccumulator:
         return StreamAccumulator(content_cap)
 
 

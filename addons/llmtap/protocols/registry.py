@@ -9,12 +9,16 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from llmtap.protocols import chat_completions, pulze
+from llmtap.protocols import anthropic_messages, chat_completions, gemini, pulze
 from llmtap.protocols.base import Family, Overlay
 from llmtap.protocols.providers import provider_from
 
 #: Tried in order: the first family whose ``operation`` answers reads the exchange.
-FAMILIES: tuple[Family, ...] = (chat_completions.FAMILY,)
+FAMILIES: tuple[Family, ...] = (
+    chat_completions.FAMILY,
+    anthropic_messages.FAMILY,
+    gemini.FAMILY,
+)
 
 OVERLAYS: tuple[Overlay, ...] = (pulze.OVERLAY,)
 

@@ -47,6 +47,15 @@ def as_count(value: Any) -> int | float | None:
     return as_int(value)
 
 
+def add_counts(*parts: int | float | None) -> int | float | None:
+    """The sum of token counts (None parts count 0), except that a negative or non-finite part is
+    returned itself: a sum must not hide it from ``llmtap.pricing.validity``."""
+    for part in parts:
+        if part is not None and (part < 0 or (isinstance(part, float) and not math.isfinite(part))):
+            return part
+    return sum(part for part in parts if part is not None)
+
+
 def as_str(value: Any) -> str | None:
     return value if isinstance(value, str) else None
 

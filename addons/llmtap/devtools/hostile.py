@@ -290,3 +290,21 @@ class HostileUpstream:
 async def _write_chunk(writer: asyncio.StreamWriter, data: bytes) -> None:
     writer.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
     await writer.drain()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m llmtap.devtools.hostile --port N``: serve until killed (bench and soak)."""
+    import argparse
+    import time
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    args = parser.parse_args(argv)
+    with HostileUpstream(args.host, args.port):
+        while True:
+            time.sleep(3600)
+
+
+if __name__ == "__main__":
+    main()

@@ -86,8 +86,9 @@ class StreamTee:
         parser = self.parser
         if chunk:
             self._decoder.feed(chunk, self._piece)
-        elif parser.close():
-            self._first_token()
+        else:  # the body ended: what the decoder still holds, then the parser's last event
+            if self._decoder.finish(self._piece) and not parser.done and parser.close():
+                self._first_token()
         if parser.done:
             self._decoder = None  # the record is complete: the rest only passes through
             self.on_done()

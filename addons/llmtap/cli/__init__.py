@@ -57,11 +57,10 @@ def _upstream_url(ctx: click.Context, param: click.Parameter, value: str) -> str
 )
 @click.option(
     "--mode",
-    type=click.Choice(["reverse", "regular", "transparent"]),
+    type=click.Choice(["reverse", "regular"]),
     default="reverse",
     show_default=True,
-    help="reverse: apps use llmtap as base URL. regular: apps set HTTPS_PROXY. "
-    "transparent: the OS redirects the app's traffic to llmtap.",
+    help="reverse: apps use llmtap as base URL. regular: apps set HTTPS_PROXY.",
 )
 @click.option("--listen-host", default="127.0.0.1", show_default=True)
 @click.option("--listen-port", default=8080, show_default=True, type=int)

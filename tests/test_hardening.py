@@ -25,7 +25,7 @@ from llmtap.audit.report import report
 from llmtap.audit.store import NotAnAuditLog, check_audit_log, connect
 from llmtap.config import Settings
 from llmtap.health import Health
-from llmtap.pricing.cost import PriceTable, resolve_cost
+from llmtap.pricing.cost import Pricer, resolve_cost
 from llmtap.pricing.validity import spend_amount
 from llmtap.protocols import errors, pulze
 from llmtap.protocols.secrets import credentials, scrub_record
@@ -33,7 +33,7 @@ from llmtap.protocols.values import as_float, as_int
 from llmtap.record import ExchangeRecord
 from llmtap.sinks.audit import AuditSink
 
-PRICES = PriceTable.load()
+PRICES = Pricer.load()
 ODD_KEY = "Zq8vN3xK1mP0wR7tY5uI2oL9"  # looks like no known key format: only an exact match finds it
 
 

@@ -220,7 +220,7 @@ def test_absurd_and_negative_numbers_are_never_spend_and_metrics_equal_audit(tmp
         tap.stop()
     with sqlite3.connect(tap.db) as conn:
         count, cost, inputs, outputs = conn.execute(
-            "SELECT count(*), total(cost_usd), total(input_tokens), total(output_tokens) FROM exchanges"
+            "SELECT count(*), total(cost_nanousd) / 1e9, total(input_tokens), total(output_tokens) FROM exchanges"
         ).fetchone()
         negatives = conn.execute(
             "SELECT count(*) FROM exchanges WHERE cost_usd < 0 OR input_tokens < 0 OR output_tokens < 0"

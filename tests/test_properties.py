@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from llmtap.capture.bodies import read_body
 from llmtap.capture.decoding import PIECE_BYTES, bounded_decoder
 from llmtap.devtools.hostile import encode
-from llmtap.pricing.cost import PriceTable, resolve_cost
+from llmtap.pricing.cost import Pricer, resolve_cost
 from llmtap.pricing.validity import SPEND_FIELDS, TOKEN_FIELDS, spend_amount
 from llmtap.protocols import registry
 from llmtap.protocols.jsonscan import TopLevelScanner
@@ -25,7 +25,7 @@ from llmtap.protocols.sse import SSEDecoder
 from llmtap.protocols.values import load_json
 from llmtap.record import ExchangeRecord
 
-PRICES = PriceTable.load()
+PRICES = Pricer.load()
 KEYS = [
     "id", "object", "model", "created", "usage", "prompt_tokens", "completion_tokens", "total_tokens",
     "prompt_tokens_details", "cached_tokens", "completion_tokens_details", "reasoning_tokens", "choices",

@@ -8,7 +8,7 @@ costs, 401s echoing the key, decompression bombs (gzip, br, zstd; streamed and n
 embeddings-style bodies, and clients that hang up mid-stream. Every few seconds the proxy's and
 its audit writer's RSS and open file descriptors are sampled. At the end (after a graceful
 stop): audit rows == requests sent, ``llmtap_cost_usd_total`` == the audit log's sum of
-``cost_usd``, no key in the DB, and the resource samples (first, peak, last).
+``cost_nanousd`` (the exact amounts the counter adds), no key in the DB, and the resource samples (first, peak, last).
 """
 
 from __future__ import annotations
@@ -163,7 +163,7 @@ def main() -> int:
         upstream.stop()
         db = sqlite3.connect(tap.extra["db"])
         rows, cost, negatives = db.execute(
-            "SELECT count(*), total(cost_usd), sum(cost_usd < 0 OR input_tokens < 0) FROM exchanges"
+            "SELECT count(*), total(cost_nanousd) / 1e9, sum(cost_usd < 0 OR input_tokens < 0) FROM exchanges"
         ).fetchone()
         by_error = dict(db.execute("SELECT coalesce(error_type, 'ok'), count(*) FROM exchanges GROUP BY 1"))
         problems = db.execute("SELECT count(*) FROM exchanges WHERE parse_problem IS NOT NULL").fetchone()[0]

@@ -84,7 +84,7 @@ def _by_body(body: Any) -> Family:
 class _AzureStream(StreamParser):
     """Chat Completions' or Responses' stream parser, picked by the first event (typed or not)."""
 
-    __slots__ = ("_cap", "_content_type", "_head", "_inner")
+    __slots__ = ("_bound", "_cap", "_content_type", "_head", "_inner")
 
     def __init__(self, content_cap: int | None, content_type: str) -> None:
         super().__init__()
@@ -92,18 +92,35 @@ class _AzureStream(StreamParser):
         self._content_type = content_type
         self._inner: StreamParser | None = None
         self._head = b""
+        self._bound: int | None = None
+
+    def bound(self, memory_bytes: int) -> None:
+        self._bound = memory_bytes
+        if self._inner is not None:
+            self._inner.bound(memory_bytes)
+
+    @property
+    def overflows(self) -> int:
+        return self._inner.overflows if self._inner is not None else 0
+
+    def _start(self, family: Family) -> StreamParser:
+        inner = family.stream_parser(self._cap, self._content_type)
+        if self._bound is not None:
+            inner.bound(self._bound)
+        self._inner = inner
+        return inner
 
     def feed(self, data: bytes) -> bool:
         if self._inner is None:
             self._head += data
             text = self._head.lstrip()
-            if len(text) < 6 and not self._head.endswith(b"\n\n"):
+            if len(text) < 6 and len(self._head) < 4096 and not self._head.endswith(b"\n\n"):
                 return False
             typed = (
                 text.startswith(b"event:") or b'"type":"response.' in text[:200] or b'"type": "response.' in text[:200]
             )
             family = openai_responses.FAMILY if typed else chat_completions.FAMILY
-            self._inner = family.stream_parser(self._cap, self._content_type)
+            self._start(family)
             data, self._head = self._head, b""
         carried = self._inner.feed(data)
         self.done = self._inner.done
@@ -113,8 +130,7 @@ class _AzureStream(StreamParser):
         if self._inner is None:
             if not self._head:
                 return False
-            self._inner = chat_completions.FAMILY.stream_parser(self._cap, self._content_type)
-            self._inner.feed(self._head)
+            self._start(chat_completions.FAMILY).feed(self._head)
         carried = self._inner.close()
         self.done = self._inner.done
         return carried

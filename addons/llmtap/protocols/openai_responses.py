@@ -154,6 +154,8 @@ class ResponsesStream(SSEStreamParser):
                 self.problem = "stream event is not a JSON object"
             return False
         kind = event.get("type")
+        if not isinstance(kind, str):  # a wrong type is no known event: ignored
+            return False
         if kind in CONTENT_EVENTS:
             self.content_chunks += 1
             delta = event.get("delta")

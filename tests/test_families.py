@@ -191,6 +191,7 @@ def test_every_key_a_family_returns_is_a_record_field(name: str, content_cap: in
     parser.close()
     returned = {
         **family.request_fields(request, found[1], path, "", content_cap),
+        **family.header_fields({"anthropic-version": "2023-06-01", "api-key": "k"}),
         **family.response_fields(response, content_cap),
         **family.error_fields(error, json.dumps(error).encode()),
         **parser.fields(),

@@ -315,12 +315,19 @@ def test_gemini_key_in_query_never_stored(ftap, simulator) -> None:
 
 def test_anthropic_sdk_create_and_stream_with_prompt_caching(sdk_python, ftap, simulator, receiver) -> None:
     out = run_sdk(sdk_python, "anthropic_calls", ftap.proxy_url)
+    sent_version = subprocess.run(
+        [sdk_python, "-c", "from anthropic._constants import ANTHROPIC_API_VERSION as v; print(v)"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
     records = ftap.wait_records(2)
     [created] = by_response_id(records, out["create"]["id"])
     [streamed] = by_response_id(records, out["stream"]["id"])
     for record, usage in ((created, out["create"]["usage"]), (streamed, out["stream"]["usage"])):
         reads, writes = usage["cache_read_input_tokens"], usage["cache_creation_input_tokens"]
         assert record.family == "anthropic_messages" and record.provider == "anthropic"
+        assert record.api_version == sent_version  # the anthropic SDK's anthropic-version header
         assert record.input_tokens == usage["input_tokens"] + reads + writes  # llmtap's input includes the cache
         assert (record.cached_input_tokens, record.cache_write_input_tokens) == (reads, writes)
         assert record.output_tokens == usage["output_tokens"]

@@ -113,7 +113,9 @@ class ExchangeRecord:
     previous_response_id: str | None = None  # OpenAI Responses: the conversation join key
     conversation_id: str | None = None  # OpenAI Responses ``conversation``
     background: bool | None = None  # OpenAI Responses background mode (billed by a later GET)
-    api_version: str | None = None  # the API version the request asked for (Azure ``api-version``)
+    api_version: str | None = (
+        None  # the API version the request asked for (Azure ``api-version``, ``anthropic-version``)
+    )
     input_count: int | None = None  # embeddings: inputs embedded
     dimensions: int | None = None  # embeddings: length of the vectors returned (else requested)
 

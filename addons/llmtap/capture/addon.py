@@ -416,6 +416,7 @@ class LLMTap:
         else:
             parsed = load_json(content)
         fields = family.request_fields(parsed, operation, path, query, self.settings.content_cap)
+        fields.update(family.header_fields(headers))
         fields.update(registry.request_header_fields(headers))
         traceparent = headers.get("traceparent")
         incoming_trace = trace_id_of(traceparent)

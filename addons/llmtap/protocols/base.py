@@ -141,6 +141,10 @@ class Family:
     ) -> dict[str, Any]:
         raise NotImplementedError
 
+    def header_fields(self, headers: Mapping[str, str]) -> dict[str, Any]:
+        """Fields of the request headers this family defines (lower-case names), such as a version."""
+        return {}
+
     def response_fields(self, body: Any, content_cap: int | None) -> dict[str, Any]:
         raise NotImplementedError
 

@@ -16,7 +16,9 @@ from hypothesis import strategies as st
 from llmtap.audit.store import AuditStore, RowBuilder
 from llmtap.record import ExchangeRecord
 
-PROPERTY = settings(derandomize=True, deadline=None, max_examples=300, suppress_health_check=[HealthCheck.too_slow])
+PROPERTY = settings(
+    derandomize=True, database=None, deadline=None, max_examples=300, suppress_health_check=[HealthCheck.too_slow]
+)
 
 TEXT = st.text(max_size=12)
 NUMBERS = st.one_of(st.integers(min_value=-(2**70), max_value=2**70), st.floats(allow_nan=False, allow_infinity=False))
@@ -82,7 +84,7 @@ def test_fast_path_and_reference_give_the_same_row(tmp_path) -> None:
 
     same_row()
     # the comparison means something only if generated records take the fast path too
-    assert fast_rows.count(True) >= 50, fast_rows.count(True)
+    assert fast_rows.count(True) >= len(fast_rows) // 10, (fast_rows.count(True), len(fast_rows))
 
 
 def _by_column(sql: str, params: list) -> dict:

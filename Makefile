@@ -3,7 +3,8 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-dev
 DEMO_STAMP := $(VENV)/.installed-demo
-# Debian packages the tests need: prometheus brings promtool; docker-compose validates the stack.
+# Debian packages the tests need: prometheus brings promtool; docker-compose validates the stack;
+# postgresql gives the fleet tests initdb/pg_ctl for a throwaway cluster of their own.
 DEBS   := prometheus docker-compose curl iptables
 
 .PHONY: demo test venv debs bench clean
@@ -32,6 +33,10 @@ debs:
 	if [ -n "$$missing" ]; then \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $(DEBS); \
+	fi
+	@if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends postgresql; \
 	fi
 
 demo: $(DEMO_STAMP)

@@ -1,6 +1,7 @@
-"""``llmtap report`` and ``llmtap audit verify``: read the audit log, also while the proxy writes.
+"""``llmtap report`` and ``llmtap audit ...``: read the audit log, also while the proxy writes.
 
-Both open the database read-only; in WAL mode the proxy's writer is never blocked by them.
+SQLite is opened read-only (in WAL mode the writer is never blocked by it); PostgreSQL
+(``--db postgresql://...``) is read across every instance of a fleet.
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ from typing import Any, NamedTuple
 
 import click
 
-from llmtap.audit.store import GENESIS, connect_readonly, verify_chain
+from llmtap.audit.rows import GENESIS
+from llmtap.audit.sqlite import connect_readonly, verify_chain
+from llmtap.config import is_server_url, redact_url
 
 #: ``--by`` dimensions and the SQL expression each groups by (times are UTC).
 DIMENSIONS = {
@@ -30,6 +33,14 @@ DIMENSIONS = {
     "day": "strftime('%Y-%m-%d', request_start, 'unixepoch')",
     "hour": "strftime('%Y-%m-%dT%H:00Z', request_start, 'unixepoch')",
     "status": "coalesce(CAST(http_status AS TEXT), error_type)",
+    "instance": "instance",
+}
+#: The same dimensions in PostgreSQL (a fleet: an unnamed instance shows as its id).
+PG_DIMENSIONS = {
+    **DIMENSIONS,
+    "day": "to_char(request_at AT TIME ZONE 'UTC', 'YYYY-MM-DD')",
+    "hour": "to_char(request_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:00\"Z\"')",
+    "instance": "coalesce(instance, instance_id)",
 }
 METRICS = (
     "requests",
@@ -49,6 +60,13 @@ _SUMS = """count(*) AS requests,
     sum(cost_usd) AS cost_usd,
     sum(cost_savings_usd) AS cost_savings_usd,
     sum(cost_usd IS NULL) AS unknown_cost"""
+_PG_SUMS = """count(*) AS requests,
+    count(*) FILTER (WHERE error_type IS NOT NULL) AS errors,
+    sum(input_tokens)::bigint AS input_tokens,
+    sum(output_tokens)::bigint AS output_tokens,
+    sum(cost_usd) AS cost_usd,
+    sum(cost_savings_usd) AS cost_savings_usd,
+    count(*) FILTER (WHERE cost_usd IS NULL) AS unknown_cost"""
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
 
@@ -82,14 +100,19 @@ class Grouping(NamedTuple):
     params: list[str]  # bound parameters of the expressions (label JSON paths)
 
 
-def grouping(by: Sequence[str]) -> Grouping:
+def grouping(by: Sequence[str], postgres: bool = False) -> Grouping:
     names, exprs, params = [], [], []
+    dimensions = PG_DIMENSIONS if postgres else DIMENSIONS
     for dimension in by:
         if dimension.startswith("label:") and len(dimension) > 6 and '"' not in dimension:
-            exprs.append("json_extract(labels, ?)")
-            params.append(f'$."{dimension[6:]}"')
-        elif dimension in DIMENSIONS:
-            exprs.append(DIMENSIONS[dimension])
+            if postgres:
+                exprs.append("labels ->> %s")
+                params.append(dimension[6:])
+            else:
+                exprs.append("json_extract(labels, ?)")
+                params.append(f'$."{dimension[6:]}"')
+        elif dimension in dimensions:
+            exprs.append(dimensions[dimension])
         else:
             raise click.BadParameter(
                 f"{dimension!r}: use one of {', '.join(DIMENSIONS)} or label:NAME", param_hint="--by"
@@ -105,12 +128,37 @@ def percentile(sorted_values: Sequence[float], p: float) -> float | None:
     return sorted_values[max(0, math.ceil(p * len(sorted_values)) - 1)]
 
 
+class _Reader:
+    """SQLite or PostgreSQL rows as dicts, with SQLite's ``?`` placeholders either way."""
+
+    def __init__(self, conn: Any) -> None:
+        self.conn = conn
+        self.postgres = not isinstance(conn, sqlite3.Connection)
+
+    def rows(self, sql: str, params: Sequence[Any]) -> list[dict[str, Any]]:
+        if not self.postgres:
+            return [dict(row) for row in self.conn.execute(sql, params)]
+        with self.conn.cursor() as cur:
+            cur.execute(sql.replace("?", "%s"), params)
+            names = [d.name for d in cur.description]
+            return [{n: _plain(v) for n, v in zip(names, row)} for row in cur]
+
+
+def _plain(value: Any) -> Any:
+    """numeric sums as floats, like SQLite's (the report prints them; the database keeps them exact)."""
+    from decimal import Decimal
+
+    return float(value) if isinstance(value, Decimal) else value
+
+
 def spend(
-    conn: sqlite3.Connection, by: Sequence[str], since: float | None, until: float | None
+    conn: Any, by: Sequence[str], since: float | None, until: float | None
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Rows per group and the totals row, as plain dicts (group names first, then METRICS)."""
-    group = grouping(by)
-    where, where_params = ["1"], []
+    reader = _Reader(conn)
+    group = grouping(by, reader.postgres)
+    sums_sql = _PG_SUMS if reader.postgres else _SUMS
+    where, where_params = ["1 = 1"], []
     if since is not None:
         where.append("request_start >= ?")
         where_params.append(since)
@@ -121,16 +169,18 @@ def spend(
     keys = [f"g{i}" for i in range(len(group.exprs))]
     select = "".join(f"{expr} AS {key}, " for expr, key in zip(group.exprs, keys))
     order = f"GROUP BY {', '.join(keys)} ORDER BY {', '.join(keys)}" if keys else ""
-    sums = conn.execute(
-        f"SELECT {select}{_SUMS} FROM exchanges WHERE {where_sql} {order}", [*group.params, *where_params]
-    ).fetchall()
-    totals = dict(conn.execute(f"SELECT {_SUMS} FROM exchanges WHERE {where_sql}", where_params).fetchone())
+    if reader.postgres and keys:  # PostgreSQL groups by the expressions (a placeholder repeats)
+        order = f"GROUP BY {', '.join(str(i + 1) for i in range(len(keys)))} ORDER BY {', '.join(keys)}"
+    sums = reader.rows(
+        f"SELECT {select}{sums_sql} FROM exchanges WHERE {where_sql} {order}", [*group.params, *where_params]
+    )
+    totals = reader.rows(f"SELECT {sums_sql} FROM exchanges WHERE {where_sql}", where_params)[0]
     latencies: dict[tuple, list[float]] = defaultdict(list)
-    for row in conn.execute(
+    for row in reader.rows(
         f"SELECT {select}duration_s FROM exchanges WHERE {where_sql} AND duration_s IS NOT NULL",
         [*group.params, *where_params],
     ):
-        latencies[tuple(row)[:-1]].append(row[-1])
+        latencies[tuple(row[k] for k in keys)].append(row["duration_s"])
     everything = sorted(v for values in latencies.values() for v in values)
     totals.update(p50_s=percentile(everything, 0.5), p95_s=percentile(everything, 0.95))
     rows = []
@@ -140,7 +190,7 @@ def spend(
         rows.append(
             {
                 **dict(zip(group.names, key)),
-                **{m: row[m] for m in METRICS if m in row.keys()},  # noqa: SIM118 (sqlite3.Row: `in` tests values)
+                **{m: row[m] for m in METRICS if m in row},
                 "p50_s": percentile(values, 0.5),
                 "p95_s": percentile(values, 0.95),
             }
@@ -148,7 +198,17 @@ def spend(
     return rows, {**dict.fromkeys(group.names), **{m: totals[m] for m in METRICS}}
 
 
-def _open(db: str) -> sqlite3.Connection:
+def _open(db: str) -> Any:
+    """A read connection: SQLite read-only, or PostgreSQL (read-only transactions)."""
+    if is_server_url(db):
+        from llmtap.audit import postgres
+
+        try:
+            conn = postgres.connect(db)
+            conn.read_only = True
+            return conn
+        except Exception as exc:
+            raise click.ClickException(f"{redact_url(db)}: {exc}") from exc
     try:
         return connect_readonly(db)
     except (OSError, ValueError, sqlite3.Error) as exc:
@@ -156,7 +216,13 @@ def _open(db: str) -> sqlite3.Connection:
 
 
 @click.command()
-@click.option("--db", default="./llmtap.db", show_default=True, help="The audit log to read.")
+@click.option(
+    "--db",
+    default="./llmtap.db",
+    show_default=True,
+    envvar="LLMTAP_DB",
+    help="The audit log: a file or postgresql:// URL.",
+)
 @click.option("--since", type=When(), help="Start: a duration back from now (24h, 7d) or an ISO date (UTC).")
 @click.option("--until", type=When(), help="End (exclusive), same forms as --since.")
 @click.option(
@@ -165,7 +231,7 @@ def _open(db: str) -> sqlite3.Connection:
 @click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table", show_default=True)
 def report(db: str, since: float | None, until: float | None, by: tuple[str, ...], fmt: str) -> None:
     """Spend report from the audit log: requests, errors, tokens, USD and latency per group."""
-    group = grouping(by)  # validate before opening anything
+    group = grouping(by, is_server_url(db))  # validate before opening anything
     conn = _open(db)
     try:
         rows, totals = spend(conn, group.names, since, until)
@@ -246,21 +312,186 @@ def audit() -> None:
     """Audit log maintenance."""
 
 
+_DB_HELP = "The audit log: a SQLite file, or a postgresql:// URL (password from PGPASSWORD or .pgpass)."
+
+
 @audit.command()
-@click.option("--db", default="./llmtap.db", show_default=True, help="The audit log to check.")
-def verify(db: str) -> None:
-    """Check the hash chain; name the first broken row and exit 1 if there is one."""
+@click.option("--db", default="./llmtap.db", show_default=True, envvar="LLMTAP_DB", help=_DB_HELP)
+@click.option("--instance", "only", default=None, help="PostgreSQL: check only this instance id's chain.")
+@click.option(
+    "--against",
+    type=click.Path(exists=True, dir_okay=False),
+    help="A saved chain head (the writer's `chain head {...}` log lines, or `llmtap audit head` output) to check.",
+)
+def verify(db: str, only: str | None, against: str | None) -> None:
+    """Check the hash chain(s); name the first broken row and exit 1 if there is one."""
     conn = _open(db)
     try:
-        check = verify_chain(conn)
+        if is_server_url(db):
+            from llmtap.audit import postgres
+
+            results = postgres.verify(conn, only)
+        else:
+            check = verify_chain(conn)
+            results = [_sqlite_result(conn, check)]
     finally:
         conn.close()
-    start = "genesis" if check.anchor == GENESIS else f"retention anchor {check.anchor}"
-    if check.ok:
-        click.echo(f"OK: {check.rows} rows, hash chain intact from {start}")
-        return
-    click.echo(
-        f"BROKEN at row id={check.broken_id} exchange_id={check.broken_exchange_id}: {check.reason} "
-        f"({check.rows} rows before it verified, from {start})"
-    )
-    click.get_current_context().exit(1)
+    failed = False
+    for result in results:
+        check = result.check
+        start = "genesis" if check.anchor == GENESIS else f"retention anchor {check.anchor}"
+        who = (
+            f"instance {result.instance_id}" + (f" ({result.name})" if result.name else "") + ": "
+            if result.instance_id
+            else ""
+        )
+        if check.ok:
+            click.echo(f"OK: {who}{check.rows} rows, hash chain intact from {start}")
+        else:
+            failed = True
+            click.echo(
+                f"BROKEN: {who}at row id={check.broken_id} exchange_id={check.broken_exchange_id}: {check.reason} "
+                f"({check.rows} rows before it verified, from {start})"
+            )
+    if not results:
+        click.echo("OK: no rows yet")
+    if against:
+        failed = not _check_heads(db, against, results) or failed
+    if failed:
+        click.get_current_context().exit(1)
+
+
+class _Result(NamedTuple):
+    instance_id: str | None
+    name: str | None
+    check: Any
+    pruned: int
+    head: str
+
+
+def _sqlite_result(conn: sqlite3.Connection, check: Any) -> _Result:
+    pruned = conn.execute("SELECT coalesce(sum(rows), 0) FROM pruned").fetchone()[0]
+    last = conn.execute("SELECT row_hash FROM exchanges ORDER BY id LIMIT 1 OFFSET ?", (max(check.rows - 1, 0),))
+    head = last.fetchone() if check.rows else None
+    return _Result(None, None, check, pruned, head[0] if head else check.anchor)
+
+
+def _check_heads(db: str, path: str, results: list[Any]) -> bool:
+    """Every saved head must be a row of its (verified) chain at the position saved."""
+    heads = []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        lines = f.read().splitlines()
+    for line in lines:
+        start = line.find("{")
+        if start < 0:
+            continue
+        try:
+            doc = json.loads(line[start:])
+        except ValueError:
+            continue
+        if isinstance(doc, dict) and "head" in doc and "rows" in doc:
+            heads.append(doc)
+    if not heads:
+        click.echo(f"BROKEN: no chain head found in {path}")
+        return False
+    conn = _open(db)
+    ok = True
+    try:
+        for doc in heads:
+            instance = doc.get("instance_id")
+            result = next((r for r in results if r.instance_id == instance), None)
+            label = f"instance {instance}" if instance else "the chain"
+            if result is None:
+                click.echo(f"BROKEN: {label} of the saved head {doc['head']} is not in the database")
+                ok = False
+                continue
+            position = int(doc["rows"]) - result.pruned  # 1-based among the rows still stored
+            found = None
+            if position == 0 and result.check.anchor == doc["head"]:
+                found = doc["head"]
+            elif 0 < position <= result.check.rows:
+                if is_server_url(db):
+                    row = conn.execute(
+                        "SELECT row_hash FROM exchanges WHERE instance_id = %s ORDER BY id OFFSET %s LIMIT 1",
+                        (instance, position - 1),
+                    ).fetchone()
+                else:
+                    row = conn.execute(
+                        "SELECT row_hash FROM exchanges ORDER BY id LIMIT 1 OFFSET ?", (position - 1,)
+                    ).fetchone()
+                found = row[0] if row else None
+            if found == doc["head"]:
+                click.echo(f"OK: {label} still holds the saved head {doc['head']} as row {doc['rows']}")
+            else:
+                ok = False
+                click.echo(
+                    f"BROKEN: {label}: the saved head {doc['head']} (row {doc['rows']}) is not in the verified "
+                    "chain: the chain was rewritten or cut"
+                )
+    finally:
+        conn.close()
+    return ok
+
+
+@audit.command()
+@click.option("--db", default="./llmtap.db", show_default=True, envvar="LLMTAP_DB", help=_DB_HELP)
+def head(db: str) -> None:
+    """Print each chain's head (JSON lines) to keep somewhere the database's administrators cannot write."""
+    conn = _open(db)
+    try:
+        if is_server_url(db):
+            from llmtap.audit import postgres
+
+            docs = []
+            for instance in postgres.instances(conn):
+                hashed, rows = postgres.chain_head(conn, instance)
+                docs.append({"instance_id": instance, "rows": rows, "head": hashed})
+        else:
+            result = _sqlite_result(conn, verify_chain(conn))
+            docs = [{"instance_id": None, "rows": result.pruned + result.check.rows, "head": result.head}]
+    finally:
+        conn.close()
+    for doc in docs:
+        click.echo(json.dumps(doc, sort_keys=True))
+
+
+@audit.command()
+@click.option("--db", required=True, envvar="LLMTAP_DB", help="The PostgreSQL URL to migrate (an owner role).")
+@click.option(
+    "--grant", multiple=True, metavar="ROLE", help="Give ROLE what a sidecar needs (SELECT, INSERT). Repeatable."
+)
+def migrate(db: str, grant: tuple[str, ...]) -> None:
+    """Create or upgrade the PostgreSQL audit schema (numbered, transactional, under an advisory lock)."""
+    if not is_server_url(db):
+        raise click.UsageError("--db must be a PostgreSQL URL (SQLite migrates itself on open)")
+    from llmtap.audit import postgres
+
+    try:
+        conn = postgres.connect(db)
+        try:
+            applied = postgres.migrate(conn, grant)
+        finally:
+            conn.close()
+    except Exception as exc:
+        raise click.ClickException(f"{redact_url(db)}: {exc}") from exc
+    done = f"applied migration(s) {', '.join(map(str, applied))}" if applied else "schema already current"
+    click.echo(f"{redact_url(db)}: {done}" + (f"; granted to {', '.join(grant)}" if grant else ""))
+
+
+@audit.command(name="import")
+@click.option(
+    "--from", "source", required=True, type=click.Path(exists=True, dir_okay=False), help="A SQLite audit log."
+)
+@click.option("--db", required=True, envvar="LLMTAP_DB", help="The PostgreSQL URL to copy it into.")
+@click.option("--instance-id", default=None, help="The chain's instance id (default: a new import-... id).")
+def import_(source: str, db: str, instance_id: str | None) -> None:
+    """Copy a SQLite audit history into PostgreSQL as one chain, hashes intact (verify passes)."""
+    if not is_server_url(db):
+        raise click.UsageError("--db must be a PostgreSQL URL")
+    from llmtap.audit import postgres
+
+    try:
+        instance, copied = postgres.import_sqlite(source, db, instance_id)
+    except Exception as exc:
+        raise click.ClickException(f"{redact_url(db)}: {exc}") from exc
+    click.echo(f"imported {copied} rows from {source} into {redact_url(db)} as instance {instance}")

@@ -33,14 +33,13 @@ import math
 import os
 import select
 import signal
-import sqlite3
 import sys
 import time
 from typing import Any
 
 from llmtap.audit.control import STOP_TIMEOUT_SECONDS, next_backoff
 from llmtap.audit.journal import fsync_path, generation_path, generations, lock_file, read_lines
-from llmtap.audit.store import AuditStore, Batch
+from llmtap.audit.stores import open_store, transient_errors
 from llmtap.config import Settings
 from llmtap.health import Health
 from llmtap.record import ExchangeRecord
@@ -50,6 +49,7 @@ log = logging.getLogger("llmtap")
 POLL_SECONDS = 0.05  # how often the journal is looked at; also how long a batch gathers
 NICENESS = 10  # below the proxy: on a shared core the proxy comes first, the journal absorbs the lag
 REPORT_EVERY_SECONDS = 1.0
+HEAD_EVERY_SECONDS = 60.0  # how often the chain head is published (a log line; see `verify --against`)
 
 
 class Writer:
@@ -60,7 +60,8 @@ class Writer:
         self.health = health
         self.prune_batch = prune_batch
         self.fsync = settings.fsync == "batch"
-        self.store: AuditStore | None = None
+        self.store: Any = None  # llmtap.audit.stores: SQLite or PostgreSQL
+        self._head_at = 0.0
         self.newest = 0
         self.on_disk: list[int] = []
         self._offsets: dict[int, int] = {}
@@ -85,7 +86,7 @@ class Writer:
         Raises ``sqlite3.Error``/``OSError`` when the audit log cannot be written: the caller
         backs off and calls again; nothing was lost, the lines wait in the journal.
         """
-        db = self.settings.db
+        db = self.settings.journal_base
         gens = self.on_disk = generations(db)
         if self._lock_fd is None:
             try:
@@ -98,7 +99,7 @@ class Writer:
             if self.fsync:
                 fsync_path(os.path.dirname(db) or ".")
         if self.store is None:
-            self.store = AuditStore(db, fsync_batch=self.fsync, capture_content=self.settings.capture_content)
+            self.store = open_store(self.settings)
         caught_up = True
         for gen in gens:
             if final or gen != gens[-1]:
@@ -109,11 +110,24 @@ class Writer:
         days = self.settings.retention_days
         if days > 0 and self.store.prune(time.time() - days * 86400, self.prune_batch) == self.prune_batch:
             caught_up = False  # more to delete: come straight back
+        if time.monotonic() - self._head_at > HEAD_EVERY_SECONDS or final:
+            self.publish_head()
         return caught_up
+
+    def publish_head(self) -> None:
+        """Log the chain head: a saved line lets ``llmtap audit verify --against`` prove later
+        that nobody rewrote the chain up to it (not even a database administrator)."""
+        self._head_at = time.monotonic()
+        head = getattr(self.store, "head", None)
+        rows = getattr(self.store, "rows", None)
+        if head is None or rows is None:
+            return
+        doc = {"instance_id": getattr(self.store, "instance", None), "rows": rows, "head": head}
+        log.info("chain head %s", json.dumps(doc, sort_keys=True))
 
     def _retire(self, gen: int) -> None:
         """Apply what is left of a sealed generation, then delete it."""
-        path = generation_path(self.settings.db, gen)
+        path = generation_path(self.settings.journal_base, gen)
         self._apply(gen)
         tail = os.path.getsize(path) - self.store.offsets.get(gen, 0)
         if tail:  # cut short when a proxy died mid-write: its client got no response
@@ -124,7 +138,7 @@ class Writer:
 
     def _apply(self, gen: int, batches: float = math.inf) -> bool:
         """Apply up to ``batches`` batches of complete lines; True when none was left."""
-        path = generation_path(self.settings.db, gen)
+        path = generation_path(self.settings.journal_base, gen)
         offset = self.store.offsets.get(gen, 0)
         while batches > 0:
             if self.fsync:
@@ -136,12 +150,20 @@ class Writer:
             offset, batches = end, batches - 1
         return False
 
-    def _settle(self, batch: Batch) -> None:
+    def _settle(self, batch: Any) -> None:
         if batch.corrupt:
             self.health.error("audit", batch.corrupt[0], f"{len(batch.corrupt)} torn journal line(s) skipped")
         if batch.rejected:
-            self.health.error("audit", batch.rejected[0], "row rejected by SQLite")
+            self.health.error("audit", batch.rejected[0], "row rejected by the audit database")
             self.health.add_audit_dropped(len(batch.rejected))
+        conflicts = getattr(batch, "conflicts", ())
+        if conflicts:  # an exchange id stored already with other contents: never a silent skip
+            self.health.add_errors("audit_conflict", len(conflicts))
+            log.error(
+                "%d exchange id(s) already stored with different contents (kept the stored row): %s",
+                len(conflicts),
+                ", ".join(conflicts[:5]),
+            )
         if self.spans is not None:
             for data in batch.records:
                 try:
@@ -174,6 +196,7 @@ class Writer:
 
 
 def serve(writer: Writer, commands: int, report, *, max_backoff: float) -> None:
+    errors = transient_errors(writer.settings.db)
     """The process's loop: cycle every POLL_SECONDS (backing off while SQLite fails) until told
     to stop, or until the proxy is gone."""
     stopping = orphaned = False
@@ -190,11 +213,12 @@ def serve(writer: Writer, commands: int, report, *, max_backoff: float) -> None:
         try:
             done = writer.cycle(final=stopping)
             delay = 0.0
-        except (sqlite3.Error, OSError) as exc:  # locked, read-only, disk full: retry, lose nothing
+        except errors as exc:  # locked, read-only, disk full, server gone: retry, lose nothing
             done = False
             writer.health.error("audit", exc, "audit log not writable; records wait in the journal")
             if writer.store is not None:
-                writer.store.close()
+                with contextlib.suppress(Exception):
+                    writer.store.close()
                 writer.store = None
             delay = next_backoff(delay, max_backoff)
         status = writer.status()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 import logging
 import random
+import socket
 import sys
 import time
 from collections.abc import Callable
@@ -114,6 +115,7 @@ class LLMTap:
 
     def __init__(self) -> None:
         self.settings = Settings()
+        self.instance: str | None = None
         self.health = Health()
         self.prices = PriceTable.load()
         self.sinks: list[Sink] = []
@@ -139,6 +141,8 @@ class LLMTap:
             raise OptionsError(f"llmtap_prices: cannot read {settings.prices!r}: {exc}") from exc
         changed = settings != self.settings
         self.settings, self.prices = settings, prices
+        # a fleet's rows say which sidecar saw them: the host name unless --instance names it
+        self.instance = settings.instance or (socket.gethostname() if settings.db_is_server else None)
         if self._running and changed:
             # An operator changed llmtap options at runtime (e.g. ``:set`` in mitmproxy's console).
             # The old sinks are flushed and closed first, on the loop: the audit journal is locked
@@ -203,7 +207,7 @@ class LLMTap:
         lines = [f"llmtap {__version__} listening: {app}"]
         if metrics is not None:
             lines.append(f"  metrics  http://{self.settings.metrics_host}:{metrics.port}/metrics")
-        lines.append(f"  audit    {self.settings.db or 'off'}")
+        lines.append(f"  audit    {self.settings.db_display or 'off'}")
         if self.settings.jsonl:
             lines.append(f"  jsonl    {self.settings.jsonl}")
         lines.append(f"  spans    {'OTLP on' if self.settings.otlp_configured else 'off (no OTLP endpoint)'}")
@@ -283,6 +287,7 @@ class LLMTap:
             request_start=request.timestamp_start,
             request_end=request.timestamp_end,
             client_address=flow.client_conn.peername[0] if flow.client_conn.peername else None,
+            instance=self.instance,
             upstream_scheme=request.scheme,
             upstream_host=request.host,
             upstream_port=request.port,

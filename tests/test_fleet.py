@@ -1,0 +1,327 @@
+"""A fleet on one system of record: several real llmtaps writing one real PostgreSQL.
+
+The cluster is a throwaway one the tests start (``pg.Cluster``: Debian's initdb/pg_ctl as the
+``postgres`` user, a free loopback port); the sidecars are real ``llmtap run`` processes in front
+of the simulator, driven by the official SDK; ``kill -9``, a stopped server and a role with only
+INSERT/SELECT are the real thing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import httpx
+import openai
+import psycopg
+import pytest
+from conftest import API_KEY, LLMTAP, free_port, start_tap, wait_until
+from pg import PASSWORD, Cluster
+
+from llmtap.audit import postgres
+
+pytestmark = pytest.mark.timeout(600)
+
+
+def fleet_tap(workdir: Path, upstream: str, url: str, name: str, *extra: str, env=None):
+    workdir.mkdir(parents=True, exist_ok=True)
+    return start_tap(
+        workdir, upstream, "--journal-dir", str(workdir / "journal"), "--instance", name, *extra, db=url, env=env
+    )
+
+
+def stream_fully(client: openai.OpenAI, prompt: str) -> str:
+    with client.chat.completions.with_streaming_response.create(
+        model="pulze", messages=[{"role": "user", "content": prompt}], stream=True
+    ) as response:
+        events = [line[6:] for line in response.iter_lines() if line.startswith("data: {")]
+    return json.loads(events[0])["id"]
+
+
+def rows(url: str, sql: str, params=()) -> list[tuple]:
+    with psycopg.connect(url) as conn:
+        return conn.execute(sql, params).fetchall()
+
+
+def llmtap(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    done = subprocess.run([LLMTAP, *args], capture_output=True, text=True, timeout=120)
+    if check:
+        assert done.returncode == 0, done.stdout + done.stderr
+    return done
+
+
+class Load:
+    """Threads sending chat traffic (streamed and not) to a set of proxies; what each client
+    received completely, by response id."""
+
+    def __init__(self, seed: int) -> None:
+        self.received: list[str] = []
+        self.lock = threading.Lock()
+        self.stop = threading.Event()
+        self.rng = random.Random(seed)
+        self.threads: list[threading.Thread] = []
+
+    def start(self, base_url_of, workers: int) -> None:
+        for worker in range(workers):
+            thread = threading.Thread(target=self._loop, args=(base_url_of, worker), daemon=True)
+            thread.start()
+            self.threads.append(thread)
+
+    def _loop(self, base_url_of, worker: int) -> None:
+        n = 0
+        while not self.stop.is_set():
+            n += 1
+            client = openai.OpenAI(base_url=base_url_of(worker), api_key=API_KEY, max_retries=0, timeout=10)
+            try:
+                prompt = f"w{worker} n{n} {self.rng.random()}"
+                if n % 2:
+                    rid = stream_fully(client, prompt)
+                else:
+                    rid = client.chat.completions.create(
+                        model="pulze", messages=[{"role": "user", "content": prompt}]
+                    ).id
+            except (openai.APIError, httpx.HTTPError, ValueError, IndexError):
+                continue  # its proxy died under this request: the client did not receive it
+            finally:
+                client.close()
+            with self.lock:
+                self.received.append(rid)
+
+    def count(self) -> int:
+        with self.lock:
+            return len(self.received)
+
+    def finish(self) -> None:
+        self.stop.set()
+        for thread in self.threads:
+            thread.join(30)
+
+
+def test_three_sidecars_one_killed_and_restarted_every_response_exactly_once(tmp_path, simulator, pg_cluster, pg_url):
+    simulator.chunk_delay = 0.002
+    taps = [fleet_tap(tmp_path / f"pod{i}", simulator.url, pg_url, f"pod-{i}") for i in range(3)]
+    load = Load(seed=15)
+    load.start(lambda worker: taps[worker % 3].base_url, workers=6)
+    try:
+        wait_until(lambda: load.count() > 30, timeout=60)
+        first_id = (tmp_path / "pod1" / "journal" / "instance-id").read_text().strip()
+        taps[1].kill()  # kill -9 mid-load
+        time.sleep(0.3)
+        taps[1] = fleet_tap(tmp_path / "pod1", simulator.url, pg_url, "pod-1")  # same journal volume
+        before = load.count()
+        wait_until(lambda: load.count() > before + 60, timeout=90)
+    finally:
+        load.finish()
+        for tap in taps:
+            tap.stop()
+    assert (tmp_path / "pod1" / "journal" / "instance-id").read_text().strip() == first_id
+
+    stored = rows(pg_url, "SELECT exchange_id, response_id, instance_id, instance FROM exchanges")
+    by_response = Counter(r[1] for r in stored if r[1])
+    assert load.count() > 100
+    assert [rid for rid in load.received if by_response[rid] != 1] == []
+    assert len({r[0] for r in stored}) == len(stored)  # no exchange id twice
+    ids = {r[2] for r in stored}
+    assert len(ids) == 3 and first_id in ids  # the restarted pod kept its instance (and chain)
+    assert {r[3] for r in stored} == {"pod-0", "pod-1", "pod-2"}
+
+    verify = llmtap("audit", "verify", "--db", pg_url)
+    assert verify.stdout.count("OK: instance") == 3, verify.stdout
+    assert "pod-1" in verify.stdout
+
+    # the saved chain heads (the writers' log lines) check out; a rewritten chain does not
+    heads = tmp_path / "heads.log"
+    heads.write_text("".join(t.output() for t in taps))
+    assert "chain head {" in heads.read_text()
+    assert "OK: instance" in llmtap("audit", "verify", "--db", pg_url, "--against", str(heads)).stdout
+    assert PASSWORD not in "".join(t.output() for t in taps)  # the banner shows the URL without it
+
+    # the API key reached no byte of the database's files
+    pg_cluster.psql("CHECKPOINT")
+    needle = API_KEY.encode()
+    for path in pg_cluster.data.rglob("*"):
+        if path.is_file():
+            assert needle not in path.read_bytes(), path
+
+    # tampering: an edited row is named with its instance
+    victim = rows(pg_url, "SELECT id, instance_id FROM exchanges WHERE instance = 'pod-2' ORDER BY id LIMIT 1 OFFSET 3")
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute("UPDATE exchanges SET cost_usd = 99 WHERE id = %s", (victim[0][0],))
+    broken = llmtap("audit", "verify", "--db", pg_url, check=False)
+    assert broken.returncode == 1
+    assert f"BROKEN: instance {victim[0][1]} (pod-2): at row id={victim[0][0]}" in broken.stdout
+    assert broken.stdout.count("OK: instance") == 2
+
+
+def test_database_down_mid_traffic_is_invisible_to_clients_and_the_backlog_is_bounded(tmp_path, simulator, monkeypatch):
+    monkeypatch.setenv("PGPASSWORD", PASSWORD)
+    cluster = Cluster(free_port())
+    try:
+        cluster.start()
+        url = cluster.create_database("fleet")
+        roomy = fleet_tap(tmp_path / "roomy", simulator.url, url, "roomy")
+        tight = fleet_tap(tmp_path / "tight", simulator.url, url, "tight", "--journal-max-bytes", "30000")
+        received = {"roomy": [], "tight": []}
+
+        def send(name, tap, n):
+            client = tap.client()
+            for i in range(n):
+                received[name].append(
+                    client.chat.completions.create(model="pulze", messages=[{"role": "user", "content": f"{i}"}]).id
+                )
+            client.close()
+
+        try:
+            send("roomy", roomy, 10)
+            send("tight", tight, 5)
+            wait_until(lambda: rows(url, "SELECT count(*) FROM exchanges")[0][0] == 15, timeout=30)
+            cluster.stop()
+            started = time.monotonic()
+            send("roomy", roomy, 40)  # every request answered while the database is away
+            send("tight", tight, 40)
+            assert time.monotonic() - started < 60
+            assert roomy.metric("llmtap_audit_queue_depth") > 0
+            wait_until(lambda: tight.metric("llmtap_audit_dropped_total") > 0, timeout=10)
+            dropped = tight.metric("llmtap_audit_dropped_total")
+            assert roomy.metric("llmtap_audit_dropped_total") == 0
+            assert roomy.metric("llmtap_internal_errors_total", stage="audit") > 0
+            time.sleep(1.5)  # the writers retry with backoff meanwhile
+            cluster.start()
+            wait_until(lambda: roomy.metric("llmtap_audit_queue_depth") == 0, timeout=60)
+            wait_until(lambda: tight.metric("llmtap_audit_queue_depth") == 0, timeout=60)
+        finally:
+            roomy.stop()
+            tight.stop()
+        stored = rows(url, "SELECT response_id, instance FROM exchanges")
+        counts = Counter(r[0] for r in stored)
+        assert len(received["roomy"]) == 50 and len(received["tight"]) == 45
+        assert all(counts[rid] == 1 for rid in received["roomy"])  # every row once
+        tight_rows = [r for r in stored if r[1] == "tight"]
+        assert all(counts[r[0]] == 1 for r in tight_rows)
+        assert 0 < dropped < 40
+        assert len(tight_rows) + dropped == 45  # the bound dropped exactly what it counted
+        assert "OK: instance" in llmtap("audit", "verify", "--db", url).stdout
+    finally:
+        cluster.remove()
+
+
+def test_import_from_sqlite_keeps_the_chain(tmp_path, simulator, pg_url):
+    tap = start_tap(tmp_path, simulator.url)
+    client = tap.client()
+    for i in range(12):
+        client.chat.completions.create(model="pulze", messages=[{"role": "user", "content": f"import {i}"}])
+    client.close()
+    tap.stop()
+    done = llmtap("audit", "import", "--from", str(tap.db), "--db", pg_url, "--instance-id", "laptop")
+    assert "imported 12 rows" in done.stdout
+    assert "OK: instance laptop: 12 rows" in llmtap("audit", "verify", "--db", pg_url).stdout
+    import sqlite3
+
+    with sqlite3.connect(tap.db) as conn:
+        hashes = [r[0] for r in conn.execute("SELECT row_hash FROM exchanges ORDER BY id")]
+    assert [r[0] for r in rows(pg_url, "SELECT row_hash FROM exchanges ORDER BY id")] == hashes
+    # the SQLite head saved before the move checks out against PostgreSQL's copy
+    saved = tmp_path / "head.json"
+    saved.write_text(
+        llmtap("audit", "head", "--db", str(tap.db)).stdout.replace('"instance_id": null', '"instance_id": "laptop"')
+    )
+    assert (
+        "OK: instance laptop still holds" in llmtap("audit", "verify", "--db", pg_url, "--against", str(saved)).stdout
+    )
+    # a second import of the same history is refused (exchange ids are unique), nothing half-done
+    again = llmtap("audit", "import", "--from", str(tap.db), "--db", pg_url, check=False)
+    assert again.returncode != 0
+    assert rows(pg_url, "SELECT count(*) FROM exchanges")[0][0] == 12
+
+
+def test_a_sidecar_role_with_only_insert_and_select_works_after_the_owner_migrates(
+    tmp_path, simulator, pg_cluster, pg_url
+):
+    database = pg_url.rsplit("/", 1)[1]
+    pg_cluster.psql("CREATE ROLE sidecar LOGIN PASSWORD 'sidecar-pw'")
+    try:
+        pg_cluster.psql(f"REVOKE ALL ON DATABASE {database} FROM PUBLIC")
+        pg_cluster.psql(f"GRANT CONNECT ON DATABASE {database} TO sidecar")
+        migrated = llmtap("audit", "migrate", "--db", pg_url, "--grant", "sidecar")
+        assert "applied migration(s) 1, 2" in migrated.stdout and "granted to sidecar" in migrated.stdout
+        assert "schema already current" in llmtap("audit", "migrate", "--db", pg_url).stdout
+        sidecar_url = pg_url.replace("postgres@", "sidecar@")
+        privileges = set(
+            r[0]
+            for r in rows(
+                pg_url,
+                "SELECT privilege_type FROM information_schema.role_table_grants WHERE grantee = 'sidecar'",
+            )
+        )
+        assert privileges == {"SELECT", "INSERT"}
+        tap = fleet_tap(tmp_path, simulator.url, sidecar_url, "restricted", env={"PGPASSWORD": "sidecar-pw"})
+        client = tap.client()
+        ids = [
+            client.chat.completions.create(model="pulze", messages=[{"role": "user", "content": "x"}]).id
+            for _ in range(5)
+        ]
+        client.close()
+        wait_until(lambda: rows(pg_url, "SELECT count(*) FROM exchanges")[0][0] == 5, timeout=30)
+        tap.stop()
+        assert sorted(r[0] for r in rows(pg_url, "SELECT response_id FROM exchanges")) == sorted(ids)
+        assert "sidecar-pw" not in tap.output()
+    finally:
+        pg_cluster.psql(f"DROP DATABASE {database} WITH (FORCE)")
+        pg_cluster.psql("DROP OWNED BY sidecar")
+        pg_cluster.psql("DROP ROLE sidecar")
+
+
+def test_report_totals_across_instances_match_what_the_clients_saw(tmp_path, simulator, pg_url):
+    taps = {name: fleet_tap(tmp_path / name, simulator.url, pg_url, name) for name in ("east", "west")}
+    seen = {name: {"requests": 0, "input": 0, "output": 0} for name in taps}
+    for name, n in (("east", 7), ("west", 4)):
+        client = taps[name].client()
+        for i in range(n):
+            answer = client.chat.completions.create(
+                model="pulze", messages=[{"role": "user", "content": f"{name} {i}"}]
+            )
+            seen[name]["requests"] += 1
+            seen[name]["input"] += answer.usage.prompt_tokens
+            seen[name]["output"] += answer.usage.completion_tokens
+        client.close()
+    for tap in taps.values():
+        tap.stop()
+    costs = {name: sum(r.cost_usd for r in tap.records()) for name, tap in taps.items()}
+    report = json.loads(llmtap("report", "--db", pg_url, "--by", "instance", "--format", "json").stdout)
+    by = {row["instance"]: row for row in report["rows"]}
+    assert set(by) == {"east", "west"}
+    for name in taps:
+        assert by[name]["requests"] == seen[name]["requests"]
+        assert by[name]["input_tokens"] == seen[name]["input"]
+        assert by[name]["output_tokens"] == seen[name]["output"]
+        assert by[name]["cost_usd"] == pytest.approx(costs[name], rel=1e-12)
+    assert report["totals"]["requests"] == 11
+    assert report["totals"]["cost_usd"] == pytest.approx(sum(costs.values()), rel=1e-12)
+    # exact money: the database sums decimals, no float drift
+    exact = rows(pg_url, "SELECT sum(cost_usd)::text FROM exchanges")[0][0]
+    assert float(exact) == pytest.approx(sum(costs.values()), rel=1e-12)
+
+
+def test_a_server_url_needs_a_journal_dir_and_never_prints_its_password(tmp_path, simulator):
+    done = subprocess.run(
+        [LLMTAP, "run", "--db", "postgresql://u:hunter2@127.0.0.1:1/x", "--listen-port", str(free_port())],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode != 0
+    assert "journal-dir" in done.stdout + done.stderr
+    assert "hunter2" not in done.stdout + done.stderr
+
+
+def test_instance_id_is_created_once_and_kept(tmp_path):
+    first = postgres.instance_id(str(tmp_path / "j"))
+    assert len(first) == 16
+    assert postgres.instance_id(str(tmp_path / "j")) == first
+    assert os.stat(tmp_path / "j").st_mode & 0o777 == 0o700

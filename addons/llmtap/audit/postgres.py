@@ -25,6 +25,7 @@ from __future__ import annotations
 import functools
 import gc
 import logging
+import operator
 import os
 import secrets
 from collections.abc import Iterable, Mapping
@@ -105,7 +106,6 @@ CREATE TABLE exchanges (
 );
 CREATE INDEX exchanges_chain ON exchanges (instance_id, id);
 CREATE INDEX exchanges_request_start ON exchanges (request_start);
-CREATE INDEX exchanges_request_at ON exchanges (request_at);
 CREATE TABLE content (
     exchange_id text PRIMARY KEY REFERENCES exchanges (exchange_id),
     input_messages text,
@@ -139,7 +139,7 @@ def _add_columns(cur: Any) -> None:
     becomes a new nullable column, so old rows keep their hashes)."""
     for name, kind in sqlite_types().items():
         cur.execute(f"ALTER TABLE exchanges ADD COLUMN IF NOT EXISTS {name} {pg_type(name, kind)}")
-    for column in ("response_model", "provider", "app_id", "key_fingerprint", "instance"):
+    for column in ("response_model", "provider", "app_id", "key_fingerprint"):
         cur.execute(f"CREATE INDEX IF NOT EXISTS exchanges_{column} ON exchanges ({column})")
 
 
@@ -286,11 +286,16 @@ class PostgresStore:
             self.conn.close()
             raise
         self._row = RowBuilder(self.types)
-        self._positions = functools.lru_cache(maxsize=256)(self._layout)
+        self._layout = functools.lru_cache(maxsize=256)(self._arrange)
 
-    def _layout(self, names: tuple[str, ...]) -> tuple[int, ...]:
-        index = {name: i for i, name in enumerate(self.columns)}
-        return tuple(index[name] for name in names)
+    def _arrange(self, names: tuple[str, ...]) -> Any:
+        """A function from ``[instance, *values of names, prev_hash, row_hash]`` to the COPY
+        row (NULL for the other columns): one C call per row."""
+        given = {"instance_id": 0, **{name: i + 1 for i, name in enumerate(names)}}
+        given["prev_hash"], given["row_hash"] = len(names) + 1, len(names) + 2
+        blank = len(names) + 3  # the index of the None appended
+        getter = operator.itemgetter(*[given.get(column, blank) for column in self.columns])
+        return lambda values: getter([*values, None])
 
     def apply(self, gen: int, lines: list[bytes], end: int) -> Batch:
         """Insert the records of ``lines`` and record ``end`` as gen's offset, in one transaction."""
@@ -299,13 +304,18 @@ class PostgresStore:
         try:
             rows, corrupt, rejected = self._build(lines)
             conflicts: list[str] = []
-            try:
-                head, kept = self._transaction(gen, end, rows, conflicts, each=False)
-            except (psycopg().DataError, psycopg().IntegrityError, psycopg().errors.ProgrammingError) as exc:
-                if isinstance(exc, psycopg().errors.InsufficientPrivilege):
-                    raise
+            pg = psycopg()
+            try:  # optimistic: one COPY, no look-up (an exchange id already stored is rare: a replay)
+                head, kept = self._transaction(gen, end, rows, conflicts, check=False, each=False)
+            except pg.errors.UniqueViolation:
+                try:
+                    head, kept = self._transaction(gen, end, rows, conflicts, check=True, each=False)
+                except (pg.DataError, pg.IntegrityError):
+                    conflicts.clear()
+                    head, kept = self._transaction(gen, end, rows, conflicts, check=True, each=True, rejected=rejected)
+            except (pg.DataError, pg.IntegrityError):  # a value the server refuses: row by row
                 conflicts.clear()
-                head, kept = self._transaction(gen, end, rows, conflicts, each=True, rejected=rejected)
+                head, kept = self._transaction(gen, end, rows, conflicts, check=True, each=True, rejected=rejected)
         finally:
             if collecting:
                 gc.enable()
@@ -320,6 +330,7 @@ class PostgresStore:
         rows: list[_Row],
         conflicts: list[str],
         *,
+        check: bool,
         each: bool,
         rejected: list[Exception] | None = None,
     ) -> tuple[str, list[_Row]]:
@@ -328,7 +339,7 @@ class PostgresStore:
         kept: list[_Row] = []
         with self.conn.transaction():
             self.conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (self.instance,))
-            stored = self._stored([row.data["exchange_id"] for row in rows])
+            stored = self._stored([row.data["exchange_id"] for row in rows]) if check else {}
             for row in rows:
                 found = stored.get(row.data["exchange_id"])
                 if found is not None:
@@ -375,7 +386,6 @@ class PostgresStore:
 
     def _build(self, lines: list[bytes]) -> tuple[list[_Row], list[Exception], list[Exception]]:
         rows, corrupt, rejected = [], [], []
-        width = len(self.columns)
         for line in lines:
             text = None
             if line[:2] == b'{"':
@@ -392,14 +402,11 @@ class PostgresStore:
                 continue
             clean = text is not None and ("\\" not in text or "\\u" not in text)
             try:
-                if "\\u0000" in (text or "") or "\x00" in (text or line.decode("utf-8", "replace")):
-                    data = _without_nul(data)  # PostgreSQL text cannot hold NUL: U+FFFD, before hashing
+                if b"\\u0000" in line:  # JSON escapes every NUL; PostgreSQL text holds none
+                    data = _without_nul(data)  # U+FFFD instead, before hashing: the row is what was hashed
                     clean = False
                 names, params, body = self._row(data, clean=clean)
-                values = [None] * width
-                values[0] = self.instance
-                for position, value in zip(self._positions(names), params):
-                    values[position] = value
+                values = list(self._layout(names)([self.instance, *params]))
                 rows.append(_Row(values, body, self._content(data), data))
             except Exception as exc:
                 rejected.append(exc)

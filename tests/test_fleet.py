@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import subprocess
 import threading
 import time
@@ -325,3 +326,112 @@ def test_instance_id_is_created_once_and_kept(tmp_path):
     assert len(first) == 16
     assert postgres.instance_id(str(tmp_path / "j")) == first
     assert os.stat(tmp_path / "j").st_mode & 0o777 == 0o700
+
+
+# --- compose `fleet` profile and the "Audit — exact spend" dashboard --------------------------
+AUDIT_DASHBOARD = Path(__file__).resolve().parent.parent / "dashboards" / "audit" / "exact-spend.json"
+
+
+def test_compose_fleet_profile_validates_and_wires_postgres() -> None:
+    import yaml
+    from test_deploy import DASHBOARDS, REPO, compose_config, run, tool
+
+    # exactly what a user types: compose reads docker-compose.yml and docker-compose.override.yml
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LLMTAP_", "GRAFANA_", "COMPOSE_"))}
+    run(tool("docker-compose"), "--profile", "fleet", "config", "-q", cwd=REPO, env=env)
+    services = yaml.safe_load(run(tool("docker-compose"), "--profile", "fleet", "config", cwd=REPO, env=env))[
+        "services"
+    ]
+    assert {"postgres", "audit-migrate", "llmtap-fleet-a", "llmtap-fleet-b", "fleet-simulator", "grafana"} <= set(
+        services
+    )
+    raw = yaml.safe_load((REPO / "docker-compose.override.yml").read_text())["services"]
+    assert all(s.get("profiles") == ["fleet"] for name, s in raw.items() if name != "grafana")
+    assert {"fleet-traffic-a", "fleet-traffic-b"} <= set(services)
+    names = set()
+    for name in ("llmtap-fleet-a", "llmtap-fleet-b"):
+        command = services[name]["command"]
+        db = command[command.index("--db") + 1]
+        assert db.startswith("postgresql://llmtap_sidecar@postgres:5432/") and ":" not in db.split("@")[0][13:]
+        journal = command[command.index("--journal-dir") + 1]
+        assert any(v.endswith(f":{journal}:rw") or v.endswith(f":{journal}") for v in services[name]["volumes"])
+        names.add(command[command.index("--instance") + 1])
+        assert services[name]["environment"]["PGPASSWORD"]
+        assert command[command.index("--upstream") + 1] == "http://fleet-simulator:8000"
+    assert len(names) == 2
+    migrate = services["audit-migrate"]["command"]
+    assert migrate[:2] == ["audit", "migrate"] and "llmtap_sidecar" in migrate and "grafana_reader" in migrate
+    datasource = yaml.safe_load((DASHBOARDS / "provisioning/datasources/postgres.yml").read_text())["datasources"][0]
+    dashboard = json.loads(AUDIT_DASHBOARD.read_text())
+    assert all(p["datasource"]["uid"] == datasource["uid"] for p in dashboard["panels"])
+    assert datasource["url"] == "postgres:5432" and datasource["jsonData"]["database"] == "llmtap"
+    assert "GRAFANA_PG_PASSWORD" in services["grafana"]["environment"]
+    # the init script's roles are the ones migrate grants to and the sidecars and Grafana use
+    init = (REPO / "deploy" / "postgres-init.sh").read_text()
+    assert "CREATE ROLE llmtap_sidecar" in init and "CREATE ROLE grafana_reader" in init
+    assert datasource["user"] == "grafana_reader"
+    # docker-compose.yml alone (what the other tests read) has no fleet service
+    assert "postgres" not in compose_config("demo")["services"]
+
+
+def expand_macros(sql: str, since: float, until: float) -> str:
+    """Grafana's PostgreSQL macros as Grafana expands them for the dashboard's time range."""
+    sql = re.sub(r"\$__unixEpochFilter\((\w+)\)", rf"\1 >= {since} AND \1 <= {until}", sql)
+    assert "$" not in sql, sql
+    return sql
+
+
+def test_every_audit_dashboard_panel_runs_against_the_real_database(tmp_path, simulator, pg_url):
+    taps = {name: fleet_tap(tmp_path / name, simulator.url, pg_url, name) for name in ("east", "west")}
+    for name, n in (("east", 6), ("west", 3)):
+        client = taps[name].client()
+        for i in range(n):
+            client.chat.completions.create(
+                model="pulze",
+                messages=[{"role": "user", "content": f"{name} {i}"}],
+                extra_headers={"Pulze-Labels": json.dumps({"team": name})},
+            )
+        with pytest.raises(openai.InternalServerError):
+            client.chat.completions.create(
+                model="pulze", messages=[{"role": "user", "content": "x"}], extra_headers={"X-Sim-Fault": "500"}
+            )
+        client.close()
+    for tap in taps.values():
+        tap.stop()
+    records = [r for tap in taps.values() for r in tap.records()]
+    assert len(records) == 11
+    known = [r for r in records if r.cost_usd is not None]
+    assert len(known) == 9
+    total = sum(r.cost_usd for r in known)
+
+    dashboard = json.loads(AUDIT_DASHBOARD.read_text())
+    results = {}
+    now = time.time()
+    with psycopg.connect(pg_url) as conn:
+        for panel in dashboard["panels"]:
+            for target in panel["targets"]:
+                cur = conn.execute(expand_macros(target["rawSql"], now - 7 * 86400, now + 60))
+                names = [d.name for d in cur.description]
+                results[panel["title"]] = [dict(zip(names, row)) for row in cur.fetchall()]
+                assert results[panel["title"]], f"{panel['title']}: no rows"
+    assert float(results["Spend (exact, USD)"][0]["spend_usd"]) == pytest.approx(total, rel=1e-12)
+    assert results["Requests"][0]["requests"] == 11
+    assert results["Rows with unknown cost"][0]["unknown_cost_rows"] == 2
+    assert float(results["Known-cost share"][0]["known_share"]) == pytest.approx(9 / 11)
+    assert float(sum(r["spend_usd"] for r in results["Spend by day (UTC)"])) == pytest.approx(total, rel=1e-12)
+    for title in ("Spend by model", "Spend by provider", "Spend by app", "Spend by API key fingerprint"):
+        assert sum(r["requests"] for r in results[title]) == 11, title
+        assert float(sum(r["spend_usd"] or 0 for r in results[title])) == pytest.approx(total, rel=1e-12), title
+    by_label = {r["label"]: r for r in results["Spend by label"]}
+    for name in taps:
+        mine = [r for r in taps[name].records() if r.cost_usd is not None]
+        assert float(by_label[f"team={name}"]["spend_usd"]) == pytest.approx(sum(r.cost_usd for r in mine), rel=1e-12)
+    assert sum(r["rows"] for r in results["Unknown-cost rows by model and error"]) == 2
+    assert {r["outcome"] for r in results["Unknown-cost rows by model and error"]} == {"http_500"}
+    expensive = results["Most expensive exchanges"]
+    assert float(expensive[0]["cost_usd"]) == pytest.approx(max(r.cost_usd for r in known), rel=1e-12)
+    assert len(expensive) == 9
+    fresh = {r["instance"]: r for r in results["Per-instance freshness"]}
+    assert set(fresh) == {"east", "west"}
+    assert fresh["east"]["rows"] == 7 and fresh["west"]["rows"] == 4
+    assert all(0 <= r["seconds_since_last_row"] < 600 for r in fresh.values())

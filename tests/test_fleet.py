@@ -435,3 +435,93 @@ def test_every_audit_dashboard_panel_runs_against_the_real_database(tmp_path, si
     assert set(fresh) == {"east", "west"}
     assert fresh["east"]["rows"] == 7 and fresh["west"]["rows"] == 4
     assert all(0 <= r["seconds_since_last_row"] < 600 for r in fresh.values())
+
+
+# --- the store itself ---------------------------------------------------------------------------
+def journal_line(exchange_id: str, **fields) -> bytes:
+    from llmtap.record import ExchangeRecord
+
+    record = ExchangeRecord(
+        exchange_id=exchange_id,
+        operation="chat",
+        method="POST",
+        path="/v1/chat/completions",
+        request_start=time.time() - fields.pop("age", 0.0),
+        response_end=time.time(),
+        cost_usd=fields.pop("cost_usd", 0.000123),
+        labels={"team": "a"},
+        instance="unit",
+        **fields,
+    )
+    return record.to_json().encode()
+
+
+def test_a_replayed_exchange_id_is_a_no_op_only_when_its_hash_matches(pg_url):
+    store = postgres.PostgresStore(pg_url, "inst-1", capture_content=False)
+    try:
+        lines = [journal_line(f"ex-{i}") for i in range(3)]
+        assert len(store.apply(1, lines, 300).records) == 3
+        replay = store.apply(1, lines, 300)  # the same records again (a generation replayed)
+        assert replay.records == [] and replay.conflicts == [] and replay.rejected == []
+        forged = journal_line("ex-1", cost_usd=0.5)  # same exchange id, other contents
+        mixed = store.apply(2, [forged, journal_line("ex-new")], 200)
+        assert mixed.conflicts == ["ex-1"]
+        assert [r["exchange_id"] for r in mixed.records] == ["ex-new"]
+        stored = rows(pg_url, "SELECT exchange_id, cost_usd::float8 FROM exchanges ORDER BY id")
+        assert stored == [("ex-0", 0.000123), ("ex-1", 0.000123), ("ex-2", 0.000123), ("ex-new", 0.000123)]
+        # a NUL in a field costs nothing: stored as U+FFFD, hashed as stored
+        assert store.apply(3, [journal_line("ex-nul", error_message="bad\x00byte")], 100).records
+        assert rows(pg_url, "SELECT error_message FROM exchanges WHERE exchange_id = 'ex-nul'") == [("bad\ufffdbyte",)]
+        # the offsets came back with the store (committed with the rows)
+        again = postgres.PostgresStore(pg_url, "inst-1", capture_content=False)
+        assert again.offsets == {1: 300, 2: 200, 3: 100} and again.head == store.head and again.rows == 5
+        again.close()
+        assert all(r.check.ok for r in postgres.verify(store.conn))
+    finally:
+        store.close()
+
+
+def test_retention_prunes_each_chain_and_verify_still_passes(pg_url):
+    old, new = postgres.PostgresStore(pg_url, "old", capture_content=False), None
+    try:
+        new = postgres.PostgresStore(pg_url, "new", capture_content=False)
+        old.apply(1, [journal_line(f"o{i}", age=10 * 86400) for i in range(5)] + [journal_line("o-recent")], 1)
+        new.apply(1, [journal_line(f"n{i}", age=10 * 86400) for i in range(3)], 1)
+        head, length = old.head, old.rows
+        assert old.prune(time.time() - 86400, 500) == 5
+        assert rows(pg_url, "SELECT count(*) FROM exchanges WHERE instance_id = 'new'") == [(3,)]  # other chain kept
+        checks = {c.instance_id: c for c in postgres.verify(old.conn)}
+        assert checks["old"].check.ok and checks["old"].check.rows == 1 and checks["old"].pruned == 5
+        assert checks["new"].check.ok and checks["new"].check.rows == 3
+        assert postgres.chain_head(old.conn, "old") == (head, length)
+        old.apply(2, [journal_line("o-after")], 1)  # the chain goes on from its anchor
+        assert all(c.check.ok for c in postgres.verify(old.conn))
+    finally:
+        old.close()
+        if new is not None:
+            new.close()
+
+
+def test_database_unreachable_at_start_traffic_flows_and_rows_arrive_later(tmp_path, simulator, monkeypatch):
+    monkeypatch.setenv("PGPASSWORD", PASSWORD)
+    cluster = Cluster(free_port())  # initialised, not started yet
+    try:
+        url = cluster.url()
+        tap = fleet_tap(tmp_path, simulator.url, url, "early")
+        try:
+            client = tap.client()
+            ids = [
+                client.chat.completions.create(model="pulze", messages=[{"role": "user", "content": "x"}]).id
+                for _ in range(8)
+            ]
+            client.close()
+            wait_until(lambda: tap.metric("llmtap_audit_queue_depth") == 8, timeout=10)
+            wait_until(lambda: tap.metric("llmtap_internal_errors_total", stage="audit") > 0, timeout=10)  # counted
+            cluster.start()
+            wait_until(lambda: tap.metric("llmtap_audit_queue_depth") == 0, timeout=60)
+        finally:
+            tap.stop()
+        assert sorted(r[0] for r in rows(url, "SELECT response_id FROM exchanges")) == sorted(ids)
+        assert PASSWORD not in tap.output()
+    finally:
+        cluster.remove()

@@ -38,6 +38,7 @@ from llmtap.audit.rows import (
     ChainCheck,
     RowBuilder,
     body_json,
+    insert_columns,
     parse_line,
     row_hash,
     to_text,
@@ -288,9 +289,10 @@ class PostgresStore:
         self._row = RowBuilder(self.types)
         self._layout = functools.lru_cache(maxsize=256)(self._arrange)
 
-    def _arrange(self, names: tuple[str, ...]) -> Any:
-        """A function from ``[instance, *values of names, prev_hash, row_hash]`` to the COPY
-        row (NULL for the other columns): one C call per row."""
+    def _arrange(self, insert: str) -> Any:
+        """A function from ``[instance, *values of the INSERT's columns, prev_hash, row_hash]``
+        to the COPY row (NULL for the other columns): one C call per row."""
+        names = insert_columns(insert)
         given = {"instance_id": 0, **{name: i + 1 for i, name in enumerate(names)}}
         given["prev_hash"], given["row_hash"] = len(names) + 1, len(names) + 2
         blank = len(names) + 3  # the index of the None appended
@@ -405,8 +407,8 @@ class PostgresStore:
                 if b"\\u0000" in line:  # JSON escapes every NUL; PostgreSQL text holds none
                     data = _without_nul(data)  # U+FFFD instead, before hashing: the row is what was hashed
                     clean = False
-                names, params, body = self._row(data, clean=clean)
-                values = list(self._layout(names)([self.instance, *params]))
+                insert, params, body = self._row(data, clean=clean)
+                values = list(self._layout(insert)([self.instance, *params]))
                 rows.append(_Row(values, body, self._content(data), data))
             except Exception as exc:
                 rejected.append(exc)

@@ -137,7 +137,7 @@ class _Plan(NamedTuple):
     values: Callable[[Sequence[Any]], tuple[Any, ...]]  # their values
     body: Callable[[Sequence[Any]], tuple[Any, ...]]  # the same, JSON texts escaped (appended)
     template: str  # the body's canonical JSON with a %-placeholder per value
-    insert: tuple[str, ...]  # the non-NULL columns, in the order of the parameters
+    insert: str  # the INSERT of these columns
 
 
 class RowBuilder:
@@ -162,18 +162,18 @@ class RowBuilder:
         self._start = self.columns.index("request_start") if "request_start" in self.columns else None
         self._plan = functools.lru_cache(maxsize=256)(self._compile)
 
-    def __call__(self, data: Mapping[str, Any], *, clean: bool) -> tuple[tuple[str, ...], list[Any], str]:
-        """The row's non-NULL columns, their values (the last two, prev_hash and row_hash, left None)
+    def __call__(self, data: Mapping[str, Any], *, clean: bool) -> tuple[str, list[Any], str]:
+        """The row's INSERT (of its non-NULL columns), their values (the last two, prev_hash and row_hash, left None)
         and the canonical JSON of its body. ``clean``: no string in ``data`` holds a lone
         surrogate."""
         row = self._fast(data) if clean else None
         if row is None:
             general = self._general(data)
             names = tuple(name for name in self.columns if general[name] is not None)
-            row = names, [*map(general.__getitem__, names), None, None], _body_json(general)
+            row = insert_sql(names), [*map(general.__getitem__, names), None, None], _body_json(general)
         return row
 
-    def _fast(self, data: Mapping[str, Any]) -> tuple[tuple[str, ...], list[Any], str] | None:
+    def _fast(self, data: Mapping[str, Any]) -> tuple[str, list[Any], str] | None:
         try:
             values = list(self._get(data))
         except KeyError:
@@ -261,7 +261,7 @@ class RowBuilder:
             _picker(present),
             _picker(body),
             "{" + ",".join(f"{key}:{spec}" for key, spec in zip(keys, layout)) + "}",
-            tuple(names),
+            insert_sql(tuple(names)),
         )
 
 
@@ -291,6 +291,20 @@ def parse_line(line: bytes, text: str | None) -> Any:
         return orjson.loads(line)
     except ValueError:
         return json.loads(line if text is None else text)
+
+
+@functools.lru_cache(maxsize=256)
+def insert_sql(names: tuple[str, ...]) -> str:
+    """The INSERT of a row whose other columns are NULL (sqlite3 binds a None ten times slower
+    than a number); ``?`` placeholders. The PostgreSQL store reads the column list from it."""
+    columns = [*names, "prev_hash", "row_hash"]
+    return f"INSERT OR IGNORE INTO exchanges ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})"
+
+
+@functools.lru_cache(maxsize=256)
+def insert_columns(sql: str) -> tuple[str, ...]:
+    """The non-NULL columns of an ``insert_sql`` (prev_hash and row_hash left out)."""
+    return tuple(name.strip() for name in sql[sql.index("(") + 1 : sql.index(")")].split(","))[:-2]
 
 
 #: Public names of the chain primitives the stores use.

@@ -9,7 +9,6 @@ loop. Rows and the hash chain (the contract ``llmtap audit verify`` checks) are
 
 from __future__ import annotations
 
-import functools
 import gc
 import itertools
 import operator
@@ -172,6 +171,17 @@ def _create_journal_offsets(db: Database) -> None:
     db["journal_offsets"].create({"gen": int, "offset": int}, pk="gen", not_null={"offset"})
 
 
+def _add_family_and_cache_writes(db: Database) -> None:
+    """Protocol families: which family read the exchange, cache writes, the service tier."""
+    for name, kind in (
+        ("family", str),
+        ("cache_write_input_tokens", int),
+        ("cache_write_1h_input_tokens", int),
+        ("service_tier", str),
+    ):
+        db["exchanges"].add_column(name, kind)
+
+
 def _add_instance(db: Database) -> None:
     """The ``--instance`` display name of the llmtap that recorded the row (hashed like any column)."""
     db["exchanges"].add_column("instance", str)
@@ -198,6 +208,7 @@ MIGRATIONS: tuple[Callable[[Database], None], ...] = (
     _create_content,
     _create_journal_offsets,
     _create_pruned,
+    _add_family_and_cache_writes,
     _add_instance,
 )
 
@@ -270,19 +281,11 @@ def verify_chain(conn: sqlite3.Connection) -> ChainCheck:
 # --- the SQLite side (the writer process only) ----------------------------------------------------
 
 
-@functools.lru_cache(maxsize=256)
-def insert_sql(names: tuple[str, ...]) -> str:
-    """The INSERT of a row whose other columns are NULL (sqlite3 binds a None ten times slower
-    than a number)."""
-    columns = [*names, "prev_hash", "row_hash"]
-    return f"INSERT OR IGNORE INTO exchanges ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})"
-
-
 _INSERT_CONTENT = "INSERT OR REPLACE INTO content VALUES (?, ?, ?, ?)"
 
 
 class _Row(NamedTuple):
-    names: tuple[str, ...]  # the non-NULL columns
+    insert: str
     params: list[Any]  # the last two are prev_hash and row_hash, set when the row is chained
     body: str  # canonical JSON of the hashed columns
     content: tuple[str, str | None, str | None, int] | None
@@ -370,8 +373,8 @@ class AuditStore:
         self.conn.execute("SAVEPOINT batch")
         try:
             inserted = sum(
-                self.conn.executemany(insert_sql(names), [row.params for row in run]).rowcount
-                for names, run in itertools.groupby(rows, operator.attrgetter("names"))
+                self.conn.executemany(insert, [row.params for row in run]).rowcount
+                for insert, run in itertools.groupby(rows, operator.attrgetter("insert"))
             )
         except Exception as exc:
             if isinstance(exc, sqlite3.Error) and not isinstance(exc, _ROW_SQL_FAULTS):
@@ -391,7 +394,7 @@ class AuditStore:
         for row in rows:
             row.params[-2:] = head, row_hash(head, row.body)
             try:
-                if self.conn.execute(insert_sql(row.names), row.params).rowcount != 1:
+                if self.conn.execute(row.insert, row.params).rowcount != 1:
                     continue  # already there (a replay): the chain is untouched
             except sqlite3.Error as exc:
                 if not isinstance(exc, _ROW_SQL_FAULTS):

@@ -1,6 +1,6 @@
 """The SQLite audit store under its former name (``llmtap.audit.sqlite`` and ``llmtap.audit.rows``)."""
 
-from llmtap.audit.rows import chain_hash, row_builder
+from llmtap.audit.rows import RowBuilder, chain_hash, row_builder
 from llmtap.audit.sqlite import (
     GENESIS,
     MIGRATIONS,
@@ -22,6 +22,7 @@ __all__ = [
     "AuditStore",
     "Batch",
     "ChainCheck",
+    "RowBuilder",
     "chain_anchor",
     "chain_hash",
     "connect",

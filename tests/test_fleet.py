@@ -533,3 +533,36 @@ def test_database_unreachable_at_start_traffic_flows_and_rows_arrive_later(tmp_p
         assert PASSWORD not in tap.output()
     finally:
         cluster.remove()
+
+
+def test_a_password_in_the_url_reaches_no_argv_and_no_output(tmp_path, simulator, pg_cluster, pg_url, monkeypatch):
+    monkeypatch.delenv("PGPASSWORD")
+    with_password = pg_url.replace("postgres@", f"postgres:{PASSWORD}@")
+    tap = fleet_tap(tmp_path, simulator.url, with_password, "secretive")
+    try:
+        client = tap.client()
+        client.chat.completions.create(model="pulze", messages=[{"role": "user", "content": "x"}])
+        client.close()
+        wait_until(lambda: stored_count(with_password) == 1, timeout=30)
+        children = [p.parent.name for p in Path("/proc").glob("[0-9]*/stat") if _ppid(p) == tap.proc.pid]
+        writers = [pid for pid in children if b"llmtap.audit.writer" in _cmdline(pid)]
+        assert len(writers) == 1
+        assert PASSWORD.encode() not in _cmdline(writers[0])
+        assert b"postgres:***@" in _cmdline(writers[0])
+    finally:
+        tap.stop()
+    assert PASSWORD not in tap.output() and "postgres:***@" in tap.output()
+
+
+def _ppid(stat: Path) -> int | None:
+    try:
+        return int(stat.read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _cmdline(pid: str) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""

@@ -37,7 +37,7 @@ import sys
 import time
 from typing import Any
 
-from llmtap.audit.control import STOP_TIMEOUT_SECONDS, WriterStatus, next_backoff
+from llmtap.audit.control import STOP_TIMEOUT_SECONDS, WriterStatus, next_backoff, writer_settings
 from llmtap.audit.journal import fsync_path, generation_path, generations, lock_file, read_lines
 from llmtap.audit.stores import open_store, transient_errors
 from llmtap.config import Settings
@@ -252,7 +252,7 @@ def main(argv: list[str] | None = None) -> None:
     with contextlib.suppress(OSError):
         os.nice(NICENESS)
     logging.basicConfig(level=logging.INFO, format="llmtap writer: %(message)s", stream=sys.stderr)
-    settings = Settings.from_json(settings_json)
+    settings = writer_settings(settings_json, os.environ)
     writer = Writer(settings, Health(), prune_batch=args["prune_batch"])
     try:
         run_loop(writer, sys.stdin.fileno(), Reporter(sys.stdout), max_backoff=args["max_backoff"])

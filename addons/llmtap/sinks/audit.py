@@ -274,7 +274,7 @@ class AuditSink:
                 self._command,
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
-                env=_writer_env(),
+                env=_writer_env(self.settings.db),
             )
         except OSError as exc:
             self.health.error(self.name, exc, "cannot start the audit writer process")
@@ -340,8 +340,13 @@ class AuditSink:
                     self._pending_bytes += len(self._memory.popleft())
 
 
-def _writer_env() -> dict[str, str]:
-    """The proxy's environment (OTEL_* included), and llmtap importable from wherever this
-    process loaded it (``mitmdump -s addons/tap.py`` loads it by path)."""
+def _writer_env(db: str) -> dict[str, str]:
+    """The proxy's environment (OTEL_* and PG* included), the ``--db`` (out of the public argv),
+    and llmtap importable from wherever this process loaded it (``mitmdump -s addons/tap.py``
+    loads it by path)."""
     here = os.path.dirname(os.path.dirname(os.path.dirname(control.__file__)))
-    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [here, os.environ.get("PYTHONPATH")]))}
+    return {
+        **os.environ,
+        control.DB_ENV: db,
+        "PYTHONPATH": os.pathsep.join(filter(None, [here, os.environ.get("PYTHONPATH")])),
+    }

@@ -566,3 +566,23 @@ def _cmdline(pid: str) -> bytes:
         return Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
         return b""
+
+
+def test_a_saved_chain_head_reveals_rows_cut_from_the_end_sqlite_too(tmp_path, simulator):
+    tap = start_tap(tmp_path, simulator.url)
+    client = tap.client()
+    for i in range(4):
+        client.chat.completions.create(model="pulze", messages=[{"role": "user", "content": f"{i}"}])
+    client.close()
+    tap.stop()
+    log = tmp_path / "heads.log"
+    log.write_text(tap.output())
+    assert '"rows": 4' in log.read_text()
+    assert "still holds the saved head" in llmtap("audit", "verify", "--db", str(tap.db), "--against", str(log)).stdout
+    import sqlite3
+
+    with sqlite3.connect(tap.db) as conn:  # the newest row deleted: the chain alone still verifies
+        conn.execute("DELETE FROM exchanges WHERE id = (SELECT max(id) FROM exchanges)")
+    assert llmtap("audit", "verify", "--db", str(tap.db)).returncode == 0
+    cut = llmtap("audit", "verify", "--db", str(tap.db), "--against", str(log), check=False)
+    assert cut.returncode == 1 and "was rewritten or cut" in cut.stdout

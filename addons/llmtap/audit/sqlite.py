@@ -310,6 +310,12 @@ class AuditStore:
             self.offsets: dict[int, int] = dict(self.conn.execute("SELECT gen, offset FROM journal_offsets"))
             head = self.conn.execute("SELECT row_hash FROM exchanges ORDER BY id DESC LIMIT 1").fetchone()
             self.head = head[0] if head else chain_anchor(self.conn)
+            #: rows ever chained (pruned ones included): the chain head's position, logged by the writer
+            self.rows = (
+                self.conn.execute("SELECT count(*) FROM exchanges").fetchone()[0]
+                + self.conn.execute("SELECT coalesce(sum(rows), 0) FROM pruned").fetchone()[0]
+            )
+            self._chained = 0
         except BaseException:
             self.conn.close()
             raise
@@ -326,14 +332,17 @@ class AuditStore:
         try:
             rows, corrupt, rejected = self._build(lines)
             with self.db.atomic():
+                self._chained = len(rows)
                 head = self._insert_batch(rows)
                 if head is None:
+                    self._chained = 0
                     head = self._insert_each(rows, rejected)
                 self.conn.execute("INSERT OR REPLACE INTO journal_offsets (gen, offset) VALUES (?, ?)", (gen, end))
         finally:
             if collecting:
                 gc.enable()
         self.head, self.offsets[gen] = head, end
+        self.rows += self._chained
         return Batch(corrupt, rejected, [row.data for row in rows])
 
     def _build(self, lines: list[bytes]) -> tuple[list[_Row], list[Exception], list[Exception]]:
@@ -405,6 +414,7 @@ class AuditStore:
                 rejected.append(exc)
                 continue
             head = row.params[-1]
+            self._chained += 1
             if row.content is not None:
                 self.conn.execute(_INSERT_CONTENT, row.content)
         return head

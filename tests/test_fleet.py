@@ -586,3 +586,18 @@ def test_a_saved_chain_head_reveals_rows_cut_from_the_end_sqlite_too(tmp_path, s
     assert llmtap("audit", "verify", "--db", str(tap.db)).returncode == 0
     cut = llmtap("audit", "verify", "--db", str(tap.db), "--against", str(log), check=False)
     assert cut.returncode == 1 and "was rewritten or cut" in cut.stdout
+
+
+def test_journal_positions_are_kept_small_when_the_role_may_delete(pg_url):
+    store = postgres.PostgresStore(pg_url, "tidy", capture_content=False)
+    try:
+        for batch in range(5):
+            store.apply(1, [journal_line(f"t{batch}")], 100 * (batch + 1))
+        assert rows(pg_url, "SELECT count(*) FROM journal_positions WHERE gen = 1") == [(5,)]
+        store.forget(1)  # the generation is retired: its number may come back, from 0
+        assert rows(pg_url, 'SELECT "offset" FROM journal_positions WHERE gen = 1') == [(0,)]
+        again = postgres.PostgresStore(pg_url, "tidy", capture_content=False)
+        assert again.offsets == {1: 0}
+        again.close()
+    finally:
+        store.close()

@@ -287,6 +287,7 @@ class PostgresStore:
             self.conn.close()
             raise
         self._row = RowBuilder(self.types)
+        self._may_delete = self._may_prune = True  # until the role says otherwise
         self._layout = functools.lru_cache(maxsize=256)(self._arrange)
 
     def _arrange(self, insert: str) -> Any:
@@ -425,14 +426,26 @@ class PostgresStore:
     def forget(self, gen: int) -> None:
         """A retired generation starts again from 0 should its number come back (a replay is a
         no-op: its exchange ids are there with the same hashes)."""
-        self.conn.execute(
-            'INSERT INTO journal_positions (instance_id, gen, "offset") VALUES (%s, %s, 0)', (self.instance, gen)
-        )
+        with self.conn.transaction():
+            self.conn.execute(
+                'INSERT INTO journal_positions (instance_id, gen, "offset") VALUES (%s, %s, 0)', (self.instance, gen)
+            )
+            if self._may_delete:  # housekeeping: the superseded positions of the retired generation
+                try:
+                    with self.conn.transaction():
+                        self.conn.execute(
+                            'DELETE FROM journal_positions WHERE instance_id = %s AND gen = %s AND "offset" > 0',
+                            (self.instance, gen),
+                        )
+                except psycopg().errors.InsufficientPrivilege:
+                    self._may_delete = False  # INSERT and SELECT only: one row per batch stays
         self.offsets.pop(gen, None)
 
     def prune(self, cutoff: float, batch: int) -> int:
         """Delete up to ``batch`` of this chain's oldest rows started before ``cutoff``; ledger
         the anchor (the chain then verifies from it)."""
+        if not self._may_prune:
+            return 0
         rows = self.conn.execute(
             "SELECT id, request_start, row_hash FROM exchanges WHERE instance_id = %s ORDER BY id LIMIT %s",
             (self.instance, batch),
@@ -444,6 +457,15 @@ class PostgresStore:
             old.append(row)
         if not old:
             return 0
+        try:
+            self._delete(old, cutoff)
+        except psycopg().errors.InsufficientPrivilege as exc:
+            self._may_prune = False
+            log.error("retention is off for this instance: its role may not DELETE (%s)", exc)
+            return 0
+        return len(old)
+
+    def _delete(self, old: list[tuple], cutoff: float) -> None:
         last_id = old[-1][0]
         with self.conn.transaction():
             self.conn.execute(
@@ -457,7 +479,6 @@ class PostgresStore:
                 "VALUES (%s, %s, %s, %s, %s, %s)",
                 (self.instance, cutoff, len(old), old[0][0], last_id, old[-1][2]),
             )
-        return len(old)
 
     def close(self) -> None:
         try:

@@ -312,6 +312,11 @@ def test_report_totals_across_instances_match_what_the_clients_saw(tmp_path, sim
         assert by[name]["cost_usd"] == pytest.approx(costs[name], rel=1e-12)
     assert report["totals"]["requests"] == 11
     assert report["totals"]["cost_usd"] == pytest.approx(sum(costs.values()), rel=1e-12)
+    # every --by dimension works on PostgreSQL and partitions the same totals
+    for by in ("model", "provider", "app", "key", "day", "hour", "status", "label:team"):
+        grouped = json.loads(llmtap("report", "--db", pg_url, "--by", by, "--format", "json").stdout)
+        assert sum(row["requests"] for row in grouped["rows"]) == 11, by
+        assert sum(row["cost_usd"] or 0 for row in grouped["rows"]) == pytest.approx(sum(costs.values()), rel=1e-9), by
     # exact money: the database sums decimals, no float drift
     exact = rows(pg_url, "SELECT sum(cost_usd)::text FROM exchanges")[0][0]
     assert float(exact) == pytest.approx(sum(costs.values()), rel=1e-12)
@@ -601,3 +606,14 @@ def test_journal_positions_are_kept_small_when_the_role_may_delete(pg_url):
         again.close()
     finally:
         store.close()
+
+
+def test_report_by_instance_on_sqlite(tmp_path, simulator):
+    tap = start_tap(tmp_path, simulator.url, "--instance", "laptop")
+    client = tap.client()
+    for i in range(3):
+        client.chat.completions.create(model="pulze", messages=[{"role": "user", "content": f"{i}"}])
+    client.close()
+    tap.stop()
+    report = json.loads(llmtap("report", "--db", str(tap.db), "--by", "instance", "--format", "json").stdout)
+    assert [(row["instance"], row["requests"]) for row in report["rows"]] == [("laptop", 3)]

@@ -28,7 +28,7 @@ import logging
 import operator
 import os
 import secrets
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, NamedTuple
 
 from llmtap.audit.rows import (
@@ -304,27 +304,61 @@ class PostgresStore:
         """Insert the records of ``lines`` and record ``end`` as gen's offset, in one transaction."""
         collecting = gc.isenabled()
         gc.disable()
+        corrupt: list[Exception] = []
+        rejected: list[Exception] = []
+        conflicts: list[str] = []
+        pg = psycopg()
         try:
-            rows, corrupt, rejected = self._build(lines)
-            conflicts: list[str] = []
-            pg = psycopg()
-            try:  # optimistic: one COPY, no look-up (an exchange id already stored is rare: a replay)
-                head, kept = self._transaction(gen, end, rows, conflicts, check=False, each=False)
-            except pg.errors.UniqueViolation:
+            try:  # optimistic: rows streamed as built, no look-up (an id already stored is rare: a replay)
+                head, kept = self._stream(gen, end, lines, corrupt, rejected)
+            except (pg.DataError, pg.IntegrityError) as exc:
+                corrupt.clear()
+                rejected.clear()
+                rows = list(self._rows(lines, corrupt, rejected))
                 try:
+                    if not isinstance(exc, pg.errors.UniqueViolation):
+                        raise exc
                     head, kept = self._transaction(gen, end, rows, conflicts, check=True, each=False)
-                except (pg.DataError, pg.IntegrityError):
+                except (pg.DataError, pg.IntegrityError):  # a value the server refuses: row by row
                     conflicts.clear()
                     head, kept = self._transaction(gen, end, rows, conflicts, check=True, each=True, rejected=rejected)
-            except (pg.DataError, pg.IntegrityError):  # a value the server refuses: row by row
-                conflicts.clear()
-                head, kept = self._transaction(gen, end, rows, conflicts, check=True, each=True, rejected=rejected)
         finally:
             if collecting:
                 gc.enable()
         self.rows += len(kept)
         self.head, self.offsets[gen] = head, end
         return Batch(corrupt, rejected, [row.data for row in kept], conflicts)
+
+    def _stream(
+        self, gen: int, end: int, lines: list[bytes], corrupt: list[Exception], rejected: list[Exception]
+    ) -> tuple[str, list[_Row]]:
+        """One transaction: every row COPYed as soon as it is built and chained (the server
+        stores row n while this process builds row n+1), then the offset."""
+        head = self.head
+        kept: list[_Row] = []
+        with self.conn.transaction():
+            self.conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (self.instance,))
+            with self.conn.cursor() as cur, cur.copy(self._copy) as copy:
+                for row in self._rows(lines, corrupt, rejected):
+                    row.values[-2:] = head, row_hash(head, row.body)
+                    head = row.values[-1]
+                    copy.write_row(row.values)
+                    kept.append(row)
+            self._finish(gen, end, kept)
+        return head, kept
+
+    def _finish(self, gen: int, end: int, kept: list[_Row]) -> None:
+        """The batch's content rows and its journal position (inside its transaction)."""
+        contents = [row.content for row in kept if row.content is not None]
+        if contents:
+            with self.conn.cursor() as cur:
+                cur.executemany(
+                    "INSERT INTO content VALUES (%s, %s, %s, %s) ON CONFLICT (exchange_id) DO NOTHING", contents
+                )
+        self.conn.execute(
+            'INSERT INTO journal_positions (instance_id, gen, "offset") VALUES (%s, %s, %s)',
+            (self.instance, gen, end),
+        )
 
     def _transaction(
         self,
@@ -363,16 +397,7 @@ class PostgresStore:
                 with self.conn.cursor() as cur, cur.copy(self._copy) as copy:
                     for row in kept:
                         copy.write_row(row.values)
-            contents = [row.content for row in kept if row.content is not None]
-            if contents:
-                with self.conn.cursor() as cur:
-                    cur.executemany(
-                        "INSERT INTO content VALUES (%s, %s, %s, %s) ON CONFLICT (exchange_id) DO NOTHING", contents
-                    )
-            self.conn.execute(
-                'INSERT INTO journal_positions (instance_id, gen, "offset") VALUES (%s, %s, %s)',
-                (self.instance, gen, end),
-            )
+            self._finish(gen, end, kept)
         return head, kept
 
     @functools.cached_property
@@ -387,8 +412,9 @@ class PostgresStore:
         ).fetchall()
         return {exchange_id: (prev, hashed) for exchange_id, prev, hashed in found}
 
-    def _build(self, lines: list[bytes]) -> tuple[list[_Row], list[Exception], list[Exception]]:
-        rows, corrupt, rejected = [], [], []
+    def _rows(self, lines: list[bytes], corrupt: list[Exception], rejected: list[Exception]) -> Iterator[_Row]:
+        """The rows of ``lines``, as they are built; the lines that are not a record go to
+        ``corrupt``, the records that make no row to ``rejected``."""
         for line in lines:
             text = None
             if line[:2] == b'{"':
@@ -410,10 +436,11 @@ class PostgresStore:
                     clean = False
                 insert, params, body = self._row(data, clean=clean)
                 values = list(self._layout(insert)([self.instance, *params]))
-                rows.append(_Row(values, body, self._content(data), data))
+                row = _Row(values, body, self._content(data), data)
             except Exception as exc:
                 rejected.append(exc)
-        return rows, corrupt, rejected
+                continue
+            yield row
 
     def _content(self, data: Mapping[str, Any]) -> tuple[str, str | None, str | None, int] | None:
         inputs, outputs = data.get("input_messages"), data.get("output_messages")

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import gc
+import json
 import logging
 import operator
 import os
@@ -100,10 +101,14 @@ CREATE TABLE exchanges (
     exchange_id text NOT NULL UNIQUE,
     request_start double precision,
     response_end double precision,
+    json_exact text,
     prev_hash text NOT NULL,
     row_hash text NOT NULL,
-    request_at timestamptz GENERATED ALWAYS AS (to_timestamp(request_start)) STORED,
-    response_at timestamptz GENERATED ALWAYS AS (to_timestamp(response_end)) STORED
+    -- NULL for a time no timestamptz holds: an odd value costs this column, never the row
+    request_at timestamptz GENERATED ALWAYS AS (
+        CASE WHEN request_start BETWEEN -2.0e11 AND 9.2e12 THEN to_timestamp(request_start) END) STORED,
+    response_at timestamptz GENERATED ALWAYS AS (
+        CASE WHEN response_end BETWEEN -2.0e11 AND 9.2e12 THEN to_timestamp(response_end) END) STORED
 );
 CREATE INDEX exchanges_chain ON exchanges (instance_id, id);
 CREATE INDEX exchanges_request_start ON exchanges (request_start);
@@ -273,7 +278,8 @@ class PostgresStore:
         self.conn = connect_migrated(url)
         try:
             self.types = {name: kind for name, kind in sqlite_types().items()}
-            self.columns = ["instance_id", *sorted(self.types), "prev_hash", "row_hash"]
+            self.columns = ["instance_id", *sorted(self.types), "json_exact", "prev_hash", "row_hash"]
+            self._json_positions = [(i, name) for i, name in enumerate(self.columns) if name in JSON_COLUMNS]
             self._copy = f"COPY exchanges ({', '.join(self.columns)}) FROM STDIN"
             self.offsets: dict[int, int] = dict(
                 self.conn.execute(
@@ -295,7 +301,7 @@ class PostgresStore:
         to the COPY row (NULL for the other columns): one C call per row."""
         names = insert_columns(insert)
         given = {"instance_id": 0, **{name: i + 1 for i, name in enumerate(names)}}
-        given["prev_hash"], given["row_hash"] = len(names) + 1, len(names) + 2
+        given["prev_hash"], given["row_hash"] = len(names) + 1, len(names) + 2  # json_exact: NULL
         blank = len(names) + 3  # the index of the None appended
         getter = operator.itemgetter(*[given.get(column, blank) for column in self.columns])
         return lambda values: getter([*values, None])
@@ -436,6 +442,13 @@ class PostgresStore:
                     clean = False
                 insert, params, body = self._row(data, clean=clean)
                 values = list(self._layout(insert)([self.instance, *params]))
+                if b"e+" in line or b"-0.0" in line:  # maybe a float jsonb cannot give back as written
+                    exact = {
+                        name: values[i]
+                        for i, name in self._json_positions
+                        if values[i] is not None and ("e+" in values[i] or "-0.0" in values[i])
+                    }
+                    values[-3] = json.dumps(exact, ensure_ascii=False) if exact else None
                 row = _Row(values, body, self._content(data), data)
             except Exception as exc:
                 rejected.append(exc)
@@ -586,16 +599,18 @@ def verify(conn: Any, only: str | None = None) -> list[InstanceCheck]:
         prev, checked, name, broken = anchor, 0, None, None
         with conn.transaction(), conn.cursor(name=f"verify_{secrets.token_hex(4)}") as cur:
             cur.execute(
-                f"SELECT id, exchange_id, prev_hash, row_hash, {', '.join(exprs)} FROM exchanges "
+                f"SELECT id, exchange_id, prev_hash, row_hash, json_exact, {', '.join(exprs)} FROM exchanges "
                 "WHERE instance_id = %s ORDER BY id",
                 (instance,),
             )
             for values in cur:
-                row = dict(zip(names, values[4:]))
+                row = dict(zip(names, values[5:]))
                 for position in json_positions:
-                    value = values[4 + position]
+                    value = values[5 + position]
                     if value is not None:
                         row[names[position]] = canonical_json(value)
+                if values[4] is not None:  # JSON texts jsonb would not give back as written
+                    row.update(json.loads(values[4]))
                 reason = None
                 if values[2] != prev:
                     reason = "prev_hash does not match the row before it (a row was removed, inserted or reordered)"
@@ -619,7 +634,8 @@ def import_sqlite(sqlite_path: str, url: str, instance: str | None = None) -> tu
     instance = instance or f"import-{secrets.token_hex(6)}"
     try:
         names = sorted(set(sqlite_types()) & {row[1] for row in source.execute("PRAGMA table_info(exchanges)")})
-        columns = ["instance_id", *names, "prev_hash", "row_hash"]
+        columns = ["instance_id", *names, "json_exact", "prev_hash", "row_hash"]
+        json_positions = [(i, name) for i, name in enumerate(names) if name in JSON_COLUMNS]
         copied = 0
         with conn.transaction():
             conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (instance,))
@@ -642,7 +658,13 @@ def import_sqlite(sqlite_path: str, url: str, instance: str | None = None) -> tu
             select = f"SELECT {', '.join(names)}, prev_hash, row_hash FROM exchanges ORDER BY id"
             with conn.cursor() as cur, cur.copy(f"COPY exchanges ({', '.join(columns)}) FROM STDIN") as copy:
                 for row in source.execute(select):
-                    copy.write_row([instance, *row])
+                    exact = {
+                        name: row[i]
+                        for i, name in json_positions
+                        if isinstance(row[i], str) and ("e+" in row[i] or "-0.0" in row[i])
+                    }
+                    json_exact = json.dumps(exact, ensure_ascii=False) if exact else None
+                    copy.write_row([instance, *row[: len(names)], json_exact, *row[len(names) :]])
                     copied += 1
             contents = source.execute("SELECT exchange_id, input_messages, output_messages, truncated FROM content")
             with conn.cursor() as cur:

@@ -647,3 +647,29 @@ def test_any_record_reads_back_from_postgresql_as_it_was_hashed(pg_url):
     assert len(seen) == 200 and sum(seen) == 200
     assert [c.check.reason for c in checks if not c.check.ok] == []
     assert checks[0].check.rows == rows(pg_url, "SELECT count(*) FROM exchanges")[0][0] == 200
+
+
+def test_any_sqlite_history_imports_with_its_chain_intact(tmp_path, pg_url):
+    from hypothesis import HealthCheck, given, settings
+    from test_row_paths import RECORD_DATA
+
+    from llmtap.audit.sqlite import AuditStore
+
+    lite = AuditStore(str(tmp_path / "odd.db"), fsync_batch=False, capture_content=False)
+    count = []
+
+    @settings(derandomize=True, deadline=None, max_examples=150, suppress_health_check=[HealthCheck.too_slow])
+    @given(RECORD_DATA)
+    def stored(data: dict) -> None:
+        data = {**data, "exchange_id": f"lite-{len(count)}"}
+        count.append(len(lite.apply(1, [json.dumps(data).encode()], len(count) + 1).records))
+
+    try:
+        stored()
+    finally:
+        lite.close()
+    _, copied = postgres.import_sqlite(str(tmp_path / "odd.db"), pg_url, "odd")
+    assert copied == sum(count) > 100
+    with psycopg.connect(pg_url) as conn:
+        checks = postgres.verify(conn)
+    assert [(c.instance_id, c.check.ok, c.check.rows) for c in checks] == [("odd", True, copied)]

@@ -527,6 +527,24 @@ class PostgresStore:
             pass
 
 
+def _storable(row: Any, names: list[str], json_names: frozenset[str] | set[str]) -> tuple[list[Any], dict[str, Any]]:
+    """A SQLite row's values as PostgreSQL can store them, and the hashed value of each column
+    it would not give back as it was hashed (kept in ``json_exact``): text with NUL (stored with
+    U+FFFD), JSON text jsonb refuses or reads back otherwise (``\\u0000``; a float such as 1e+16)."""
+    values, exact = list(row), {}
+    for i, (name, value) in enumerate(zip(names, row)):
+        if not isinstance(value, str):
+            continue
+        if name in json_names:
+            if "e+" in value or "-0.0" in value or "\\u0000" in value:
+                exact[name] = value
+                values[i] = value.replace("\\u0000", "\\ufffd")
+        elif "\x00" in value:
+            exact[name] = value
+            values[i] = value.replace("\x00", "\ufffd")
+    return values, exact
+
+
 def _without_nul(value: Any) -> Any:
     if isinstance(value, str):
         return value.replace("\x00", "\ufffd")
@@ -635,7 +653,7 @@ def import_sqlite(sqlite_path: str, url: str, instance: str | None = None) -> tu
     try:
         names = sorted(set(sqlite_types()) & {row[1] for row in source.execute("PRAGMA table_info(exchanges)")})
         columns = ["instance_id", *names, "json_exact", "prev_hash", "row_hash"]
-        json_positions = [(i, name) for i, name in enumerate(names) if name in JSON_COLUMNS]
+        json_names = JSON_COLUMNS & set(names)
         copied = 0
         with conn.transaction():
             conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (instance,))
@@ -658,13 +676,9 @@ def import_sqlite(sqlite_path: str, url: str, instance: str | None = None) -> tu
             select = f"SELECT {', '.join(names)}, prev_hash, row_hash FROM exchanges ORDER BY id"
             with conn.cursor() as cur, cur.copy(f"COPY exchanges ({', '.join(columns)}) FROM STDIN") as copy:
                 for row in source.execute(select):
-                    exact = {
-                        name: row[i]
-                        for i, name in json_positions
-                        if isinstance(row[i], str) and ("e+" in row[i] or "-0.0" in row[i])
-                    }
+                    values, exact = _storable(row[: len(names)], names, json_names)
                     json_exact = json.dumps(exact, ensure_ascii=False) if exact else None
-                    copy.write_row([instance, *row[: len(names)], json_exact, *row[len(names) :]])
+                    copy.write_row([instance, *values, json_exact, *row[len(names) :]])
                     copied += 1
             contents = source.execute("SELECT exchange_id, input_messages, output_messages, truncated FROM content")
             with conn.cursor() as cur:

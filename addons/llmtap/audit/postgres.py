@@ -44,6 +44,7 @@ from llmtap.audit.rows import (
     row_hash,
     to_text,
 )
+from llmtap.config import Settings
 from llmtap.record import canonical_json
 
 log = logging.getLogger("llmtap")
@@ -295,6 +296,10 @@ class PostgresStore:
         self._row = RowBuilder(self.types)
         self._may_delete = self._may_prune = True  # until the role says otherwise
         self._layout = functools.lru_cache(maxsize=256)(self._arrange)
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> PostgresStore:
+        return cls(settings.db, instance_id(settings.journal_dir), capture_content=settings.capture_content)
 
     def _arrange(self, insert: str) -> Any:
         """A function from ``[instance, *values of the INSERT's columns, prev_hash, row_hash]``
@@ -553,6 +558,10 @@ def _without_nul(value: Any) -> Any:
     if isinstance(value, list):
         return [_without_nul(v) for v in value]
     return value
+
+
+#: This module's store, for the registry (``llmtap.audit.stores``).
+Store = PostgresStore
 
 
 # --- reading: chain heads, verify, import ----------------------------------------------------------

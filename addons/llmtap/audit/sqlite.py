@@ -33,6 +33,7 @@ from llmtap.audit.rows import (
     row_hash,
     to_text,
 )
+from llmtap.config import Settings
 from llmtap.record import canonical_json
 
 __all__ = [
@@ -321,6 +322,10 @@ class AuditStore:
             raise
         self._row = RowBuilder(self.types)
 
+    @classmethod
+    def from_settings(cls, settings: Settings) -> AuditStore:
+        return cls(settings.db, fsync_batch=settings.fsync == "batch", capture_content=settings.capture_content)
+
     def apply(self, gen: int, lines: list[bytes], end: int) -> Batch:
         """Insert the records of ``lines`` and record ``end`` as gen's offset, atomically.
 
@@ -468,3 +473,12 @@ class AuditStore:
 
     def close(self) -> None:
         self.conn.close()
+
+
+#: This module's store, for the registry (``llmtap.audit.stores``).
+Store = AuditStore
+
+
+def transient_errors() -> tuple[type[BaseException], ...]:
+    """Errors after which the writer backs off and retries (locked, read-only, I/O)."""
+    return (sqlite3.Error,)

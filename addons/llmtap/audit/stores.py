@@ -3,8 +3,10 @@
 A store (``llmtap.audit.sqlite.AuditStore``, ``llmtap.audit.postgres.PostgresStore``) is what
 the writer process applies the journal to::
 
+    Store.from_settings(settings)       # open (and migrate when allowed) for this llmtap
     store.offsets: dict[int, int]       # generation -> offset applied (committed with the rows)
     store.head: str                     # the chain head this writer extends
+    store.rows: int                     # rows ever in that chain: the head's position
     store.apply(gen, lines, end) -> Batch   # one transaction: the rows and the new offset
     store.forget(gen); store.prune(cutoff, batch) -> int; store.close()
 
@@ -15,15 +17,16 @@ system of record). Adding an engine is one module and one line in ``STORES``.
 
 from __future__ import annotations
 
-import sqlite3
+import importlib
 from typing import Any
 
 from llmtap.config import Settings, is_server_url
 
-#: engine -> (module, class); chosen by ``engine(db)``.
+#: engine -> the module holding its store: ``Store.from_settings(settings)`` opens it for the
+#: writer, ``transient_errors()`` names what the writer retries with backoff.
 STORES = {
-    "sqlite": ("llmtap.audit.sqlite", "AuditStore"),
-    "postgres": ("llmtap.audit.postgres", "PostgresStore"),
+    "sqlite": "llmtap.audit.sqlite",
+    "postgres": "llmtap.audit.postgres",
 }
 
 
@@ -33,20 +36,9 @@ def engine(db: str) -> str:
 
 def open_store(settings: Settings) -> Any:
     """The store the writer process applies this llmtap's journal to."""
-    if engine(settings.db) == "postgres":
-        from llmtap.audit.postgres import PostgresStore, instance_id
-
-        return PostgresStore(settings.db, instance_id(settings.journal_dir), capture_content=settings.capture_content)
-    from llmtap.audit.sqlite import AuditStore
-
-    return AuditStore(settings.db, fsync_batch=settings.fsync == "batch", capture_content=settings.capture_content)
+    return importlib.import_module(STORES[engine(settings.db)]).Store.from_settings(settings)
 
 
 def transient_errors(db: str) -> tuple[type[BaseException], ...]:
     """What the writer retries with backoff (the records wait in the journal meanwhile)."""
-    errors: tuple[type[BaseException], ...] = (sqlite3.Error, OSError)
-    if engine(db) == "postgres":
-        from llmtap.audit.postgres import transient_errors as pg_errors
-
-        errors += pg_errors()
-    return errors
+    return (OSError, *importlib.import_module(STORES[engine(db)]).transient_errors())

@@ -62,6 +62,7 @@ class Writer:
         self.fsync = settings.fsync == "batch"
         self.store: Any = None  # llmtap.audit.stores: SQLite or PostgreSQL
         self._head_at = 0.0
+        self._published: tuple[str, int] | None = None  # the last chain head logged
         self.newest = 0
         self.on_disk: list[int] = []
         self._offsets: dict[int, int] = {}
@@ -117,11 +118,12 @@ class Writer:
     def publish_head(self) -> None:
         """Log the chain head: a saved line lets ``llmtap audit verify --against`` prove later
         that nobody rewrote the chain up to it (not even a database administrator)."""
-        self._head_at = time.monotonic()
         head = getattr(self.store, "head", None)
         rows = getattr(self.store, "rows", None)
-        if head is None or rows is None:
+        due = time.monotonic() - self._head_at > HEAD_EVERY_SECONDS
+        if head is None or rows is None or (not due and (head, rows) == self._published):
             return
+        self._head_at, self._published = time.monotonic(), (head, rows)
         doc = {"instance_id": getattr(self.store, "instance", None), "rows": rows, "head": head}
         log.info("chain head %s", json.dumps(doc, sort_keys=True))
 

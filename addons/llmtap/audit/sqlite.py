@@ -183,6 +183,16 @@ def _add_family_and_cache_writes(db: Database) -> None:
         db["exchanges"].add_column(name, kind)
 
 
+def _add_pricing_columns(db: Database) -> None:
+    """Exact cost and price provenance (NULL on older rows)."""
+    for name, kind in (
+        ("cost_nanousd", int),  # exact: integer nano-dollars; older rows have only cost_usd
+        ("price_version", str),
+        ("price_model", str),
+    ):
+        db["exchanges"].add_column(name, kind)
+
+
 def _add_instance(db: Database) -> None:
     """The ``--instance`` display name of the llmtap that recorded the row (hashed like any column)."""
     db["exchanges"].add_column("instance", str)
@@ -210,6 +220,7 @@ MIGRATIONS: tuple[Callable[[Database], None], ...] = (
     _create_journal_offsets,
     _create_pruned,
     _add_family_and_cache_writes,
+    _add_pricing_columns,
     _add_instance,
 )
 

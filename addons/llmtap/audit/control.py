@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import sys
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
@@ -18,16 +19,33 @@ from llmtap.config import Settings
 STOP_TIMEOUT_SECONDS = 10.0
 
 
+#: The writer's first statement: put the one directory llmtap came from first on the import path,
+#: then run the writer. ``-I`` (isolated mode) keeps the working directory, PYTHONPATH and the
+#: user's site-packages off ``sys.path``: started from a directory that holds a ``secrets.py`` or
+#: a ``json.py``, the writer must neither crash on it nor run it.
+_BOOT = "import sys; sys.path.insert(0, sys.argv.pop(1)); from llmtap.audit.writer import main; main()"
+
+
+def package_root() -> str:
+    """The directory that holds the ``llmtap`` package this process imported (``addons/`` for
+    ``mitmdump -s addons/tap.py``, site-packages for an installed llmtap)."""
+    return os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
 #: The environment variable that hands the writer its ``--db`` (a URL may hold a password).
 DB_ENV = "LLMTAP_WRITER_DB"
 
 
 def writer_command(settings: Settings, *, prune_batch: int, max_backoff: float) -> list[str]:
     """How the audit sink starts the writer (never with the key salt, nor a database URL's
-    password: argv is public; the full ``--db`` goes in the environment, ``DB_ENV``)."""
+    password: argv is public; the full ``--db`` goes in the environment, ``DB_ENV``).
+
+    The import path is exactly the interpreter's own (its standard library and site-packages)
+    plus ``package_root()``: nothing from the working directory or the environment.
+    """
     tuning = json.dumps({"prune_batch": prune_batch, "max_backoff": max_backoff})
     public = dataclasses.replace(settings, db=settings.db_display)
-    return [sys.executable, "-m", "llmtap.audit.writer", public.to_json(), tuning]
+    return [sys.executable, "-I", "-c", _BOOT, package_root(), public.to_json(), tuning]
 
 
 def writer_settings(settings_json: str, environ: Mapping[str, str]) -> Settings:

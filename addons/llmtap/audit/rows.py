@@ -33,7 +33,17 @@ from llmtap.record import canonical_json
 GENESIS = "sha256:" + "0" * 64
 #: Columns holding JSON text (the record's mappings and lists).
 JSON_COLUMNS = frozenset(
-    {"labels", "weights", "policies", "stop", "tool_names", "finish_reasons", "response_labels", "metadata_json"}
+    {
+        "labels",
+        "weights",
+        "policies",
+        "stop",
+        "tool_names",
+        "finish_reasons",
+        "response_labels",
+        "metadata_json",
+        "anomalies",
+    }
 )
 #: Columns outside the hashed body: the row's key, its chain links, and PostgreSQL's chain key.
 UNHASHED = frozenset({"id", "prev_hash", "row_hash", "instance_id"})

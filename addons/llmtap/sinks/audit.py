@@ -50,6 +50,7 @@ import time
 from llmtap.audit import control
 from llmtap.audit.control import WriterStatus
 from llmtap.audit.journal import AuditLogInUse, Journal, generation_path, generations
+from llmtap.audit.store import check_audit_log
 from llmtap.config import Settings
 from llmtap.health import Health
 from llmtap.record import ExchangeRecord
@@ -81,6 +82,8 @@ class AuditSink:
         self.settings = settings
         self.health = health
         self.rotate_bytes = rotate_bytes
+        if not settings.db_is_server:
+            check_audit_log(settings.db)  # a foreign SQLite file: this sink does not start
         if settings.journal_dir:
             with contextlib.suppress(OSError):  # else the journal open fails below, and is retried
                 os.makedirs(settings.journal_dir, mode=0o700, exist_ok=True)
@@ -341,12 +344,7 @@ class AuditSink:
 
 
 def _writer_env(db: str) -> dict[str, str]:
-    """The proxy's environment (OTEL_* and PG* included), the ``--db`` (out of the public argv),
-    and llmtap importable from wherever this process loaded it (``mitmdump -s addons/tap.py``
-    loads it by path)."""
-    here = os.path.dirname(os.path.dirname(os.path.dirname(control.__file__)))
-    return {
-        **os.environ,
-        control.DB_ENV: db,
-        "PYTHONPATH": os.pathsep.join(filter(None, [here, os.environ.get("PYTHONPATH")])),
-    }
+    """The proxy's environment (OTEL_* and PG* included) and the ``--db`` (kept out of the
+    public argv). The writer runs in Python's isolated mode, which ignores PYTHONPATH: its
+    import path is set by ``control.writer_command``."""
+    return {**os.environ, control.DB_ENV: db}

@@ -35,6 +35,9 @@ DIMENSIONS = {
     "hour": "strftime('%Y-%m-%dT%H:00Z', request_start, 'unixepoch')",
     "status": "coalesce(CAST(http_status AS TEXT), error_type)",
     "instance": "instance",
+    "family": "family",
+    # rows written before record schemas were numbered carry none: they are schema 1
+    "schema": "coalesce(record_schema, 1)",
 }
 #: The same dimensions in PostgreSQL (a fleet: an unnamed instance shows as its id).
 PG_DIMENSIONS = {
@@ -60,14 +63,14 @@ _SUMS = """count(*) AS requests,
     sum(output_tokens) AS output_tokens,
     sum(cost_usd) AS cost_usd,
     sum(cost_savings_usd) AS cost_savings_usd,
-    sum(cost_usd IS NULL) AS unknown_cost"""
+    sum(cost_usd IS NULL AND coalesce(cost_source, '') != 'deferred') AS unknown_cost"""
 _PG_SUMS = """count(*) AS requests,
     count(*) FILTER (WHERE error_type IS NOT NULL) AS errors,
     sum(input_tokens)::bigint AS input_tokens,
     sum(output_tokens)::bigint AS output_tokens,
     sum(cost_usd) AS cost_usd,
     sum(cost_savings_usd) AS cost_savings_usd,
-    count(*) FILTER (WHERE cost_usd IS NULL) AS unknown_cost"""
+    count(*) FILTER (WHERE cost_usd IS NULL AND coalesce(cost_source, '') != 'deferred') AS unknown_cost"""
 #: Grouping without --by: one row per model (never a lone row repeating the TOTAL).
 DEFAULT_BY = "model"
 MONEY = ("cost_usd", "cost_savings_usd")

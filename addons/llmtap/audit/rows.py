@@ -39,6 +39,7 @@ JSON_COLUMNS = frozenset(
         "policies",
         "stop",
         "tool_names",
+        "tool_types",
         "finish_reasons",
         "response_labels",
         "metadata_json",

@@ -205,6 +205,29 @@ def _add_parse_problem(db: Database) -> None:
     db["exchanges"].add_column("parse_problem", str)
 
 
+def _add_family_columns(db: Database) -> None:
+    """Record schema 2: OpenAI Responses, embeddings, and which record schema wrote each row.
+
+    Rows written before have NULL here, which keeps their hashes; a NULL ``record_schema``
+    reads as schema 1.
+    """
+    table = db["exchanges"]
+    for name, kind in (
+        ("tool_types", str),
+        ("previous_response_id", str),
+        ("conversation_id", str),
+        ("background", int),
+        ("api_version", str),
+        ("input_count", int),
+        ("dimensions", int),
+        ("response_status", str),
+        ("record_schema", int),
+    ):
+        table.add_column(name, kind)
+    table.create_index(["previous_response_id"])
+    table.create_index(["response_id"])
+
+
 def _add_instance(db: Database) -> None:
     """The ``--instance`` display name of the llmtap that recorded the row (hashed like any column)."""
     db["exchanges"].add_column("instance", str)
@@ -235,6 +258,7 @@ MIGRATIONS: tuple[Callable[[Database], None], ...] = (
     _add_pricing_columns,
     _add_anomalies,
     _add_parse_problem,
+    _add_family_columns,
     _add_instance,
 )
 

@@ -146,7 +146,7 @@ def _add_columns(cur: Any) -> None:
     becomes a new nullable column, so old rows keep their hashes)."""
     for name, kind in sqlite_types().items():
         cur.execute(f"ALTER TABLE exchanges ADD COLUMN IF NOT EXISTS {name} {pg_type(name, kind)}")
-    for column in ("response_model", "provider", "app_id", "key_fingerprint"):
+    for column in ("response_model", "provider", "app_id", "key_fingerprint", "response_id", "previous_response_id"):
         cur.execute(f"CREATE INDEX IF NOT EXISTS exchanges_{column} ON exchanges ({column})")
 
 

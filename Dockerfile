@@ -12,10 +12,11 @@ WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY addons ./addons
 # A current pip: older resolvers give up on mitmproxy's and the openai SDK's pins.
-RUN pip install --upgrade pip && pip install . && cd / && rm -rf /src
+# .[postgres]: psycopg for a fleet's PostgreSQL audit store (--db postgresql://...).
+RUN pip install --upgrade pip && pip install .[postgres] && cd / && rm -rf /src
 
 # Not root; /data (audit DB) and the mitmproxy CA under /home/llmtap belong to this user.
-RUN useradd --create-home --uid 10001 llmtap && mkdir /data && chown llmtap /data
+RUN useradd --create-home --uid 10001 llmtap && mkdir /data /journal && chown llmtap /data /journal
 USER llmtap
 WORKDIR /data
 VOLUME ["/data"]

@@ -9,6 +9,7 @@ DEMO_STAMP := $(VENV)/.installed-demo
 # Installed without recommends (no docker.io, no node exporters): only what the tests run.
 DEB_TOOLS := prometheus:prometheus promtool:prometheus docker-compose:docker-compose curl:curl \
              iptables:iptables tmux:tmux sqlite3:sqlite3
+# (and, when missing, postgresql: the fleet tests run initdb/pg_ctl for a throwaway cluster)
 
 .PHONY: demo test venv debs bench clean
 
@@ -37,6 +38,10 @@ debs:
 	  echo "installing Debian packages:$$missing (without recommends)"; \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
 	    $$SUDO apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+	@if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends postgresql; \
 	fi
 
 demo: $(DEMO_STAMP)

@@ -235,3 +235,27 @@ def openai_client(tap: TapProcess):
     client = tap.client()
     yield client
     client.close()
+
+
+@pytest.fixture(scope="session")
+def pg_cluster():
+    """A throwaway PostgreSQL cluster (Debian's binaries, as the postgres user, a free port)."""
+    from pg import Cluster
+
+    cluster = Cluster(free_port())
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.remove()
+
+
+@pytest.fixture
+def pg_url(pg_cluster, monkeypatch) -> str:
+    """A fresh database on the session's cluster; the password only in PGPASSWORD."""
+    import uuid
+
+    from pg import PASSWORD
+
+    monkeypatch.setenv("PGPASSWORD", PASSWORD)
+    return pg_cluster.create_database(f"t_{uuid.uuid4().hex[:12]}")

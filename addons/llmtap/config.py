@@ -31,7 +31,17 @@ def _option(default: Any, help_text: str, *, choices: tuple[str, ...] = (), mini
 class Settings:
     """Every llmtap option, with its default and help; ``llmtap_<name>`` in mitmproxy."""
 
-    db: str = _option("./llmtap.db", "SQLite audit log path; empty disables the audit log.")
+    db: str = _option(
+        "./llmtap.db",
+        "Audit log: a SQLite file path, or a PostgreSQL URL (postgresql://..., service=...); empty disables it.",
+    )
+    journal_dir: str = _option(
+        "", "Directory of the audit journal (a volume that outlives the pod); required with a PostgreSQL --db."
+    )
+    journal_max_bytes: int = _option(
+        1 << 30, "Bound on the audit journal's unapplied backlog; past it records are dropped and counted.", minimum=0
+    )
+    instance: str = _option("", "Display name of this llmtap, recorded on every audit row (default: the host name).")
     jsonl: str = _option("", "Also write each record as one JSON line to this file, or '-' for stdout.")
     metrics_host: str = _option("127.0.0.1", "Address of the Prometheus /metrics endpoint.")
     metrics_port: int = _option(9464, "Port of the /metrics endpoint; -1 disables it, 0 picks a free port.", minimum=-1)
@@ -118,6 +128,8 @@ class Settings:
         capture_env = os.environ.get("OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT", "")
         values["capture_content"] = bool(values.get("capture_content")) or capture_env.lower() == "true"
         settings = cls(**values)
+        if settings.db_is_server and not settings.journal_dir:
+            raise SettingsError("llmtap_journal_dir (--journal-dir) is required with a PostgreSQL --db")
         for option in OPTIONS:
             value = getattr(settings, option.field)
             if option.choices and value not in option.choices:
@@ -147,12 +159,52 @@ class Settings:
         return self.content_max_chars if self.capture_content else None
 
     @property
+    def db_is_server(self) -> bool:
+        """True when ``db`` names a PostgreSQL server rather than a SQLite file."""
+        return is_server_url(self.db)
+
+    @property
+    def journal_base(self) -> str:
+        """The prefix of the journal's files: ``<base>.journal.<gen>``, ``<base>.journal.lock``.
+
+        With SQLite the journal sits next to the database file; with a server URL in
+        ``journal_dir``.
+        """
+        if self.journal_dir:
+            return os.path.join(self.journal_dir, "llmtap")
+        return self.db
+
+    @property
+    def db_display(self) -> str:
+        """``db`` as it may be printed: a URL without its password."""
+        return redact_url(self.db)
+
+    @property
     def otlp_configured(self) -> bool:
         return bool(
             self.otlp_endpoint
             or os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
             or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")
         )
+
+
+def is_server_url(db: str) -> bool:
+    """A PostgreSQL connection string (URL or key=value conninfo) rather than a file path."""
+    text = db.strip()
+    return text.startswith(("postgresql://", "postgres://")) or (
+        "=" in text and text.split("=", 1)[0].strip() in _CONNINFO_KEYS
+    )
+
+
+_CONNINFO_KEYS = frozenset({"service", "host", "hostaddr", "dbname", "user", "port"})
+
+
+def redact_url(db: str) -> str:
+    """A connection string without its password (URL userinfo or ``password=``)."""
+    import re
+
+    text = re.sub(r"(://[^/@:]*):[^/@]*@", r"\1:***@", db)
+    return re.sub(r"(password\s*=\s*)('[^']*'|\S+)", r"\1***", text)
 
 
 class Option(NamedTuple):

@@ -69,6 +69,7 @@ class ExchangeRecord:
 
     # --- where ---
     client_address: str | None = None
+    instance: str | None = None  # --instance: the display name of the llmtap that saw it
     upstream_scheme: str | None = None
     upstream_host: str | None = None
     upstream_port: int | None = None

@@ -6,9 +6,11 @@ The proxy side (``llmtap.sinks.audit``) imports this module, never the writer's 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 
 from llmtap.config import Settings
@@ -30,14 +32,27 @@ def package_root() -> str:
     return os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
+#: The environment variable that hands the writer its ``--db`` (a URL may hold a password).
+DB_ENV = "LLMTAP_WRITER_DB"
+
+
 def writer_command(settings: Settings, *, prune_batch: int, max_backoff: float) -> list[str]:
-    """How the audit sink starts the writer (never with the key salt: argv is public).
+    """How the audit sink starts the writer (never with the key salt, nor a database URL's
+    password: argv is public; the full ``--db`` goes in the environment, ``DB_ENV``).
 
     The import path is exactly the interpreter's own (its standard library and site-packages)
     plus ``package_root()``: nothing from the working directory or the environment.
     """
     tuning = json.dumps({"prune_batch": prune_batch, "max_backoff": max_backoff})
-    return [sys.executable, "-I", "-c", _BOOT, package_root(), settings.to_json(), tuning]
+    public = dataclasses.replace(settings, db=settings.db_display)
+    return [sys.executable, "-I", "-c", _BOOT, package_root(), public.to_json(), tuning]
+
+
+def writer_settings(settings_json: str, environ: Mapping[str, str]) -> Settings:
+    """The writer's settings: argv's, with the real ``--db`` from the environment."""
+    settings = Settings.from_json(settings_json)
+    db = environ.get(DB_ENV)
+    return dataclasses.replace(settings, db=db) if db else settings
 
 
 def next_backoff(delay: float, cap: float) -> float:

@@ -1,6 +1,7 @@
-"""``llmtap report`` and ``llmtap audit verify``: read the audit log, also while the proxy writes.
+"""``llmtap report`` and ``llmtap audit ...``: read the audit log, also while the proxy writes.
 
-Both open the database read-only; in WAL mode the proxy's writer is never blocked by them.
+SQLite is opened read-only (in WAL mode the writer is never blocked by it); PostgreSQL
+(``--db postgresql://...``) is read across every instance of a fleet.
 """
 
 from __future__ import annotations
@@ -20,7 +21,9 @@ from typing import Any, NamedTuple
 
 import click
 
-from llmtap.audit.store import GENESIS, connect_readonly, verify_chain
+from llmtap.audit.rows import GENESIS
+from llmtap.audit.sqlite import connect_readonly, verify_chain
+from llmtap.config import is_server_url, redact_url
 
 #: ``--by`` dimensions and the SQL expression each groups by (times are UTC).
 DIMENSIONS = {
@@ -31,9 +34,17 @@ DIMENSIONS = {
     "day": "strftime('%Y-%m-%d', request_start, 'unixepoch')",
     "hour": "strftime('%Y-%m-%dT%H:00Z', request_start, 'unixepoch')",
     "status": "coalesce(CAST(http_status AS TEXT), error_type)",
+    "instance": "instance",
     "family": "family",
     # rows written before record schemas were numbered carry none: they are schema 1
     "schema": "coalesce(record_schema, 1)",
+}
+#: The same dimensions in PostgreSQL (a fleet: an unnamed instance shows as its id).
+PG_DIMENSIONS = {
+    **DIMENSIONS,
+    "day": "to_char(request_at AT TIME ZONE 'UTC', 'YYYY-MM-DD')",
+    "hour": "to_char(request_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:00\"Z\"')",
+    "instance": "coalesce(instance, instance_id)",
 }
 METRICS = (
     "requests",
@@ -53,6 +64,13 @@ _SUMS = """count(*) AS requests,
     sum(cost_usd) AS cost_usd,
     sum(cost_savings_usd) AS cost_savings_usd,
     sum(cost_usd IS NULL AND coalesce(cost_source, '') != 'deferred') AS unknown_cost"""
+_PG_SUMS = """count(*) AS requests,
+    count(*) FILTER (WHERE error_type IS NOT NULL) AS errors,
+    sum(input_tokens)::bigint AS input_tokens,
+    sum(output_tokens)::bigint AS output_tokens,
+    sum(cost_usd) AS cost_usd,
+    sum(cost_savings_usd) AS cost_savings_usd,
+    count(*) FILTER (WHERE cost_usd IS NULL AND coalesce(cost_source, '') != 'deferred') AS unknown_cost"""
 #: Grouping without --by: one row per model (never a lone row repeating the TOTAL).
 DEFAULT_BY = "model"
 MONEY = ("cost_usd", "cost_savings_usd")
@@ -115,14 +133,19 @@ class Grouping(NamedTuple):
     params: list[str]  # bound parameters of the expressions (label JSON paths)
 
 
-def grouping(by: Sequence[str]) -> Grouping:
+def grouping(by: Sequence[str], postgres: bool = False) -> Grouping:
     names, exprs, params = [], [], []
+    dimensions = PG_DIMENSIONS if postgres else DIMENSIONS
     for dimension in by:
         if dimension.startswith("label:") and len(dimension) > 6 and '"' not in dimension:
-            exprs.append("json_extract(labels, ?)")
-            params.append(f'$."{dimension[6:]}"')
-        elif dimension in DIMENSIONS:
-            exprs.append(DIMENSIONS[dimension])
+            if postgres:
+                exprs.append("labels ->> ?")
+                params.append(dimension[6:])
+            else:
+                exprs.append("json_extract(labels, ?)")
+                params.append(f'$."{dimension[6:]}"')
+        elif dimension in dimensions:
+            exprs.append(dimensions[dimension])
         else:
             raise click.BadParameter(
                 f"{dimension!r}: use one of {', '.join(DIMENSIONS)} or label:NAME", param_hint="--by"
@@ -138,8 +161,39 @@ def percentile(sorted_values: Sequence[float], p: float) -> float | None:
     return sorted_values[max(0, math.ceil(p * len(sorted_values)) - 1)]
 
 
-def _columns(conn: sqlite3.Connection) -> set[str]:
-    return {row[1] for row in conn.execute("PRAGMA table_info(exchanges)")}
+class _Reader:
+    """SQLite or PostgreSQL rows as dicts (in column order), with SQLite's ``?`` placeholders
+    either way."""
+
+    def __init__(self, conn: Any) -> None:
+        self.conn = conn
+        self.postgres = not isinstance(conn, sqlite3.Connection)
+
+    def rows(self, sql: str, params: Sequence[Any], *, exact: bool = False) -> list[dict[str, Any]]:
+        """``exact``: PostgreSQL's numeric values stay decimals (else floats, as SQLite's)."""
+        if not self.postgres:
+            cursor = self.conn.execute(sql, params)
+            names = [d[0] for d in cursor.description]
+            return [dict(zip(names, row)) for row in cursor]
+        with self.conn.cursor() as cur:
+            cur.execute(sql.replace("?", "%s"), params)
+            names = [d.name for d in cur.description]
+            if exact:
+                return [dict(zip(names, row)) for row in cur]
+            return [{n: _plain(v) for n, v in zip(names, row)} for row in cur]
+
+
+def _plain(value: Any) -> Any:
+    """numeric sums as floats, like SQLite's (the report prints them; the database keeps them exact)."""
+    return float(value) if isinstance(value, Decimal) else value
+
+
+def _columns(reader: _Reader) -> set[str]:
+    if reader.postgres:
+        from llmtap.audit.postgres import _columns as pg_columns
+
+        return pg_columns(reader.conn)
+    return {row[1] for row in reader.conn.execute("PRAGMA table_info(exchanges)")}
 
 
 def _nano(amount: Decimal | None) -> int | None:
@@ -147,7 +201,7 @@ def _nano(amount: Decimal | None) -> int | None:
 
 
 def spend(
-    conn: sqlite3.Connection,
+    conn: Any,
     by: Sequence[str],
     since: float | None,
     until: float | None,
@@ -162,9 +216,11 @@ def spend(
     ``reprice``: a ``llmtap.pricing.cost.Pricer``; each group then also has ``reprice_usd``
     (its rows' tokens priced by it, at each row's own time) and ``reprice_unknown``.
     """
-    group = grouping(by)
-    columns = _columns(conn)
-    where, where_params = ["1"], []
+    reader = _Reader(conn)
+    group = grouping(by, reader.postgres)
+    sums_sql = _PG_SUMS if reader.postgres else _SUMS
+    columns = _columns(reader)
+    where, where_params = ["1 = 1"], []
     if since is not None:
         where.append("request_start >= ?")
         where_params.append(since)
@@ -175,18 +231,23 @@ def spend(
     keys = [f"g{i}" for i in range(len(group.exprs))]
     select = "".join(f"{expr} AS {key}, " for expr, key in zip(group.exprs, keys))
     order = f"GROUP BY {', '.join(keys)} ORDER BY {', '.join(keys)}" if keys else ""
-    sums = conn.execute(
-        f"SELECT {select}{_SUMS} FROM exchanges WHERE {where_sql} {order}", [*group.params, *where_params]
-    ).fetchall()
-    totals = dict(conn.execute(f"SELECT {_SUMS} FROM exchanges WHERE {where_sql}", where_params).fetchone())
+    if reader.postgres and keys:  # PostgreSQL groups by the expressions (a placeholder repeats)
+        order = f"GROUP BY {', '.join(str(i + 1) for i in range(len(keys)))} ORDER BY {', '.join(keys)}"
+    sums = reader.rows(
+        f"SELECT {select}{sums_sql} FROM exchanges WHERE {where_sql} {order}", [*group.params, *where_params]
+    )
+    totals = reader.rows(f"SELECT {sums_sql} FROM exchanges WHERE {where_sql}", where_params)[0]
     latencies: dict[tuple, list[float]] = defaultdict(list)
-    # money is summed here as decimals (SQLite's float sum adds noise such as 0.0008649999999999999)
+    # money is summed here as decimals (SQLite's float sum adds noise such as 0.0008649999999999999;
+    # PostgreSQL's numeric comes back exact)
     money: dict[tuple, dict[str, Decimal]] = defaultdict(dict)
-    money_cols = ", ".join(MONEY) + (", cost_nanousd" if "cost_nanousd" in columns else ", NULL")
-    for row in conn.execute(
-        f"SELECT {select}duration_s, {money_cols} FROM exchanges WHERE {where_sql}", [*group.params, *where_params]
+    money_cols = ", ".join(MONEY) + (", cost_nanousd" if "cost_nanousd" in columns else ", NULL AS cost_nanousd")
+    for row in reader.rows(
+        f"SELECT {select}duration_s, {money_cols} FROM exchanges WHERE {where_sql}",
+        [*group.params, *where_params],
+        exact=True,
     ):
-        values = tuple(row)
+        values = tuple(row.values())
         key, duration, amounts = values[: len(keys)], values[len(keys)], values[len(keys) + 1 : -1]
         if duration is not None:
             latencies[key].append(duration)
@@ -210,7 +271,7 @@ def spend(
         rows.append(
             {
                 **dict(zip(group.names, key)),
-                **{m: row[m] for m in METRICS if m in row.keys()},  # noqa: SIM118 (sqlite3.Row: `in` tests values)
+                **{m: row[m] for m in METRICS if m in row},
                 **{name: float(money[key][name]) if name in money[key] else None for name in MONEY},
                 "cost_nanousd": _nano(money[key].get("cost_usd")),
                 "p50_s": percentile(values, 0.5),
@@ -223,12 +284,12 @@ def spend(
         "cost_nanousd": totals["cost_nanousd"],
     }
     if reprice is not None:
-        _reprice(conn, group, keys, select, where_sql, where_params, columns, reprice, rows, total_row)
+        _reprice(reader, group, keys, select, where_sql, where_params, columns, reprice, rows, total_row)
     return rows, total_row
 
 
 def _reprice(
-    conn: sqlite3.Connection,
+    reader: _Reader,
     group: Grouping,
     keys: list[str],
     select: str,
@@ -246,10 +307,8 @@ def _reprice(
     """
     wanted = ", ".join(c if c in columns else f"NULL AS {c}" for c in _PRICING_COLUMNS)
     sums: dict[tuple, list[int]] = defaultdict(lambda: [0, 0])  # nano-dollars, rows left unknown
-    for row in conn.execute(
-        f"SELECT {select}{wanted} FROM exchanges WHERE {where_sql}", [*group.params, *where_params]
-    ):
-        values = tuple(row)
+    for row in reader.rows(f"SELECT {select}{wanted} FROM exchanges WHERE {where_sql}", [*group.params, *where_params]):
+        values = tuple(row.values())
         priced = pricer.price(dict(zip(_PRICING_COLUMNS, values[len(keys) :])))
         acc = sums[values[: len(keys)]]
         if priced["cost_nanousd"] is None:
@@ -263,7 +322,7 @@ def _reprice(
     totals.update(reprice_usd=nano / 1e9, reprice_nanousd=nano, reprice_unknown=unknown)
 
 
-def unpriced(conn: sqlite3.Connection, since: float | None, until: float | None) -> list[dict[str, Any]]:
+def unpriced(conn: Any, since: float | None, until: float | None) -> list[dict[str, Any]]:
     """Successful exchanges whose cost is unknown, per model and provider, most first."""
     where, params = ["cost_usd IS NULL", "error_type IS NULL"], []
     if since is not None:
@@ -273,16 +332,26 @@ def unpriced(conn: sqlite3.Connection, since: float | None, until: float | None)
         where.append("request_start < ?")
         params.append(until)
     return [
-        {"model": row[0], "provider": row[1], "requests": row[2]}
-        for row in conn.execute(
-            "SELECT coalesce(response_model, request_model), provider, count(*) FROM exchanges "
+        {"model": row["model"], "provider": row["provider"], "requests": row["requests"]}
+        for row in _Reader(conn).rows(
+            "SELECT coalesce(response_model, request_model) AS model, provider, count(*) AS requests FROM exchanges "
             f"WHERE {' AND '.join(where)} GROUP BY 1, 2 ORDER BY 3 DESC, 1, 2",
             params,
         )
     ]
 
 
-def _open(db: str) -> sqlite3.Connection:
+def _open(db: str) -> Any:
+    """A read connection: SQLite read-only, or PostgreSQL (read-only transactions)."""
+    if is_server_url(db):
+        from llmtap.audit import postgres
+
+        try:
+            conn = postgres.connect(db)
+            conn.read_only = True
+            return conn
+        except Exception as exc:
+            raise click.ClickException(f"{redact_url(db)}: {exc}") from exc
     try:
         return connect_readonly(db)
     except (OSError, ValueError, sqlite3.Error) as exc:
@@ -290,7 +359,13 @@ def _open(db: str) -> sqlite3.Connection:
 
 
 @click.command()
-@click.option("--db", default="./llmtap.db", show_default=True, help="The audit log to read.")
+@click.option(
+    "--db",
+    default="./llmtap.db",
+    show_default=True,
+    envvar="LLMTAP_DB",
+    help="The audit log: a file or postgresql:// URL.",
+)
 @click.option("--since", type=When(), help="Start: a duration back from now (24h, 7d) or an ISO date (UTC).")
 @click.option("--until", type=When(), help="End (exclusive), same forms as --since.")
 @click.option(
@@ -324,7 +399,7 @@ def report(
     table; the ``unknown_cost`` column in every format). Money is summed as exact decimals.
     The models whose cost is unknown are listed (JSON: ``unpriced``).
     """
-    group = grouping(by or (DEFAULT_BY,))  # validate before opening anything
+    group = grouping(by or (DEFAULT_BY,), is_server_url(db))  # validate before opening anything
     pricer = _pricer(prices_file, price_data) if reprice else None
     conn = _open(db)
     try:
@@ -334,7 +409,7 @@ def report(
         conn.close()
     metrics = [*METRICS, *REPRICE_METRICS] if reprice else list(METRICS)
     if not rows and fmt != "table":
-        click.echo(f"llmtap report: no exchanges {_range(since, until)} in {db}", err=True)
+        click.echo(f"llmtap report: no exchanges {_range(since, until)} in {redact_url(db)}", err=True)
     if fmt == "json":
         document = {"since": since, "until": until, "by": group.names, "rows": rows, "totals": totals}
         document["unpriced"] = missing
@@ -349,7 +424,7 @@ def report(
             writer.writerow([*(_csv_text(row[c]) for c in group.names), *(_csv(m, row[m]) for m in metrics)])
         writer.writerow([*_total_label(group.names), *(_csv(m, totals[m]) for m in metrics)])
     elif not rows:
-        click.echo(f"No exchanges {_range(since, until)} in {db}.")
+        click.echo(f"No exchanges {_range(since, until)} in {redact_url(db)}.")
     else:
         _print_table(group.names, rows, totals, since, until, pricer.version if pricer else None)
         if missing:
@@ -371,9 +446,12 @@ def _pricer(prices_file: str, price_data: str) -> Any:
         raise click.ClickException(f"{price_data}: not a genai-prices data file: {exc}") from exc
 
 
-def _decimal(value: float | int | str) -> Decimal:
+def _decimal(value: Decimal | float | int | str) -> Decimal:
     """A stored amount as a decimal: a float to 15 significant digits, which every float holds
-    exactly, so that a computed 17 x 0.2 / 1e6 = 3.4000000000000003e-06 counts as 0.0000034."""
+    exactly, so that a computed 17 x 0.2 / 1e6 = 3.4000000000000003e-06 counts as 0.0000034;
+    PostgreSQL's numeric as it is."""
+    if isinstance(value, Decimal):
+        return value
     return Decimal(value if isinstance(value, str) else format(value, ".15g"))
 
 
@@ -502,21 +580,186 @@ def audit() -> None:
     """Audit log maintenance."""
 
 
+_DB_HELP = "The audit log: a SQLite file, or a postgresql:// URL (password from PGPASSWORD or .pgpass)."
+
+
 @audit.command()
-@click.option("--db", default="./llmtap.db", show_default=True, help="The audit log to check.")
-def verify(db: str) -> None:
-    """Check the hash chain; name the first broken row and exit 1 if there is one."""
+@click.option("--db", default="./llmtap.db", show_default=True, envvar="LLMTAP_DB", help=_DB_HELP)
+@click.option("--instance", "only", default=None, help="PostgreSQL: check only this instance id's chain.")
+@click.option(
+    "--against",
+    type=click.Path(exists=True, dir_okay=False),
+    help="A saved chain head (the writer's `chain head {...}` log lines, or `llmtap audit head` output) to check.",
+)
+def verify(db: str, only: str | None, against: str | None) -> None:
+    """Check the hash chain(s); name the first broken row and exit 1 if there is one."""
     conn = _open(db)
     try:
-        check = verify_chain(conn)
+        if is_server_url(db):
+            from llmtap.audit import postgres
+
+            results = postgres.verify(conn, only)
+        else:
+            check = verify_chain(conn)
+            results = [_sqlite_result(conn, check)]
     finally:
         conn.close()
-    start = "genesis" if check.anchor == GENESIS else f"retention anchor {check.anchor}"
-    if check.ok:
-        click.echo(f"OK: {check.rows} rows, hash chain intact from {start}")
-        return
-    click.echo(
-        f"BROKEN at row id={check.broken_id} exchange_id={check.broken_exchange_id}: {check.reason} "
-        f"({check.rows} rows before it verified, from {start})"
-    )
-    click.get_current_context().exit(1)
+    failed = False
+    for result in results:
+        check = result.check
+        start = "genesis" if check.anchor == GENESIS else f"retention anchor {check.anchor}"
+        who = (
+            f"instance {result.instance_id}" + (f" ({result.name})" if result.name else "") + ": "
+            if result.instance_id
+            else ""
+        )
+        if check.ok:
+            click.echo(f"OK: {who}{check.rows} rows, hash chain intact from {start}")
+        else:
+            failed = True
+            click.echo(
+                f"BROKEN: {who}at row id={check.broken_id} exchange_id={check.broken_exchange_id}: {check.reason} "
+                f"({check.rows} rows before it verified, from {start})"
+            )
+    if not results:
+        click.echo("OK: no rows yet")
+    if against:
+        failed = not _check_heads(db, against, results) or failed
+    if failed:
+        click.get_current_context().exit(1)
+
+
+class _Result(NamedTuple):
+    instance_id: str | None
+    name: str | None
+    check: Any
+    pruned: int
+    head: str
+
+
+def _sqlite_result(conn: sqlite3.Connection, check: Any) -> _Result:
+    pruned = conn.execute("SELECT coalesce(sum(rows), 0) FROM pruned").fetchone()[0]
+    last = conn.execute("SELECT row_hash FROM exchanges ORDER BY id LIMIT 1 OFFSET ?", (max(check.rows - 1, 0),))
+    head = last.fetchone() if check.rows else None
+    return _Result(None, None, check, pruned, head[0] if head else check.anchor)
+
+
+def _check_heads(db: str, path: str, results: list[Any]) -> bool:
+    """Every saved head must be a row of its (verified) chain at the position saved."""
+    heads = []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        lines = f.read().splitlines()
+    for line in lines:
+        start = line.find("{")
+        if start < 0:
+            continue
+        try:
+            doc = json.loads(line[start:])
+        except ValueError:
+            continue
+        if isinstance(doc, dict) and "head" in doc and "rows" in doc:
+            heads.append(doc)
+    if not heads:
+        click.echo(f"BROKEN: no chain head found in {path}")
+        return False
+    conn = _open(db)
+    ok = True
+    try:
+        for doc in heads:
+            instance = doc.get("instance_id")
+            result = next((r for r in results if r.instance_id == instance), None)
+            label = f"instance {instance}" if instance else "the chain"
+            if result is None:
+                click.echo(f"BROKEN: {label} of the saved head {doc['head']} is not in the database")
+                ok = False
+                continue
+            position = int(doc["rows"]) - result.pruned  # 1-based among the rows still stored
+            found = None
+            if position == 0 and result.check.anchor == doc["head"]:
+                found = doc["head"]
+            elif 0 < position <= result.check.rows:
+                if is_server_url(db):
+                    row = conn.execute(
+                        "SELECT row_hash FROM exchanges WHERE instance_id = %s ORDER BY id OFFSET %s LIMIT 1",
+                        (instance, position - 1),
+                    ).fetchone()
+                else:
+                    row = conn.execute(
+                        "SELECT row_hash FROM exchanges ORDER BY id LIMIT 1 OFFSET ?", (position - 1,)
+                    ).fetchone()
+                found = row[0] if row else None
+            if found == doc["head"]:
+                click.echo(f"OK: {label} still holds the saved head {doc['head']} as row {doc['rows']}")
+            else:
+                ok = False
+                click.echo(
+                    f"BROKEN: {label}: the saved head {doc['head']} (row {doc['rows']}) is not in the verified "
+                    "chain: the chain was rewritten or cut"
+                )
+    finally:
+        conn.close()
+    return ok
+
+
+@audit.command()
+@click.option("--db", default="./llmtap.db", show_default=True, envvar="LLMTAP_DB", help=_DB_HELP)
+def head(db: str) -> None:
+    """Print each chain's head (JSON lines) to keep somewhere the database's administrators cannot write."""
+    conn = _open(db)
+    try:
+        if is_server_url(db):
+            from llmtap.audit import postgres
+
+            docs = []
+            for instance in postgres.instances(conn):
+                hashed, rows = postgres.chain_head(conn, instance)
+                docs.append({"instance_id": instance, "rows": rows, "head": hashed})
+        else:
+            result = _sqlite_result(conn, verify_chain(conn))
+            docs = [{"instance_id": None, "rows": result.pruned + result.check.rows, "head": result.head}]
+    finally:
+        conn.close()
+    for doc in docs:
+        click.echo(json.dumps(doc, sort_keys=True))
+
+
+@audit.command()
+@click.option("--db", required=True, envvar="LLMTAP_DB", help="The PostgreSQL URL to migrate (an owner role).")
+@click.option(
+    "--grant", multiple=True, metavar="ROLE", help="Give ROLE what a sidecar needs (SELECT, INSERT). Repeatable."
+)
+def migrate(db: str, grant: tuple[str, ...]) -> None:
+    """Create or upgrade the PostgreSQL audit schema (numbered, transactional, under an advisory lock)."""
+    if not is_server_url(db):
+        raise click.UsageError("--db must be a PostgreSQL URL (SQLite migrates itself on open)")
+    from llmtap.audit import postgres
+
+    try:
+        conn = postgres.connect(db)
+        try:
+            applied = postgres.migrate(conn, grant)
+        finally:
+            conn.close()
+    except Exception as exc:
+        raise click.ClickException(f"{redact_url(db)}: {exc}") from exc
+    done = f"applied migration(s) {', '.join(map(str, applied))}" if applied else "schema already current"
+    click.echo(f"{redact_url(db)}: {done}" + (f"; granted to {', '.join(grant)}" if grant else ""))
+
+
+@audit.command(name="import")
+@click.option(
+    "--from", "source", required=True, type=click.Path(exists=True, dir_okay=False), help="A SQLite audit log."
+)
+@click.option("--db", required=True, envvar="LLMTAP_DB", help="The PostgreSQL URL to copy it into.")
+@click.option("--instance-id", default=None, help="The chain's instance id (default: a new import-... id).")
+def import_(source: str, db: str, instance_id: str | None) -> None:
+    """Copy a SQLite audit history into PostgreSQL as one chain, hashes intact (verify passes)."""
+    if not is_server_url(db):
+        raise click.UsageError("--db must be a PostgreSQL URL")
+    from llmtap.audit import postgres
+
+    try:
+        instance, copied = postgres.import_sqlite(source, db, instance_id)
+    except Exception as exc:
+        raise click.ClickException(f"{redact_url(db)}: {exc}") from exc
+    click.echo(f"imported {copied} rows from {source} into {redact_url(db)} as instance {instance}")

@@ -33,13 +33,13 @@ import math
 import os
 import select
 import signal
-import sqlite3
 import sys
 import time
+from typing import Any
 
-from llmtap.audit.control import STOP_TIMEOUT_SECONDS, WriterStatus, next_backoff
+from llmtap.audit.control import STOP_TIMEOUT_SECONDS, WriterStatus, next_backoff, writer_settings
 from llmtap.audit.journal import fsync_path, generation_path, generations, lock_file, read_lines
-from llmtap.audit.store import AuditStore, Batch
+from llmtap.audit.stores import open_store, transient_errors
 from llmtap.config import Settings
 from llmtap.health import Health
 from llmtap.record import ExchangeRecord
@@ -49,6 +49,7 @@ log = logging.getLogger("llmtap")
 POLL_SECONDS = 0.05  # how often the journal is looked at; also how long a batch gathers
 NICENESS = 10  # below the proxy: on a shared core the proxy comes first, the journal absorbs the lag
 REPORT_EVERY_SECONDS = 1.0
+HEAD_EVERY_SECONDS = 60.0  # how often the chain head is published (a log line; see `verify --against`)
 
 
 class Writer:
@@ -59,7 +60,9 @@ class Writer:
         self.health = health
         self.prune_batch = prune_batch
         self.fsync = settings.fsync == "batch"
-        self.store: AuditStore | None = None
+        self.store: Any = None  # llmtap.audit.stores: SQLite or PostgreSQL
+        self._head_at = 0.0
+        self._published: tuple[str, int] | None = None  # the last chain head logged
         self.newest = 0
         self.on_disk: list[int] = []
         self._offsets: dict[int, int] = {}
@@ -84,7 +87,7 @@ class Writer:
         Raises ``sqlite3.Error``/``OSError`` when the audit log cannot be written: the caller
         backs off and calls again; nothing was lost, the lines wait in the journal.
         """
-        db = self.settings.db
+        db = self.settings.journal_base
         gens = self.on_disk = generations(db)
         if self._lock_fd is None:
             try:
@@ -97,7 +100,7 @@ class Writer:
             if self.fsync:
                 fsync_path(os.path.dirname(db) or ".")
         if self.store is None:
-            self.store = AuditStore(db, fsync_batch=self.fsync, capture_content=self.settings.capture_content)
+            self.store = open_store(self.settings)
         caught_up = True
         for gen in gens:
             if final or gen != gens[-1]:
@@ -108,11 +111,25 @@ class Writer:
         days = self.settings.retention_days
         if days > 0 and self.store.prune(time.time() - days * 86400, self.prune_batch) == self.prune_batch:
             caught_up = False  # more to delete: come straight back
+        if time.monotonic() - self._head_at > HEAD_EVERY_SECONDS or final:
+            self.publish_head()
         return caught_up
+
+    def publish_head(self) -> None:
+        """Log the chain head: a saved line lets ``llmtap audit verify --against`` prove later
+        that nobody rewrote the chain up to it (not even a database administrator)."""
+        head = getattr(self.store, "head", None)
+        rows = getattr(self.store, "rows", None)
+        due = time.monotonic() - self._head_at > HEAD_EVERY_SECONDS
+        if head is None or rows is None or (not due and (head, rows) == self._published):
+            return
+        self._head_at, self._published = time.monotonic(), (head, rows)
+        doc = {"instance_id": getattr(self.store, "instance", None), "rows": rows, "head": head}
+        log.info("chain head %s", json.dumps(doc, sort_keys=True))
 
     def _retire(self, gen: int) -> None:
         """Apply what is left of a sealed generation, then delete it."""
-        path = generation_path(self.settings.db, gen)
+        path = generation_path(self.settings.journal_base, gen)
         self._apply(gen)
         tail = os.path.getsize(path) - self.store.offsets.get(gen, 0)
         if tail:  # cut short when a proxy died mid-write: its client got no response
@@ -123,7 +140,7 @@ class Writer:
 
     def _apply(self, gen: int, batches: float = math.inf) -> bool:
         """Apply up to ``batches`` batches of complete lines; True when none was left."""
-        path = generation_path(self.settings.db, gen)
+        path = generation_path(self.settings.journal_base, gen)
         offset = self.store.offsets.get(gen, 0)
         while batches > 0:
             if self.fsync:
@@ -135,12 +152,20 @@ class Writer:
             offset, batches = end, batches - 1
         return False
 
-    def _settle(self, batch: Batch) -> None:
+    def _settle(self, batch: Any) -> None:
         if batch.corrupt:
             self.health.error("audit", batch.corrupt[0], f"{len(batch.corrupt)} torn journal line(s) skipped")
         if batch.rejected:
-            self.health.error("audit", batch.rejected[0], "row rejected by SQLite")
+            self.health.error("audit", batch.rejected[0], "row rejected by the audit database")
             self.health.add_audit_dropped(len(batch.rejected))
+        conflicts = getattr(batch, "conflicts", ())
+        if conflicts:  # an exchange id stored already with other contents: never a silent skip
+            self.health.add_errors("audit_conflict", len(conflicts))
+            log.error(
+                "%d exchange id(s) already stored with different contents (kept the stored row): %s",
+                len(conflicts),
+                ", ".join(conflicts[:5]),
+            )
         if self.spans is not None:
             for data in batch.records:
                 try:
@@ -173,8 +198,9 @@ class Writer:
 
 
 def run_loop(writer: Writer, commands: int, report, *, max_backoff: float) -> None:
-    """The process's loop: cycle every POLL_SECONDS (backing off while SQLite fails) until told
+    """The process's loop: cycle every POLL_SECONDS (backing off while the store fails) until told
     to stop, or until the proxy is gone."""
+    errors = transient_errors(writer.settings.db)
     stopping = orphaned = False
     done, delay, deadline, last = True, 0.0, math.inf, None
     while True:
@@ -189,11 +215,12 @@ def run_loop(writer: Writer, commands: int, report, *, max_backoff: float) -> No
         try:
             done = writer.cycle(final=stopping)
             delay = 0.0
-        except (sqlite3.Error, OSError) as exc:  # locked, read-only, disk full: retry, lose nothing
+        except errors as exc:  # locked, read-only, disk full, server gone: retry, lose nothing
             done = False
             writer.health.error("audit", exc, "audit log not writable; records wait in the journal")
             if writer.store is not None:
-                writer.store.close()
+                with contextlib.suppress(Exception):
+                    writer.store.close()
                 writer.store = None
             delay = next_backoff(delay, max_backoff)
         status = writer.status()
@@ -227,7 +254,7 @@ def main(argv: list[str] | None = None) -> None:
     with contextlib.suppress(OSError):
         os.nice(NICENESS)
     logging.basicConfig(level=logging.INFO, format="llmtap writer: %(message)s", stream=sys.stderr)
-    settings = Settings.from_json(settings_json)
+    settings = writer_settings(settings_json, os.environ)
     writer = Writer(settings, Health(), prune_batch=args["prune_batch"])
     try:
         run_loop(writer, sys.stdin.fileno(), Reporter(sys.stdout), max_backoff=args["max_backoff"])

@@ -13,6 +13,7 @@ import asyncio
 import importlib
 import logging
 import random
+import socket
 import sys
 import time
 from collections.abc import Callable
@@ -150,6 +151,7 @@ class LLMTap:
 
     def __init__(self) -> None:
         self.settings = Settings()
+        self.instance: str | None = None
         self.health = Health()
         self.prices = Pricer.load()
         self.sinks: list[Sink] = []
@@ -188,6 +190,8 @@ class LLMTap:
             ) from exc
         changed = settings != self.settings
         self.settings, self.prices, self.family_map = settings, prices, family_map
+        # a fleet's rows say which sidecar saw them: the host name unless --instance names it
+        self.instance = settings.instance or (socket.gethostname() if settings.db_is_server else None)
         if self._running and changed:
             # An operator changed llmtap options at runtime (e.g. ``:set`` in mitmproxy's console).
             # The old sinks are flushed and closed first, on the loop: the audit journal is locked
@@ -264,7 +268,7 @@ class LLMTap:
         if not self.settings.db:
             lines.append("  audit    off")
         elif any(s.name == "audit" for s in self.sinks):
-            lines.append(f"  audit    {self.settings.db}")
+            lines.append(f"  audit    {self.settings.db_display}")
         else:  # e.g. another llmtap writes it: this one must not claim it
             lines.append(f"  audit    NOT WRITTEN ({self.sink_problems.get('audit', 'failed to start')})")
         if self.settings.jsonl:
@@ -424,6 +428,7 @@ class LLMTap:
             request_start=request.timestamp_start,
             request_end=request.timestamp_end,
             client_address=flow.client_conn.peername[0] if flow.client_conn.peername else None,
+            instance=self.instance,
             upstream_scheme=request.scheme,
             upstream_host=request.host,
             upstream_port=request.port,

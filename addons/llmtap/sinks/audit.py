@@ -49,7 +49,7 @@ import time
 
 from llmtap.audit import control
 from llmtap.audit.control import WriterStatus
-from llmtap.audit.journal import AuditLogInUse, Journal
+from llmtap.audit.journal import AuditLogInUse, Journal, generation_path, generations
 from llmtap.audit.store import check_audit_log
 from llmtap.config import Settings
 from llmtap.health import Health
@@ -82,8 +82,16 @@ class AuditSink:
         self.settings = settings
         self.health = health
         self.rotate_bytes = rotate_bytes
-        check_audit_log(settings.db)  # a foreign SQLite file: this sink does not start
-        self._journal = Journal(settings.db)
+        if not settings.db_is_server:
+            check_audit_log(settings.db)  # a foreign SQLite file: this sink does not start
+        if settings.journal_dir:
+            with contextlib.suppress(OSError):  # else the journal open fails below, and is retried
+                os.makedirs(settings.journal_dir, mode=0o700, exist_ok=True)
+        self._journal = Journal(settings.journal_base)
+        #: unapplied journal bytes (this run's appends and what earlier runs left), bounded by
+        #: settings.journal_max_bytes: past it records are dropped and counted, never waited for
+        self._pending_bytes = 0
+        self._inherited: dict[int, int] = {}
         self._command = control.writer_command(settings, prune_batch=prune_batch, max_backoff=max_backoff)
         self._cond = threading.Condition()  # guards the journal, _memory, _ends and the writer's positions
         self._memory: collections.deque[bytes] = collections.deque()
@@ -98,6 +106,10 @@ class AuditSink:
         self._drop_logged = False
         self._stopping = threading.Event()
         self._writer: subprocess.Popen | None = None
+        for gen in generations(settings.journal_base):
+            with contextlib.suppress(OSError):
+                self._inherited[gen] = os.path.getsize(generation_path(settings.journal_base, gen))
+        self._pending_bytes = sum(self._inherited.values())
         try:
             self._open()
         except OSError as exc:  # records wait in memory; this sink retries opening the journal
@@ -121,9 +133,12 @@ class AuditSink:
         with self._cond:
             if self._closed:
                 fault, dropped = RuntimeError("record emitted after the audit log was closed"), True
+            elif self._pending_bytes + len(line) > self.settings.journal_max_bytes:
+                dropped = True  # the database has been away too long: the bound keeps the disk
             elif not self._memory and self._journal.fd is not None:
                 try:
                     self._ends[self._journal.gen].append(self._journal.append(line))
+                    self._pending_bytes += len(line)
                 except OSError as exc:
                     fault, dropped = exc, not self._hold(line)
             else:
@@ -262,7 +277,7 @@ class AuditSink:
                 self._command,
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
-                env=_writer_env(),
+                env=_writer_env(self.settings.db),
             )
         except OSError as exc:
             self.health.error(self.name, exc, "cannot start the audit writer process")
@@ -288,6 +303,12 @@ class AuditSink:
             for gen in list(self._ends):
                 if gen not in positions and gen <= self._newest_seen and gen != self._journal.gen:
                     del self._ends[gen]  # retired: every record of it is in SQLite
+            for gen in list(self._inherited):
+                if gen not in positions and gen <= self._newest_seen:
+                    del self._inherited[gen]
+            self._pending_bytes = sum(
+                (ends[-1] if ends else 0) - positions.get(gen, 0) for gen, ends in self._ends.items()
+            ) + sum(size - positions.get(gen, 0) for gen, size in self._inherited.items())
             self._cond.notify_all()
         last, self._reported = self._reported or WriterStatus(), status
         for stage, count in status.errors.items():
@@ -319,10 +340,11 @@ class AuditSink:
                 ends = self._ends[self._journal.gen]
                 for _ in range(min(self.DRAIN_BATCH, len(self._memory))):
                     ends.append(self._journal.append(self._memory[0]))  # raises: the line stays
-                    self._memory.popleft()
+                    self._pending_bytes += len(self._memory.popleft())
 
 
-def _writer_env() -> dict[str, str]:
-    """The proxy's environment (OTEL_* included). The writer runs in Python's isolated mode,
-    which ignores PYTHONPATH: its import path is set by ``control.writer_command``."""
-    return dict(os.environ)
+def _writer_env(db: str) -> dict[str, str]:
+    """The proxy's environment (OTEL_* and PG* included) and the ``--db`` (kept out of the
+    public argv). The writer runs in Python's isolated mode, which ignores PYTHONPATH: its
+    import path is set by ``control.writer_command``."""
+    return {**os.environ, control.DB_ENV: db}

@@ -1,0 +1,698 @@
+"""The PostgreSQL audit store: one database, the system of record for a fleet of llmtaps.
+
+Each llmtap (an *instance*: a random id kept in its journal directory) applies its own
+journal here exactly as it would to SQLite: in batches, each one transaction that inserts the
+rows (``COPY``) and records how far the journal has been applied (``journal_positions``), so
+a restart resumes exactly once. Every instance has its own hash chain (``instance_id``; the
+chain's rules are ``llmtap.audit.rows``), so forty sidecars never contend for one chain head;
+a per-instance advisory lock keeps two writers of one instance from interleaving.
+
+Exactly once: an exchange id already stored is a no-op only when the stored row hashes to
+its stored ``row_hash`` with this record's body (the same record, replayed); anything else
+is a conflict, counted and logged, never a silent skip.
+
+Schema made for the engine: money ``numeric`` (written from the exact decimal a value was
+hashed as), ``jsonb`` for the structured columns, the epoch seconds that are hashed as
+``double precision`` plus ``timestamptz`` columns generated from them (``request_at``,
+``response_at``) for SQL and dashboards. Migrations (``migrate``) are numbered, transactional
+and run under an advisory lock by an owner role; the columns follow the SQLite schema (a new
+record field is a new nullable column in both). Sidecars need only INSERT and SELECT (and
+DELETE on ``exchanges``/``content`` when retention is on).
+"""
+
+from __future__ import annotations
+
+import functools
+import gc
+import json
+import logging
+import operator
+import os
+import secrets
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any, NamedTuple
+
+from llmtap.audit.rows import (
+    GENESIS,
+    JSON_COLUMNS,
+    UNHASHED,
+    ChainCheck,
+    RowBuilder,
+    body_json,
+    insert_columns,
+    parse_line,
+    row_hash,
+    to_text,
+)
+from llmtap.config import Settings
+from llmtap.record import canonical_json
+
+log = logging.getLogger("llmtap")
+
+#: The advisory lock key of migrations (any constant; "llmtap" in ASCII).
+MIGRATION_LOCK = 0x6C6C6D746170
+INSTANCE_FILE = "instance-id"
+
+
+def psycopg():
+    """psycopg 3, imported only when a PostgreSQL URL is used (the ``postgres`` extra)."""
+    try:
+        import psycopg as module
+    except ImportError as exc:  # pragma: no cover - the extra is missing
+        raise RuntimeError("a PostgreSQL --db needs psycopg: pip install 'llmtap[postgres]'") from exc
+    return module
+
+
+def transient_errors() -> tuple[type[BaseException], ...]:
+    """Errors after which the writer backs off and retries the batch (server gone, no rights)."""
+    pg = psycopg()
+    return (pg.OperationalError, pg.InterfaceError, pg.errors.InsufficientPrivilege, pg.errors.UndefinedTable)
+
+
+# --- schema ---------------------------------------------------------------------------------------
+
+
+@functools.cache
+def sqlite_types() -> dict[str, str]:
+    """The ``exchanges`` columns as the SQLite schema declares them (the one list of columns)."""
+    from sqlite_utils import Database
+
+    from llmtap.audit.sqlite import migrate as migrate_sqlite
+
+    db = Database(memory=True)
+    migrate_sqlite(db)
+    types = {c.name: c.type.upper() for c in db["exchanges"].columns if c.name not in UNHASHED}
+    db.conn.close()
+    return types
+
+
+def pg_type(name: str, kind: str) -> str:
+    """The PostgreSQL type of a hashed column."""
+    if name in JSON_COLUMNS:
+        return "jsonb"
+    if name.endswith("_usd"):
+        return "numeric"
+    return {"INTEGER": "bigint", "REAL": "double precision"}.get(kind, "text")
+
+
+_BASE = """
+CREATE TABLE exchanges (
+    id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    instance_id text NOT NULL,
+    exchange_id text NOT NULL UNIQUE,
+    request_start double precision,
+    response_end double precision,
+    json_exact text,
+    prev_hash text NOT NULL,
+    row_hash text NOT NULL,
+    -- NULL for a time no timestamptz holds: an odd value costs this column, never the row
+    request_at timestamptz GENERATED ALWAYS AS (
+        CASE WHEN request_start BETWEEN -2.0e11 AND 9.2e12 THEN to_timestamp(request_start) END) STORED,
+    response_at timestamptz GENERATED ALWAYS AS (
+        CASE WHEN response_end BETWEEN -2.0e11 AND 9.2e12 THEN to_timestamp(response_end) END) STORED
+);
+CREATE INDEX exchanges_chain ON exchanges (instance_id, id);
+CREATE INDEX exchanges_request_start ON exchanges (request_start);
+CREATE TABLE content (
+    exchange_id text PRIMARY KEY REFERENCES exchanges (exchange_id),
+    input_messages text,
+    output_messages text,
+    truncated integer
+);
+CREATE TABLE journal_positions (
+    id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    instance_id text NOT NULL,
+    gen bigint NOT NULL,
+    "offset" bigint NOT NULL,
+    at timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX journal_positions_instance ON journal_positions (instance_id, gen, id);
+CREATE TABLE pruned (
+    id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    instance_id text NOT NULL,
+    pruned_at timestamptz NOT NULL DEFAULT now(),
+    cutoff double precision,
+    rows bigint,
+    first_id bigint,
+    last_id bigint,
+    anchor_hash text NOT NULL
+);
+CREATE INDEX pruned_instance ON pruned (instance_id, id);
+"""
+
+
+def _add_columns(cur: Any) -> None:
+    """Every column of the SQLite schema, with its engine type (idempotent: a new record field
+    becomes a new nullable column, so old rows keep their hashes)."""
+    for name, kind in sqlite_types().items():
+        cur.execute(f"ALTER TABLE exchanges ADD COLUMN IF NOT EXISTS {name} {pg_type(name, kind)}")
+    for column in ("response_model", "provider", "app_id", "key_fingerprint", "response_id", "previous_response_id"):
+        cur.execute(f"CREATE INDEX IF NOT EXISTS exchanges_{column} ON exchanges ({column})")
+
+
+#: Numbered steps; ``llmtap_schema`` holds how many were applied. The last re-runs whenever a
+#: column is missing (``_add_columns`` is idempotent).
+MIGRATIONS = (lambda cur: cur.execute(_BASE), _add_columns)
+
+
+def _columns(conn: Any) -> set[str]:
+    rows = conn.execute(
+        "SELECT column_name FROM information_schema.columns WHERE table_name = 'exchanges' "
+        "AND table_schema = current_schema()"
+    ).fetchall()
+    return {row[0] for row in rows}
+
+
+def schema_current(conn: Any) -> bool:
+    """True when the schema has every migration and every column this llmtap writes."""
+    if conn.execute("SELECT to_regclass('llmtap_schema')").fetchone()[0] is None:
+        return False
+    version = conn.execute("SELECT max(version) FROM llmtap_schema").fetchone()[0] or 0
+    return version >= len(MIGRATIONS) and set(sqlite_types()) <= _columns(conn)
+
+
+def migrate(conn: Any, grant: Iterable[str] = ()) -> list[int]:
+    """Apply pending migrations, each in its own transaction, under an advisory lock; the
+    numbers applied. ``grant``: roles given what a sidecar needs."""
+    applied = []
+    with conn.transaction():
+        conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
+        conn.execute("CREATE TABLE IF NOT EXISTS llmtap_schema (version integer PRIMARY KEY, applied_at timestamptz)")
+        version = conn.execute("SELECT coalesce(max(version), 0) FROM llmtap_schema").fetchone()[0]
+        for number, step in enumerate(MIGRATIONS, start=1):
+            if number > version or (number == len(MIGRATIONS) and not set(sqlite_types()) <= _columns(conn)):
+                with conn.transaction():  # a savepoint: one step, all or nothing
+                    with conn.cursor() as cur:
+                        step(cur)
+                    conn.execute(
+                        "INSERT INTO llmtap_schema VALUES (%s, now()) ON CONFLICT (version) DO NOTHING", (number,)
+                    )
+                applied.append(number)
+        for role in grant:
+            ident = psycopg().sql.Identifier(role)
+            conn.execute(
+                psycopg()
+                .sql.SQL("GRANT SELECT, INSERT ON exchanges, content, journal_positions, pruned, llmtap_schema TO {}")
+                .format(ident)
+            )
+    return applied
+
+
+def connect(url: str, *, autocommit: bool = True) -> Any:
+    """A connection (libpq URL, conninfo or ``service=``; the password from the environment or
+    ``.pgpass``), failing within seconds when the server is unreachable."""
+    return psycopg().connect(url, autocommit=autocommit, connect_timeout=5, application_name="llmtap")
+
+
+def connect_migrated(url: str) -> Any:
+    """A connection to a current schema: migrated now when it is not and this role may."""
+    conn = connect(url)
+    try:
+        if not schema_current(conn):
+            try:
+                migrate(conn)
+            except psycopg().errors.InsufficientPrivilege as exc:
+                raise psycopg().errors.InsufficientPrivilege(
+                    "the audit schema is missing or old and this role may not migrate it: "
+                    "run `llmtap audit migrate --db URL` as the owner"
+                ) from exc
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+# --- instances ------------------------------------------------------------------------------------
+
+
+def instance_id(journal_dir: str) -> str:
+    """This instance's id: read from the journal directory, created there (randomly) on first
+    start. A pod that comes back with the same journal volume is the same instance."""
+    path = os.path.join(journal_dir, INSTANCE_FILE)
+    try:
+        with open(path) as f:
+            found = f.read().strip()
+        if found:
+            return found
+    except FileNotFoundError:
+        pass
+    os.makedirs(journal_dir, mode=0o700, exist_ok=True)
+    new = secrets.token_hex(8)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        f.write(new + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    try:
+        os.link(tmp, path)  # never replaces an id another process wrote first
+    except FileExistsError:
+        pass
+    finally:
+        os.unlink(tmp)
+    with open(path) as f:
+        return f.read().strip()
+
+
+# --- the writer side ----------------------------------------------------------------------------
+
+
+class Batch(NamedTuple):
+    corrupt: list[Exception]  # lines that are not a record (a torn write): skipped
+    rejected: list[Exception]  # records the database refused: dropped and counted
+    records: list[dict[str, Any]]  # the parsed records that made a row (the spans are built from them)
+    conflicts: list[str]  # exchange ids stored already with different contents: counted, logged
+
+
+class _Row(NamedTuple):
+    values: list[Any]  # in COPY column order; prev_hash and row_hash last
+    body: str
+    content: tuple[str, str | None, str | None, int] | None
+    data: dict[str, Any]
+
+
+class PostgresStore:
+    """The audit database as one instance's writer sees it: applies journal batches, prunes."""
+
+    def __init__(self, url: str, instance: str, *, capture_content: bool) -> None:
+        self.instance = instance
+        self.capture_content = capture_content
+        self.conn = connect_migrated(url)
+        try:
+            self.types = {name: kind for name, kind in sqlite_types().items()}
+            self.columns = ["instance_id", *sorted(self.types), "json_exact", "prev_hash", "row_hash"]
+            self._json_positions = [(i, name) for i, name in enumerate(self.columns) if name in JSON_COLUMNS]
+            self._copy = f"COPY exchanges ({', '.join(self.columns)}) FROM STDIN"
+            self.offsets: dict[int, int] = dict(
+                self.conn.execute(
+                    'SELECT DISTINCT ON (gen) gen, "offset" FROM journal_positions WHERE instance_id = %s '
+                    "ORDER BY gen, id DESC",
+                    (instance,),
+                ).fetchall()
+            )
+            self.head, self.rows = chain_head(self.conn, instance)
+        except BaseException:
+            self.conn.close()
+            raise
+        self._row = RowBuilder(self.types)
+        self._may_delete = self._may_prune = True  # until the role says otherwise
+        self._layout = functools.lru_cache(maxsize=256)(self._arrange)
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> PostgresStore:
+        return cls(settings.db, instance_id(settings.journal_dir), capture_content=settings.capture_content)
+
+    def _arrange(self, insert: str) -> Any:
+        """A function from ``[instance, *values of the INSERT's columns, prev_hash, row_hash]``
+        to the COPY row (NULL for the other columns): one C call per row."""
+        names = insert_columns(insert)
+        given = {"instance_id": 0, **{name: i + 1 for i, name in enumerate(names)}}
+        given["prev_hash"], given["row_hash"] = len(names) + 1, len(names) + 2  # json_exact: NULL
+        blank = len(names) + 3  # the index of the None appended
+        getter = operator.itemgetter(*[given.get(column, blank) for column in self.columns])
+        return lambda values: getter([*values, None])
+
+    def apply(self, gen: int, lines: list[bytes], end: int) -> Batch:
+        """Insert the records of ``lines`` and record ``end`` as gen's offset, in one transaction."""
+        collecting = gc.isenabled()
+        gc.disable()
+        corrupt: list[Exception] = []
+        rejected: list[Exception] = []
+        conflicts: list[str] = []
+        pg = psycopg()
+        try:
+            try:  # optimistic: rows streamed as built, no look-up (an id already stored is rare: a replay)
+                head, kept = self._stream(gen, end, lines, corrupt, rejected)
+            except (pg.DataError, pg.IntegrityError) as exc:
+                corrupt.clear()
+                rejected.clear()
+                rows = list(self._rows(lines, corrupt, rejected))
+                try:
+                    if not isinstance(exc, pg.errors.UniqueViolation):
+                        raise exc
+                    head, kept = self._transaction(gen, end, rows, conflicts, check=True, each=False)
+                except (pg.DataError, pg.IntegrityError):  # a value the server refuses: row by row
+                    conflicts.clear()
+                    head, kept = self._transaction(gen, end, rows, conflicts, check=True, each=True, rejected=rejected)
+        finally:
+            if collecting:
+                gc.enable()
+        self.rows += len(kept)
+        self.head, self.offsets[gen] = head, end
+        return Batch(corrupt, rejected, [row.data for row in kept], conflicts)
+
+    def _stream(
+        self, gen: int, end: int, lines: list[bytes], corrupt: list[Exception], rejected: list[Exception]
+    ) -> tuple[str, list[_Row]]:
+        """One transaction: every row COPYed as soon as it is built and chained (the server
+        stores row n while this process builds row n+1), then the offset."""
+        head = self.head
+        kept: list[_Row] = []
+        with self.conn.transaction():
+            self.conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (self.instance,))
+            with self.conn.cursor() as cur, cur.copy(self._copy) as copy:
+                for row in self._rows(lines, corrupt, rejected):
+                    row.values[-2:] = head, row_hash(head, row.body)
+                    head = row.values[-1]
+                    copy.write_row(row.values)
+                    kept.append(row)
+            self._finish(gen, end, kept)
+        return head, kept
+
+    def _finish(self, gen: int, end: int, kept: list[_Row]) -> None:
+        """The batch's content rows and its journal position (inside its transaction)."""
+        contents = [row.content for row in kept if row.content is not None]
+        if contents:
+            with self.conn.cursor() as cur:
+                cur.executemany(
+                    "INSERT INTO content VALUES (%s, %s, %s, %s) ON CONFLICT (exchange_id) DO NOTHING", contents
+                )
+        self.conn.execute(
+            'INSERT INTO journal_positions (instance_id, gen, "offset") VALUES (%s, %s, %s)',
+            (self.instance, gen, end),
+        )
+
+    def _transaction(
+        self,
+        gen: int,
+        end: int,
+        rows: list[_Row],
+        conflicts: list[str],
+        *,
+        check: bool,
+        each: bool,
+        rejected: list[Exception] | None = None,
+    ) -> tuple[str, list[_Row]]:
+        """One transaction: the new rows (COPY, or one by one after a row fault), the offset."""
+        head = self.head
+        kept: list[_Row] = []
+        with self.conn.transaction():
+            self.conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (self.instance,))
+            stored = self._stored([row.data["exchange_id"] for row in rows]) if check else {}
+            for row in rows:
+                found = stored.get(row.data["exchange_id"])
+                if found is not None:
+                    if row_hash(found[0], row.body) != found[1]:
+                        conflicts.append(row.data["exchange_id"])
+                    continue  # the same record, replayed: a no-op
+                row.values[-2:] = head, row_hash(head, row.body)
+                if each:
+                    try:
+                        with self.conn.transaction():
+                            self.conn.execute(self._insert_one, row.values)
+                    except (psycopg().DataError, psycopg().IntegrityError) as exc:
+                        rejected.append(exc)
+                        continue
+                head = row.values[-1]
+                kept.append(row)
+            if kept and not each:
+                with self.conn.cursor() as cur, cur.copy(self._copy) as copy:
+                    for row in kept:
+                        copy.write_row(row.values)
+            self._finish(gen, end, kept)
+        return head, kept
+
+    @functools.cached_property
+    def _insert_one(self) -> str:
+        return f"INSERT INTO exchanges ({', '.join(self.columns)}) VALUES ({', '.join(['%s'] * len(self.columns))})"
+
+    def _stored(self, ids: list[str]) -> dict[str, tuple[str, str]]:
+        if not ids:
+            return {}
+        found = self.conn.execute(
+            "SELECT exchange_id, prev_hash, row_hash FROM exchanges WHERE exchange_id = ANY(%s)", (ids,)
+        ).fetchall()
+        return {exchange_id: (prev, hashed) for exchange_id, prev, hashed in found}
+
+    def _rows(self, lines: list[bytes], corrupt: list[Exception], rejected: list[Exception]) -> Iterator[_Row]:
+        """The rows of ``lines``, as they are built; the lines that are not a record go to
+        ``corrupt``, the records that make no row to ``rejected``."""
+        for line in lines:
+            text = None
+            if line[:2] == b'{"':
+                try:
+                    text = line.decode()
+                except UnicodeDecodeError:
+                    pass
+            try:
+                data = parse_line(line, text)
+                if not isinstance(data, dict) or not isinstance(data.get("exchange_id"), str):
+                    raise ValueError("not a journaled record")
+            except ValueError as exc:
+                corrupt.append(exc)
+                continue
+            clean = text is not None and ("\\" not in text or "\\u" not in text)
+            try:
+                if b"\\u0000" in line:  # JSON escapes every NUL; PostgreSQL text holds none
+                    data = _without_nul(data)  # U+FFFD instead, before hashing: the row is what was hashed
+                    clean = False
+                insert, params, body = self._row(data, clean=clean)
+                values = list(self._layout(insert)([self.instance, *params]))
+                if b"e+" in line or b"-0.0" in line:  # maybe a float jsonb cannot give back as written
+                    exact = {
+                        name: values[i]
+                        for i, name in self._json_positions
+                        if values[i] is not None and ("e+" in values[i] or "-0.0" in values[i])
+                    }
+                    values[-3] = json.dumps(exact, ensure_ascii=False) if exact else None
+                row = _Row(values, body, self._content(data), data)
+            except Exception as exc:
+                rejected.append(exc)
+                continue
+            yield row
+
+    def _content(self, data: Mapping[str, Any]) -> tuple[str, str | None, str | None, int] | None:
+        inputs, outputs = data.get("input_messages"), data.get("output_messages")
+        if not self.capture_content or not (inputs or outputs):
+            return None
+        truncated = any(isinstance(m, Mapping) and m.get("truncated") for m in [*(inputs or ()), *(outputs or ())])
+        texts = [None if messages is None else to_text(canonical_json(messages)) for messages in (inputs, outputs)]
+        return data["exchange_id"], texts[0], texts[1], int(truncated)
+
+    def forget(self, gen: int) -> None:
+        """A retired generation starts again from 0 should its number come back (a replay is a
+        no-op: its exchange ids are there with the same hashes)."""
+        with self.conn.transaction():
+            self.conn.execute(
+                'INSERT INTO journal_positions (instance_id, gen, "offset") VALUES (%s, %s, 0)', (self.instance, gen)
+            )
+            if self._may_delete:  # housekeeping: the superseded positions of the retired generation
+                try:
+                    with self.conn.transaction():
+                        self.conn.execute(
+                            'DELETE FROM journal_positions WHERE instance_id = %s AND gen = %s AND "offset" > 0',
+                            (self.instance, gen),
+                        )
+                except psycopg().errors.InsufficientPrivilege:
+                    self._may_delete = False  # INSERT and SELECT only: one row per batch stays
+        self.offsets.pop(gen, None)
+
+    def prune(self, cutoff: float, batch: int) -> int:
+        """Delete up to ``batch`` of this chain's oldest rows started before ``cutoff``; ledger
+        the anchor (the chain then verifies from it)."""
+        if not self._may_prune:
+            return 0
+        rows = self.conn.execute(
+            "SELECT id, request_start, row_hash FROM exchanges WHERE instance_id = %s ORDER BY id LIMIT %s",
+            (self.instance, batch),
+        ).fetchall()
+        old = []
+        for row in rows:
+            if (row[1] or 0.0) >= cutoff:
+                break
+            old.append(row)
+        if not old:
+            return 0
+        try:
+            self._delete(old, cutoff)
+        except psycopg().errors.InsufficientPrivilege as exc:
+            self._may_prune = False
+            log.error("retention is off for this instance: its role may not DELETE (%s)", exc)
+            return 0
+        return len(old)
+
+    def _delete(self, old: list[tuple], cutoff: float) -> None:
+        last_id = old[-1][0]
+        with self.conn.transaction():
+            self.conn.execute(
+                "DELETE FROM content WHERE exchange_id IN "
+                "(SELECT exchange_id FROM exchanges WHERE instance_id = %s AND id <= %s)",
+                (self.instance, last_id),
+            )
+            self.conn.execute("DELETE FROM exchanges WHERE instance_id = %s AND id <= %s", (self.instance, last_id))
+            self.conn.execute(
+                "INSERT INTO pruned (instance_id, cutoff, rows, first_id, last_id, anchor_hash) "
+                "VALUES (%s, %s, %s, %s, %s, %s)",
+                (self.instance, cutoff, len(old), old[0][0], last_id, old[-1][2]),
+            )
+
+    def close(self) -> None:
+        try:
+            self.conn.close()
+        except Exception:
+            pass
+
+
+def _storable(row: Any, names: list[str], json_names: frozenset[str] | set[str]) -> tuple[list[Any], dict[str, Any]]:
+    """A SQLite row's values as PostgreSQL can store them, and the hashed value of each column
+    it would not give back as it was hashed (kept in ``json_exact``): text with NUL (stored with
+    U+FFFD), JSON text jsonb refuses or reads back otherwise (``\\u0000``; a float such as 1e+16)."""
+    values, exact = list(row), {}
+    for i, (name, value) in enumerate(zip(names, row)):
+        if not isinstance(value, str):
+            continue
+        if name in json_names:
+            if "e+" in value or "-0.0" in value or "\\u0000" in value:
+                exact[name] = value
+                values[i] = value.replace("\\u0000", "\\ufffd")
+        elif "\x00" in value:
+            exact[name] = value
+            values[i] = value.replace("\x00", "\ufffd")
+    return values, exact
+
+
+def _without_nul(value: Any) -> Any:
+    if isinstance(value, str):
+        return value.replace("\x00", "\ufffd")
+    if isinstance(value, dict):
+        return {_without_nul(k): _without_nul(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_without_nul(v) for v in value]
+    return value
+
+
+#: This module's store, for the registry (``llmtap.audit.stores``).
+Store = PostgresStore
+
+
+# --- reading: chain heads, verify, import ----------------------------------------------------------
+
+
+def chain_head(conn: Any, instance: str) -> tuple[str, int]:
+    """An instance's chain head and its length (rows ever chained, pruned ones included)."""
+    pruned = conn.execute(
+        "SELECT coalesce(sum(rows), 0), (SELECT anchor_hash FROM pruned WHERE instance_id = %s ORDER BY id DESC LIMIT 1)"
+        " FROM pruned WHERE instance_id = %s",
+        (instance, instance),
+    ).fetchone()
+    count, last = conn.execute(
+        "SELECT count(*), (SELECT row_hash FROM exchanges WHERE instance_id = %s ORDER BY id DESC LIMIT 1) "
+        "FROM exchanges WHERE instance_id = %s",
+        (instance, instance),
+    ).fetchone()
+    return last or pruned[1] or GENESIS, int(pruned[0]) + count
+
+
+def instances(conn: Any) -> list[str]:
+    rows = conn.execute(
+        "SELECT DISTINCT instance_id FROM exchanges UNION SELECT DISTINCT instance_id FROM pruned ORDER BY 1"
+    ).fetchall()
+    return [row[0] for row in rows]
+
+
+class InstanceCheck(NamedTuple):
+    instance_id: str
+    name: str | None  # the latest --instance name seen on its rows
+    check: ChainCheck
+    pruned: int  # rows retention deleted before the anchor
+    head: str  # the last verified row's hash (the anchor when none)
+
+
+def _select_list(conn: Any) -> tuple[list[str], list[str]]:
+    """The hashed columns as stored here, and the SELECT expressions that read each back as hashed."""
+    present = _columns(conn)
+    names = sorted(name for name in sqlite_types() if name in present)
+    exprs = []
+    for name in names:
+        kind = sqlite_types()[name]
+        if pg_type(name, kind) == "numeric":
+            exprs.append(f"{name}::float8" if kind == "REAL" else f"{name}::text")
+        else:
+            exprs.append(name)
+    return names, exprs
+
+
+def verify(conn: Any, only: str | None = None) -> list[InstanceCheck]:
+    """Walk every chain (or one instance's) in id order; each stops at its first bad row."""
+    names, exprs = _select_list(conn)
+    json_positions = [i for i, name in enumerate(names) if name in JSON_COLUMNS]
+    results = []
+    for instance in instances(conn) if only is None else [only]:
+        pruned, anchor = conn.execute(
+            "SELECT coalesce(sum(rows), 0), (SELECT anchor_hash FROM pruned WHERE instance_id = %s "
+            "ORDER BY id DESC LIMIT 1) FROM pruned WHERE instance_id = %s",
+            (instance, instance),
+        ).fetchone()
+        anchor = anchor or GENESIS
+        prev, checked, name, broken = anchor, 0, None, None
+        with conn.transaction(), conn.cursor(name=f"verify_{secrets.token_hex(4)}") as cur:
+            cur.execute(
+                f"SELECT id, exchange_id, prev_hash, row_hash, json_exact, {', '.join(exprs)} FROM exchanges "
+                "WHERE instance_id = %s ORDER BY id",
+                (instance,),
+            )
+            for values in cur:
+                row = dict(zip(names, values[5:]))
+                for position in json_positions:
+                    value = values[5 + position]
+                    if value is not None:
+                        row[names[position]] = canonical_json(value)
+                if values[4] is not None:  # JSON texts jsonb would not give back as written
+                    row.update(json.loads(values[4]))
+                reason = None
+                if values[2] != prev:
+                    reason = "prev_hash does not match the row before it (a row was removed, inserted or reordered)"
+                elif values[3] != row_hash(prev, body_json(row)):
+                    reason = "row_hash does not match the row's contents (the row was edited)"
+                if reason:
+                    broken = ChainCheck(checked, anchor, values[0], values[1], reason)
+                    break
+                prev, checked, name = values[3], checked + 1, row.get("instance") or name
+        results.append(InstanceCheck(instance, name, broken or ChainCheck(checked, anchor), int(pruned), prev))
+    return results
+
+
+def import_sqlite(sqlite_path: str, url: str, instance: str | None = None) -> tuple[str, int]:
+    """Copy a SQLite audit log (rows, content, retention ledger) into PostgreSQL as one chain,
+    hashes kept, in one transaction; the chain's instance id and the rows copied."""
+    from llmtap.audit.sqlite import connect_readonly
+
+    source = connect_readonly(sqlite_path)
+    conn = connect_migrated(url)
+    instance = instance or f"import-{secrets.token_hex(6)}"
+    try:
+        names = sorted(set(sqlite_types()) & {row[1] for row in source.execute("PRAGMA table_info(exchanges)")})
+        columns = ["instance_id", *names, "json_exact", "prev_hash", "row_hash"]
+        json_names = JSON_COLUMNS & set(names)
+        copied = 0
+        with conn.transaction():
+            conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (instance,))
+            if conn.execute("SELECT 1 FROM exchanges WHERE instance_id = %s LIMIT 1", (instance,)).fetchone():
+                raise ValueError(f"instance {instance} already has rows in the database")
+            for row in source.execute("SELECT * FROM pruned ORDER BY id"):
+                conn.execute(
+                    "INSERT INTO pruned (instance_id, pruned_at, cutoff, rows, first_id, last_id, anchor_hash) "
+                    "VALUES (%s, to_timestamp(%s), %s, %s, %s, %s, %s)",
+                    (
+                        instance,
+                        row["pruned_at"],
+                        row["cutoff"],
+                        row["rows"],
+                        row["first_id"],
+                        row["last_id"],
+                        row["anchor_hash"],
+                    ),
+                )
+            select = f"SELECT {', '.join(names)}, prev_hash, row_hash FROM exchanges ORDER BY id"
+            with conn.cursor() as cur, cur.copy(f"COPY exchanges ({', '.join(columns)}) FROM STDIN") as copy:
+                for row in source.execute(select):
+                    values, exact = _storable(row[: len(names)], names, json_names)
+                    json_exact = json.dumps(exact, ensure_ascii=False) if exact else None
+                    copy.write_row([instance, *values, json_exact, *row[len(names) :]])
+                    copied += 1
+            contents = source.execute("SELECT exchange_id, input_messages, output_messages, truncated FROM content")
+            with conn.cursor() as cur:
+                cur.executemany("INSERT INTO content VALUES (%s, %s, %s, %s)", [tuple(r) for r in contents])
+    finally:
+        source.close()
+        conn.close()
+    return instance, copied

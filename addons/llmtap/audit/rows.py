@@ -1,0 +1,324 @@
+"""Rows and the hash chain: what every audit store (SQLite, PostgreSQL) shares.
+
+A journaled record becomes one ``exchanges`` row (``row_builder`` is the reference
+definition; ``RowBuilder`` its fast path), and each row is chained to the one before it in
+its chain (one chain per store with SQLite, one per instance with PostgreSQL)::
+
+    row_hash = "sha256:" + hex(sha256(utf8(prev_hash + canonical_json(body))))
+
+where ``body`` maps every hashed column of the row (all but ``id``, ``prev_hash``,
+``row_hash`` and the store's own bookkeeping columns) whose value is not NULL to the value as
+written (JSON columns as their canonical text), ``canonical_json`` is sorted keys,
+``","``/``":"`` separators, non-ASCII kept as UTF-8, floats in Python ``repr`` form. The first
+row's ``prev_hash`` is ``GENESIS``; after retention pruned the oldest rows, the chain restarts
+from the anchor (the hash of the last row deleted). Migrations only ever add nullable
+columns, so old rows keep their hashes.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import math
+import operator
+from collections.abc import Callable, Mapping, Sequence
+from json.encoder import encode_basestring
+from typing import Any, NamedTuple
+
+import orjson
+
+from llmtap.record import canonical_json
+
+GENESIS = "sha256:" + "0" * 64
+#: Columns holding JSON text (the record's mappings and lists).
+JSON_COLUMNS = frozenset(
+    {
+        "labels",
+        "weights",
+        "policies",
+        "stop",
+        "tool_names",
+        "tool_types",
+        "finish_reasons",
+        "response_labels",
+        "metadata_json",
+        "anomalies",
+    }
+)
+#: Columns outside the hashed body: the row's key, its chain links, and PostgreSQL's chain key.
+UNHASHED = frozenset({"id", "prev_hash", "row_hash", "instance_id"})
+_UNHASHED = UNHASHED
+
+
+def row_builder(types: Mapping[str, str]) -> Callable[[Mapping[str, Any]], dict[str, Any]]:
+    """A function from a journaled record (``ExchangeRecord.to_dict()`` as parsed from its JSON
+    line) to its ``exchanges`` row, each value coerced to its column's declared type.
+
+    Coercion makes every value read back exactly as it was hashed (SQLite would turn an int in
+    a REAL column into a float, a bool into 0/1, NaN into NULL). A value that does not fit its
+    type becomes NULL; the raw Pulze metadata is kept whole in ``metadata_json`` either way.
+    The writer maps the parsed dict directly, without rebuilding the record, and most records
+    through ``RowBuilder``'s shortcut, which must give the same rows.
+    """
+    plan = [
+        (name, _SOURCES.get(name, name), _to_json if name in JSON_COLUMNS else _CONVERTERS.get(kind, _to_text))
+        for name, kind in types.items()
+        if name not in _ELAPSED
+    ]
+    elapsed = [(name, end) for name, end in _ELAPSED.items() if name in types]
+
+    def build(data: Mapping[str, Any]) -> dict[str, Any]:
+        row = {}
+        for name, key, convert in plan:
+            value = data.get(key)
+            row[name] = None if value is None else convert(value)
+        start = _to_real(data.get("request_start"))
+        for name, key in elapsed:
+            end = _to_real(data.get(key))
+            row[name] = None if start is None or end is None else max(0.0, end - start)
+        return row
+
+    return build
+
+
+def _to_integer(value: Any) -> int | None:
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    return int(value) if isinstance(value, int) and -(2**63) <= value < 2**63 else None
+
+
+def _to_real(value: Any) -> float | None:
+    if not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    return float(value) or 0.0  # -0.0 would read back as 0.0
+
+
+def _to_text(value: Any) -> str:
+    return _text(value if isinstance(value, str) else canonical_json(value))
+
+
+def _to_json(value: Any) -> str:
+    return _text(canonical_json(value))
+
+
+_CONVERTERS = {"INTEGER": _to_integer, "REAL": _to_real}
+#: Columns named differently from the record field they hold.
+_SOURCES = {"metadata_json": "metadata"}
+#: Derived columns: seconds from request_start to this field (ExchangeRecord.duration_s and
+#: .time_to_first_token_s, computed from the journaled dict).
+_ELAPSED = {"duration_s": "response_end", "ttft_s": "first_token_at"}
+
+
+def _text(value: str) -> str:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate from a JSON "\ud800" escape
+        value = value.encode("utf-8", "replace").decode("utf-8")
+    return value
+
+
+def chain_hash(prev_hash: str, row: Mapping[str, Any]) -> str:
+    """``row_hash`` of a row (see the module docstring for the canonical form)."""
+    return _row_hash(prev_hash, _body_json(row))
+
+
+def _body_json(row: Mapping[str, Any]) -> str:
+    return canonical_json({name: value for name, value in row.items() if value is not None and name not in _UNHASHED})
+
+
+def _row_hash(prev_hash: str, body_json: str) -> str:
+    return "sha256:" + hashlib.sha256((prev_hash + body_json).encode("utf-8")).hexdigest()
+
+
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+
+
+class _Plan(NamedTuple):
+    """What ``RowBuilder`` does with the values of one combination of value types."""
+
+    convert: tuple[tuple[int, Callable[[Any], Any]], ...]  # bools and ints to int/float, JSON to text
+    elapsed: tuple[int, ...]  # duration_s and ttft_s, holding their end time until computed
+    reals: Callable[[Sequence[Any]], tuple[float, ...]]  # checked finite, and -0.0 made 0.0
+    real_positions: tuple[int, ...]
+    ints: Callable[[Sequence[Any]], tuple[int, ...]]  # checked to fit in 64 bits
+    texts: Callable[[Sequence[Any]], tuple[str, ...]]  # JSON columns' text: escaped for the body
+    strs: Callable[[Sequence[Any]], tuple[str, ...]]  # TEXT columns' strings: copied into the body
+    names: tuple[str, ...]  # the non-NULL columns, sorted: the body's keys
+    values: Callable[[Sequence[Any]], tuple[Any, ...]]  # their values
+    body: Callable[[Sequence[Any]], tuple[Any, ...]]  # the same, JSON texts escaped (appended)
+    template: str  # the body's canonical JSON with a %-placeholder per value
+    insert: str  # the INSERT of these columns
+
+
+class RowBuilder:
+    """Journaled records to ``exchanges`` rows: the INSERT, its parameters, the hashed body.
+
+    ``row_builder`` defines the coercion; this is its shortcut for llmtap's own records, whose
+    values almost always have their column's type already. What one combination of value types
+    needs (a few conversions and range checks, the body as a %-template, the non-NULL
+    columns) is worked out once and cached, which leaves a handful of C calls per row.
+    Anything else (an odd value, a line with a ``\\u`` escape, which may be a lone surrogate, a
+    record of an older llmtap that lacks a field) goes through ``row_builder``.
+    """
+
+    def __init__(self, types: Mapping[str, str]) -> None:
+        self.columns = sorted(name for name in types if name not in _UNHASHED)
+        self._general = row_builder(types)
+        self._kinds = [
+            "ELAPSED" if name in _ELAPSED else "JSON" if name in JSON_COLUMNS else types[name] for name in self.columns
+        ]
+        # an elapsed column holds its end time until the row's request_start is known
+        self._get = operator.itemgetter(*[_ELAPSED.get(name) or _SOURCES.get(name, name) for name in self.columns])
+        self._start = self.columns.index("request_start") if "request_start" in self.columns else None
+        self._plan = functools.lru_cache(maxsize=256)(self._compile)
+
+    def __call__(self, data: Mapping[str, Any], *, clean: bool) -> tuple[str, list[Any], str]:
+        """The row's INSERT (of its non-NULL columns), their values (the last two, prev_hash and row_hash, left None)
+        and the canonical JSON of its body. ``clean``: no string in ``data`` holds a lone
+        surrogate."""
+        row = self._fast(data) if clean else None
+        if row is None:
+            general = self._general(data)
+            names = tuple(name for name in self.columns if general[name] is not None)
+            row = insert_sql(names), [*map(general.__getitem__, names), None, None], _body_json(general)
+        return row
+
+    def _fast(self, data: Mapping[str, Any]) -> tuple[str, list[Any], str] | None:
+        try:
+            values = list(self._get(data))
+        except KeyError:
+            return None
+        plan = self._plan(tuple(map(type, values)))
+        if plan is None:
+            return None
+        for position, convert in plan.convert:
+            values[position] = convert(values[position])
+        if plan.elapsed:
+            start = values[self._start]
+            for position in plan.elapsed:
+                values[position] = max(0.0, values[position] - start)
+        reals = plan.reals(values)
+        total = sum(reals)
+        if total - total:  # NaN or an infinity (or a sum that overflowed)
+            return None
+        if 0.0 in reals:
+            for position in plan.real_positions:
+                if values[position] == 0.0:
+                    values[position] = 0.0  # -0.0 would read back as 0.0
+        ints = plan.ints(values)
+        if ints and (min(ints) < _INT64_MIN or max(ints) > _INT64_MAX):
+            return None
+        present = plan.values(values)
+        strs = "".join(plan.strs(values))
+        if '"' in strs or "\\" in strs or not strs.isprintable():  # a string the body must escape
+            body = canonical_json(dict(zip(plan.names, present)))
+        else:
+            body = plan.template % plan.body([*values, *map(encode_basestring, plan.texts(values))])
+        return plan.insert, [*present, None, None], body
+
+    def _compile(self, signature: tuple[type, ...]) -> _Plan | None:
+        """The plan for values of these types, or None when one needs ``row_builder``."""
+        if self._start is None or signature[self._start] not in (float, int):
+            return None
+        convert, elapsed, reals, ints, texts, strs = [], [], [], [], [], []
+        names, present, body, layout = [], [], [], []  # the body: its keys, values, placeholders
+        for position, (name, kind, seen) in enumerate(zip(self.columns, self._kinds, signature)):
+            if seen is type(None):
+                continue
+            names.append(name)
+            present.append(position)
+            body.append(position)
+            if kind == "JSON":
+                if seen not in (dict, list):
+                    return None
+                convert.append((position, canonical_json))
+                body[-1] = len(signature) + len(texts)  # the escaped text, appended to the values
+                texts.append(position)
+                layout.append("%s")
+            elif kind == "INTEGER":
+                if seen is bool:
+                    convert.append((position, int))
+                elif seen is int:
+                    ints.append(position)
+                else:
+                    return None
+                layout.append("%d")
+            elif kind in ("REAL", "ELAPSED"):
+                if seen is int:
+                    convert.append((position, float))
+                elif seen is not float:
+                    return None
+                if kind == "ELAPSED":
+                    elapsed.append(position)
+                if seen is float or kind == "ELAPSED":
+                    reals.append(position)
+                layout.append("%r")
+            elif seen is str:
+                strs.append(position)
+                layout.append('"%s"')
+            else:
+                return None
+        keys = [encode_basestring(name).replace("%", "%%") for name in names]
+        return _Plan(
+            tuple(convert),
+            tuple(elapsed),
+            _picker(reals),
+            tuple(reals),
+            _picker(ints),
+            _picker(texts),
+            _picker(strs),
+            tuple(names),
+            _picker(present),
+            _picker(body),
+            "{" + ",".join(f"{key}:{spec}" for key, spec in zip(keys, layout)) + "}",
+            insert_sql(tuple(names)),
+        )
+
+
+def _picker(positions: Sequence[int]) -> Callable[[Sequence[Any]], tuple[Any, ...]]:
+    """``itemgetter(*positions)`` that always returns a tuple."""
+    if len(positions) > 1:
+        return operator.itemgetter(*positions)
+    return lambda values: tuple(values[position] for position in positions)
+
+
+class ChainCheck(NamedTuple):
+    rows: int  # rows checked before the first break (all of them when ok)
+    anchor: str  # GENESIS, or the anchor_hash of the latest pruning
+    broken_id: int | None = None
+    broken_exchange_id: str | None = None
+    reason: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.broken_id is None
+
+
+def parse_line(line: bytes, text: str | None) -> Any:
+    """orjson when it can (most lines; 2-3x faster); json.loads for what orjson refuses and
+    the journal may hold: NaN, integers beyond 64 bits, escaped lone surrogates."""
+    try:
+        return orjson.loads(line)
+    except ValueError:
+        return json.loads(line if text is None else text)
+
+
+@functools.lru_cache(maxsize=256)
+def insert_sql(names: tuple[str, ...]) -> str:
+    """The INSERT of a row whose other columns are NULL (sqlite3 binds a None ten times slower
+    than a number); ``?`` placeholders. The PostgreSQL store reads the column list from it."""
+    columns = [*names, "prev_hash", "row_hash"]
+    return f"INSERT OR IGNORE INTO exchanges ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})"
+
+
+@functools.lru_cache(maxsize=256)
+def insert_columns(sql: str) -> tuple[str, ...]:
+    """The non-NULL columns of an ``insert_sql`` (prev_hash and row_hash left out)."""
+    return tuple(name.strip() for name in sql[sql.index("(") + 1 : sql.index(")")].split(","))[:-2]
+
+
+#: Public names of the chain primitives the stores use.
+row_hash = _row_hash
+body_json = _body_json
+to_text = _text

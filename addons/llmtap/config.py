@@ -38,6 +38,10 @@ class Settings:
     otlp_endpoint: str = _option(
         "", "OTLP endpoint for spans (else OTEL_EXPORTER_OTLP_[TRACES_]ENDPOINT); none = tracing off."
     )
+    otlp_logs: bool = _option(
+        False,
+        "Also send each audit row as an OTLP log record, at least once (OTEL_EXPORTER_OTLP_[LOGS_]* configure it; needs the audit log).",
+    )
     propagate: bool = _option(False, "Inject llmtap's span context upstream as traceparent (changes the request).")
     capture_content: bool = _option(
         False, "Capture prompt and completion text (audit content table, JSON lines, spans). Off by default."
@@ -69,6 +73,8 @@ class Settings:
         capture_env = os.environ.get("OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT", "")
         values["capture_content"] = bool(values.get("capture_content")) or capture_env.lower() == "true"
         settings = cls(**values)
+        if settings.otlp_logs and not settings.db:
+            raise SettingsError("llmtap_otlp_logs (--otlp-logs): the log records come from the audit log; set --db")
         for option in OPTIONS:
             value = getattr(settings, option.field)
             if option.choices and value not in option.choices:

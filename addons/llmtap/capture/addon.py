@@ -207,6 +207,8 @@ class LLMTap:
         if self.settings.jsonl:
             lines.append(f"  jsonl    {self.settings.jsonl}")
         lines.append(f"  spans    {'OTLP on' if self.settings.otlp_configured else 'off (no OTLP endpoint)'}")
+        if self.settings.otlp_logs:
+            lines.append("  logs     OTLP log record per audit row (at least once)")
         lines.append(f"  content  {'CAPTURED (opt-in)' if self.settings.capture_content else 'not captured'}")
         print("\n".join(lines), file=sys.stderr, flush=True)
 

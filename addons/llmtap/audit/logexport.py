@@ -211,7 +211,8 @@ class LogExport:
 
     ``open_store`` gives the thread its own connection to the store (SQLite connections stay
     in the thread that made them); it is first called after the writer's first ``notify``, once
-    the writer has opened and migrated the store.
+    the writer has opened and migrated the store. ``close`` returns within ``timeout`` plus
+    about 1.5 s; an export still in flight then is abandoned (its rows go again next start).
     """
 
     def __init__(
@@ -222,7 +223,7 @@ class LogExport:
         *,
         instance: str = LOCAL_INSTANCE,
         max_backoff: float = 5.0,
-        exporter: LogRecordExporter | None = None,
+        start: bool = True,
     ) -> None:
         self.health = health
         self.instance = instance
@@ -232,7 +233,7 @@ class LogExport:
         self._size = self.limit  # halved after a failure, back to the limit after a success
         self._open_store = open_store
         self._store: ExportStore | None = None
-        self._exporter = exporter or make_log_exporter()
+        self._exporter = make_log_exporter()
         self._log_filters = _quiet_repeats(self._exporter)
         self._resource = make_resource()
         self._scope = InstrumentationScope("llmtap", __version__)
@@ -243,8 +244,10 @@ class LogExport:
         self._closing = threading.Event()
         self._deadline = float("inf")
         health.gauges["log_export_backlog"] = lambda: self.backlog
-        self._thread = threading.Thread(target=self._run, name="llmtap-log-export", daemon=True)
-        self._thread.start()
+        self._thread = None
+        if start:  # else ``export_once`` is called by hand (tests)
+            self._thread = threading.Thread(target=self._run, name="llmtap-log-export", daemon=True)
+            self._thread.start()
 
     def notify(self) -> None:
         """Rows were committed (or the store just opened): look now."""
@@ -252,14 +255,18 @@ class LogExport:
         self._wake.set()
 
     def close(self, timeout: float = CLOSE_SECONDS) -> None:
-        """Send what is left for up to ``timeout`` seconds, then stop; the rest goes next start."""
+        """Send what is left (retrying) for up to ``timeout`` seconds, then stop; the rest goes next start."""
         self._deadline = time.monotonic() + timeout
         self._closing.set()
         self._started.set()
         self._wake.set()
-        self._thread.join(timeout + 0.5)
+        if self._thread is not None:
+            self._thread.join(timeout + 0.5)
         self._exporter.shutdown()  # also cuts an export still retrying against a dead collector
-        self._thread.join(1.0)
+        if self._thread is not None:
+            self._thread.join(1.0)
+        else:
+            self._close_store()
         self.health.gauges.pop("log_export_backlog", None)
         for logger, log_filter in self._log_filters:
             logger.removeFilter(log_filter)
@@ -270,7 +277,7 @@ class LogExport:
         try:
             while True:
                 self._wake.clear()
-                sent = 0
+                sent, failed = 0, False
                 try:
                     sent = self.export_once()
                     delay = 0.0
@@ -278,10 +285,14 @@ class LogExport:
                     if not isinstance(exc, NotAcknowledged):
                         self._close_store()
                     self.health.error("log_export", exc, "records wait in the audit log and are resent")
-                    delay = next_backoff(delay, self.max_backoff)
-                if self._closing.is_set() and (not sent or time.monotonic() > self._deadline):
-                    return
-                if not sent:
+                    delay, failed = next_backoff(delay, self.max_backoff), True
+                if self._closing.is_set():  # send what is left, retrying, until the deadline
+                    left = self._deadline - time.monotonic()
+                    if left <= 0 or not (sent or failed):
+                        return
+                    if failed:
+                        time.sleep(min(delay, left))
+                elif not sent:
                     self._wake.wait(delay or IDLE_SECONDS)
         finally:
             self._close_store()

@@ -40,7 +40,7 @@ from llmtap.audit.store import (
 )
 from llmtap.config import Settings
 from llmtap.health import Health
-from llmtap.protocols.openai_compat import cap_messages
+from llmtap.protocols.content import cap_messages
 from llmtap.record import FIELD_NAMES, ExchangeRecord, canonical_json
 from llmtap.sinks.audit import AuditLogInUse, AuditSink
 

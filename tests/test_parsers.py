@@ -8,16 +8,28 @@ import pytest
 
 from llmtap.capture.headers import key_fingerprint
 from llmtap.pricing.cost import Price, PriceTable, resolve_cost
-from llmtap.protocols import pulze
-from llmtap.protocols.openai_compat import (
-    StreamAccumulator,
-    error_message,
-    operation_for,
-    provider_from,
-    request_fields,
-    response_fields,
-)
+from llmtap.protocols import chat_completions, pulze
+from llmtap.protocols.chat_completions import StreamAccumulator, operation_for, request_fields
+from llmtap.protocols.errors import error_message
+from llmtap.protocols.providers import provider_from
 from llmtap.protocols.values import load_json
+
+
+def response_fields(body, content_cap):
+    """A Chat Completions body as the finishing step reads it: the family's fields, then Pulze's overlay."""
+    fields = chat_completions.response_fields(body, content_cap)
+    if isinstance(body, dict) and pulze.OVERLAY.applies(None, body):
+        fields.update(pulze.OVERLAY.response_fields(body, content_cap is not None))
+    return fields
+
+
+def stream_fields(acc: StreamAccumulator) -> dict:
+    """A stream's fields with Pulze's overlay applied to what the stream carried (no content kept)."""
+    fields = acc.fields()
+    if pulze.OVERLAY.applies(None, acc.overlay_body()):
+        fields.update(pulze.OVERLAY.response_fields(acc.overlay_body(), False))
+    return fields
+
 
 # The request example of shared/reference/pulze-v1-completions.txt, with concrete values.
 REFERENCE_REQUEST = {
@@ -264,7 +276,7 @@ def test_stream_accumulator_chat() -> None:
     ]
     carried = [acc.add(e) for e in events]
     assert carried == [False, True, True, True, False]
-    fields = acc.fields()
+    fields = stream_fields(acc)
     assert fields["chunk_count"] == 3 and fields["choice_count"] == 1
     assert fields["finish_reasons"] == ("stop",)
     assert fields["input_tokens"] == 5 and fields["reported_cost_usd"] == 0.00066
@@ -366,6 +378,9 @@ def test_key_fingerprint_is_keyed_and_never_the_key() -> None:
     assert fp != key_fingerprint({"authorization": f"Bearer {key}"}, "another-salt")
     assert key_fingerprint({"x-api-key": key}, "") == fp
     assert key_fingerprint({}, "") is None
+    assert key_fingerprint({"x-goog-api-key": key}, "") == fp == key_fingerprint({"api-key": key}, "")
+    assert key_fingerprint({}, "", f"alt=sse&key={key}") == fp
+    assert key_fingerprint({}, "", "alt=sse&monkey=1") is None
 
 
 PRICES = PriceTable({"gpt-4o": Price(2.5, 10.0, 1.25), "gpt-4o-mini": Price(0.15, 0.6)})

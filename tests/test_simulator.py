@@ -461,7 +461,7 @@ def test_serve_runs_in_foreground_until_sigterm() -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    code = f"from llmtap.devtools.simulator import serve; serve('127.0.0.1', {port}, 0.0, 0.0)"
+    code = f"from llmtap.devtools.simulator import run_simulator; run_simulator('127.0.0.1', {port}, 0.0, 0.0)"
     proc = subprocess.Popen(
         [sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"}
     )

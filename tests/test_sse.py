@@ -9,7 +9,8 @@ import brotli
 import pytest
 import zstandard
 
-from llmtap.capture.decoding import SSEDecoder, incremental_decoder
+from llmtap.capture.decoding import incremental_decoder
+from llmtap.protocols.sse import SSEDecoder
 
 STREAM = (
     b": keep-alive comment\n"

@@ -41,6 +41,7 @@ class ExchangeRecord:
     upstream_scheme: str | None = None
     upstream_host: str | None = None
     upstream_port: int | None = None
+    family: str | None = None  # the protocol family that read it (llmtap.protocols.registry)
     router: str | None = None  # "pulze" when a Pulze router answered, else None
     provider: str | None = None  # who served it: metadata.model.provider, or from the model/host
     http_status: int | None = None
@@ -75,6 +76,7 @@ class ExchangeRecord:
     tool_choice: str | None = None
     response_format: str | None = None
     logit_bias: bool | None = None  # present in the request (values are not kept)
+    service_tier: str | None = None  # as the response says (else as requested): flex, priority, …
 
     # --- response ---
     response_id: str | None = None
@@ -89,7 +91,9 @@ class ExchangeRecord:
     input_tokens: int | None = None
     output_tokens: int | None = None
     total_tokens: int | None = None
-    cached_input_tokens: int | None = None
+    cached_input_tokens: int | None = None  # of input_tokens, read from a prompt cache
+    cache_write_input_tokens: int | None = None  # of input_tokens, written to a prompt cache
+    cache_write_1h_input_tokens: int | None = None  # of the cache writes, those kept for one hour
     reasoning_tokens: int | None = None
     finish_reasons: tuple[str, ...] | None = None
     choice_count: int | None = None

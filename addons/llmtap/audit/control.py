@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import asdict, dataclass, field
 
 from llmtap.config import Settings
 
@@ -24,3 +25,27 @@ def writer_command(settings: Settings, *, prune_batch: int, max_backoff: float) 
 def next_backoff(delay: float, cap: float) -> float:
     """The wait before the next retry: from 0.1 s, doubling, at most ``cap``."""
     return min(max(delay * 2, 0.1), cap)
+
+
+@dataclass(frozen=True)
+class WriterStatus:
+    """What the writer tells the proxy, one line on its stdout whenever something changed.
+
+    Health counts are totals since the writer process started; the proxy adds the differences.
+    """
+
+    positions: dict[int, int] = field(default_factory=dict)  # generation -> offset applied, if on disk
+    newest: int = 0  # the newest journal generation the writer has seen
+    errors: dict[str, int] = field(default_factory=dict)  # internal errors by stage
+    dropped: int = 0  # audit rows dropped
+    span_failures: int = 0  # spans that failed to export
+    gauges: dict[str, float] = field(default_factory=dict)  # e.g. span_queue_depth
+
+    def to_line(self) -> str:
+        return json.dumps(asdict(self)) + "\n"
+
+    @classmethod
+    def from_line(cls, line: str | bytes) -> WriterStatus:
+        data = json.loads(line)
+        data["positions"] = {int(gen): offset for gen, offset in data["positions"].items()}
+        return cls(**data)

@@ -181,6 +181,17 @@ def _create_pruned(db: Database) -> None:
     )
 
 
+def _add_family_and_cache_writes(db: Database) -> None:
+    """Protocol families: which family read the exchange, cache writes, the service tier."""
+    for name, kind in (
+        ("family", str),
+        ("cache_write_input_tokens", int),
+        ("cache_write_1h_input_tokens", int),
+        ("service_tier", str),
+    ):
+        db["exchanges"].add_column(name, kind)
+
+
 def _create_log_export(db: Database) -> None:
     """The OTLP log export's cursor, per instance: the last row id the collector acknowledged."""
     db["log_export"].create({"instance": str, "last_id": int, "acked_at": float}, pk="instance", not_null={"last_id"})
@@ -191,6 +202,7 @@ MIGRATIONS: tuple[Callable[[Database], None], ...] = (
     _create_content,
     _create_journal_offsets,
     _create_pruned,
+    _add_family_and_cache_writes,
     _create_log_export,
 )
 

@@ -40,9 +40,8 @@ import signal
 import sqlite3
 import sys
 import time
-from typing import Any
 
-from llmtap.audit.control import STOP_TIMEOUT_SECONDS, next_backoff
+from llmtap.audit.control import STOP_TIMEOUT_SECONDS, WriterStatus, next_backoff
 from llmtap.audit.journal import fsync_path, generation_path, generations, lock_file, read_lines
 from llmtap.audit.store import AuditStore, Batch
 from llmtap.config import Settings
@@ -171,20 +170,20 @@ class Writer:
                     continue
                 self.spans.emit(record)
 
-    def status(self) -> dict[str, Any]:
+    def status(self) -> WriterStatus:
         health = self.health
         gauges = {}
         for name, read in list(health.gauges.items()):
             with contextlib.suppress(Exception):
                 gauges[name] = float(read())
-        return {
-            "positions": self.positions(),
-            "newest": self.newest,
-            "errors": dict(health.internal_errors),
-            "dropped": health.audit_dropped,
-            "span_failures": health.span_export_failures,
-            "gauges": gauges,
-        }
+        return WriterStatus(
+            positions=self.positions(),
+            newest=self.newest,
+            errors=dict(health.internal_errors),
+            dropped=health.audit_dropped,
+            span_failures=health.span_export_failures,
+            gauges=gauges,
+        )
 
     def close(self) -> None:
         if self.logs is not None:
@@ -195,7 +194,7 @@ class Writer:
             self.store.close()
 
 
-def serve(writer: Writer, commands: int, report, *, max_backoff: float) -> None:
+def run_loop(writer: Writer, commands: int, report, *, max_backoff: float) -> None:
     """The process's loop: cycle every POLL_SECONDS (backing off while SQLite fails) until told
     to stop, or until the proxy is gone."""
     stopping = orphaned = False
@@ -234,10 +233,10 @@ class Reporter:
         self.stream = stream
         self.at = 0.0
 
-    def __call__(self, status: dict[str, Any]) -> None:
+    def __call__(self, status: WriterStatus) -> None:
         self.at = time.monotonic()
         with contextlib.suppress(BrokenPipeError):  # the proxy is gone; the loop sees EOF next
-            self.stream.write(json.dumps(status) + "\n")
+            self.stream.write(status.to_line())
             self.stream.flush()
 
 
@@ -253,7 +252,7 @@ def main(argv: list[str] | None = None) -> None:
     settings = Settings.from_json(settings_json)
     writer = Writer(settings, Health(), prune_batch=args["prune_batch"], max_backoff=args["max_backoff"])
     try:
-        serve(writer, sys.stdin.fileno(), Reporter(sys.stdout), max_backoff=args["max_backoff"])
+        run_loop(writer, sys.stdin.fileno(), Reporter(sys.stdout), max_backoff=args["max_backoff"])
     finally:
         writer.close()
 

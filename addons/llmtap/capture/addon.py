@@ -19,21 +19,14 @@ from typing import Any
 from mitmproxy import ctx, http
 
 from llmtap import __version__
-from llmtap.capture.decoding import SSEDecoder, incremental_decoder
+from llmtap.capture.decoding import incremental_decoder
 from llmtap.capture.headers import error_type, header_map, key_fingerprint, trace_id_of
 from llmtap.config import OPTIONS, Settings, SettingsError
 from llmtap.health import Health
 from llmtap.pricing.cost import PriceTable, resolve_cost
-from llmtap.protocols import pulze
-from llmtap.protocols.openai_compat import (
-    StreamAccumulator,
-    error_message,
-    operation_for,
-    provider_from,
-    redact,
-    request_fields,
-    response_fields,
-)
+from llmtap.protocols import registry
+from llmtap.protocols.base import Family, StreamParser
+from llmtap.protocols.errors import redact
 from llmtap.protocols.values import load_json
 from llmtap.record import ExchangeRecord
 from llmtap.sinks import Sink
@@ -46,22 +39,28 @@ _METADATA_KEY = "llmtap"
 class StreamTee:
     """``flow.response.stream`` callable: returns every chunk as-is, parses a copy.
 
-    The record is finished when ``data: [DONE]`` is seen, before that chunk is returned:
-    clients such as the openai SDK stop reading there, so that is when the client has it all.
-    Parsing problems switch parsing off for the rest of the stream (counted once); the
-    chunks keep flowing either way.
+    Chunks are content-decoded here and fed to the family's stream parser. The record is
+    finished as soon as the parser says the client has everything (``data: [DONE]`` for
+    Chat Completions), before that chunk is returned: clients such as the openai SDK stop
+    reading there. Parsing problems switch parsing off for the rest of the stream (counted
+    once); the chunks keep flowing either way.
     """
 
-    __slots__ = ("_decode", "_sse", "exchange", "health", "on_done")
+    __slots__ = ("_decode", "exchange", "health", "on_done", "parser")
 
     def __init__(
-        self, exchange: Exchange, content_encoding: str | None, health: Health, on_done: Callable[[], None]
+        self,
+        exchange: Exchange,
+        parser: StreamParser,
+        content_encoding: str | None,
+        health: Health,
+        on_done: Callable[[], None],
     ) -> None:
         self.exchange = exchange
+        self.parser = parser
         self.health = health
         self.on_done = on_done
         self._decode = incremental_decoder(content_encoding)
-        self._sse = SSEDecoder()
         if self._decode is None:
             exchange.parse_problem = f"unsupported content-encoding {content_encoding!r}"
 
@@ -76,20 +75,20 @@ class StreamTee:
         return chunk
 
     def _read(self, chunk: bytes) -> None:
-        events = self._sse.feed(self._decode(chunk)) if chunk else self._sse.flush()
-        exchange = self.exchange
-        for data in events:
-            if data == b"[DONE]":
-                self.on_done()
-                return
-            if exchange.stream.add(load_json(data)) and exchange.first_token_at is None:
-                exchange.first_token_at = time.time()
+        parser = self.parser
+        carried = parser.feed(self._decode(chunk)) if chunk else parser.close()
+        if carried and self.exchange.first_token_at is None:
+            self.exchange.first_token_at = time.time()
+        if parser.done:
+            self._decode = None  # the record is complete: the rest only passes through
+            self.on_done()
 
 
 class Exchange:
     """What is known about one exchange while it is in flight (lives in ``flow.metadata``)."""
 
     __slots__ = (
+        "family",
         "fields",
         "finished",
         "first_token_at",
@@ -99,11 +98,12 @@ class Exchange:
         "stream",
     )
 
-    def __init__(self, operation: str, path: str, fields: dict[str, Any]) -> None:
+    def __init__(self, family: Family, operation: str, path: str, fields: dict[str, Any]) -> None:
+        self.family = family
         self.operation = operation
         self.path = path
         self.fields = fields
-        self.stream: StreamAccumulator | None = None
+        self.stream: StreamParser | None = None
         self.first_token_at: float | None = None
         self.parse_problem: str | None = None
         self.finished = False
@@ -222,16 +222,17 @@ class LLMTap:
     # --- hooks -----------------------------------------------------------------------------
     def request(self, flow: http.HTTPFlow) -> None:
         method, target = flow.request.method, flow.request.path  # each read decodes the bytes anew
-        operation = operation_for(method, target)
-        if operation is None:
+        path, _, query = target.partition("?")  # a query string may hold a key: never recorded
+        found = registry.find(method, path.rstrip("/"), flow.request.host)
+        if found is None:
             self._passthrough(method)
             return
-        path = target.split("?", 1)[0]  # a query string may hold a key: never recorded
+        family, operation = found
         try:
-            exchange = Exchange(operation, path, self._request_fields(flow, operation))
+            exchange = Exchange(family, operation, path, self._request_fields(flow, family, operation, path, query))
         except Exception as exc:  # fail open: the exchange goes on, recorded from what we can
             self.health.error("parse_request", exc, path)
-            exchange = Exchange(operation, path, {"request_start": flow.request.timestamp_start})
+            exchange = Exchange(family, operation, path, {"request_start": flow.request.timestamp_start})
             exchange.parse_problem = f"request parse failed: {type(exc).__name__}"
         flow.metadata[_METADATA_KEY] = exchange
         self.health.in_flight += 1
@@ -247,13 +248,17 @@ class LLMTap:
         if exchange is None or flow.response is None:
             return
         headers = header_map(flow.response.headers)
-        if "text/event-stream" in headers.get("content-type", ""):
+        content_type = headers.get("content-type", "")
+        if exchange.family.streams(exchange.path, content_type):
             try:
-                tee = StreamTee(exchange, headers.get("content-encoding"), self.health, lambda: self._finish(flow))
+                parser = exchange.family.stream_parser(self.settings.content_cap, content_type)
+                tee = StreamTee(
+                    exchange, parser, headers.get("content-encoding"), self.health, lambda: self._finish(flow)
+                )
             except Exception as exc:  # fail open: without a tee mitmproxy buffers, but delivers
                 self.health.error("stream_setup", exc, exchange.path)
                 return
-            exchange.stream = StreamAccumulator(self.settings.content_cap)
+            exchange.stream = parser
             flow.response.stream = tee
 
     def response(self, flow: http.HTTPFlow) -> None:
@@ -272,13 +277,15 @@ class LLMTap:
                 except Exception as exc:  # fail open
                     self.health.error(sink.name, exc, "passthrough")
 
-    def _request_fields(self, flow: http.HTTPFlow, operation: str) -> dict[str, Any]:
+    def _request_fields(
+        self, flow: http.HTTPFlow, family: Family, operation: str, path: str, query: str
+    ) -> dict[str, Any]:
         request = flow.request
         headers = header_map(request.headers)
         # get_content would look the header up again (a scan of all headers) only to find none
         content = request.get_content(strict=False) if "content-encoding" in headers else request.raw_content
-        fields = request_fields(load_json(content), operation, self.settings.content_cap)
-        fields.update(pulze.header_fields(headers))
+        fields = family.request_fields(load_json(content), operation, path, query, self.settings.content_cap)
+        fields.update(registry.request_header_fields(headers))
         traceparent = headers.get("traceparent")
         incoming_trace = trace_id_of(traceparent)
         fields.update(
@@ -288,7 +295,7 @@ class LLMTap:
             upstream_scheme=request.scheme,
             upstream_host=request.host,
             upstream_port=request.port,
-            key_fingerprint=key_fingerprint(headers, self.settings.key_salt),
+            key_fingerprint=key_fingerprint(headers, self.settings.key_salt, query),
             traceparent=traceparent if incoming_trace else None,
             trace_id=incoming_trace or f"{random.getrandbits(128) or 1:032x}",
             span_id=f"{random.getrandbits(64) or 1:016x}",
@@ -308,6 +315,7 @@ class LLMTap:
             record = ExchangeRecord(
                 exchange_id=flow.id,
                 operation=exchange.operation,
+                family=exchange.family.name,
                 method=flow.request.method,
                 path=exchange.path,
                 request_start=flow.request.timestamp_start,
@@ -326,20 +334,21 @@ class LLMTap:
         fields = exchange.fields  # finished exactly once: built up in place, no copy
         response = flow.response
         capture = self.settings.content_cap
+        family = exchange.family
+        body = None
         if exchange.stream is not None:
             fields.update(exchange.stream.fields())
             fields["stream"] = True
+            body = exchange.stream.overlay_body()
         elif response is not None and response.raw_content is not None:
             raw = response.get_content(strict=False)
             body = load_json(raw)
             if 200 <= response.status_code < 300:
                 if body is None and raw:
                     exchange.parse_problem = "response body is not JSON"
-                fields.update(response_fields(body, capture))
-            else:
-                fields.update(error_message=error_message(body, raw))
-                if isinstance(body, dict):  # errors may still carry Pulze metadata
-                    fields.update(pulze.metadata_fields(body.get("metadata"), capture is not None))
+                fields.update(family.response_fields(body, capture))
+            else:  # errors may still carry a router's extras (Pulze metadata): the overlays see them
+                fields.update(family.error_fields(body, raw))
         if response is not None:
             fields.update(
                 http_status=response.status_code,
@@ -349,19 +358,19 @@ class LLMTap:
         else:
             fields["response_end"] = time.time()
         fields["first_token_at"] = exchange.first_token_at
-        fields["error_type"] = error_type(flow)
+        # the transport's verdict first; else what the family read (an error event in a 200 stream)
+        fields["error_type"] = error_type(flow) or fields.get("error_type")
         if flow.error is not None:
             fields["error_message"] = redact(flow.error.msg[:300])
         elif exchange.parse_problem and fields["error_type"] is None:
             self.health.error("parse_response", ValueError(exchange.parse_problem), exchange.path)
-        fields["router"] = (
-            "pulze" if (pulze.is_pulze_host(fields.get("upstream_host")) or fields.get("metadata")) else None
-        )
-        fields["provider"] = (
-            (fields.get("served_provider") or "").lower()
-            or provider_from(fields.get("upstream_host"), fields.get("served_namespace"), fields.get("response_model"))
-            or ("pulze" if fields["router"] else None)
-        )
+        registry.finish(fields, family, body, capture is not None)
         fields.update(resolve_cost(fields, self.prices))
-        fields.update(exchange_id=flow.id, operation=exchange.operation, method=flow.request.method, path=exchange.path)
+        fields.update(
+            exchange_id=flow.id,
+            operation=exchange.operation,
+            family=family.name,
+            method=flow.request.method,
+            path=exchange.path,
+        )
         return ExchangeRecord.from_fields(fields)  # leaves out parsers' intermediates (reported_cost_usd)

@@ -28,10 +28,21 @@ def header_map(headers: http.Headers) -> dict[str, str]:
     return found
 
 
-def key_fingerprint(headers: Any, salt: str) -> str | None:
-    """A keyed hash prefix of the API key; the key itself goes no further than this function."""
+def api_key(headers: Any, query: str = "") -> str | None:
+    """The API key as the app sent it: ``Authorization: Bearer``, ``api-key`` (Azure),
+    ``x-api-key`` (Anthropic), ``x-goog-api-key`` or a ``key=`` query parameter (Gemini)."""
     auth = headers.get("authorization", "")
-    key = auth[7:].strip() if auth[:7].lower() == "bearer " else headers.get("api-key") or headers.get("x-api-key")
+    if auth[:7].lower() == "bearer ":
+        return auth[7:].strip() or None
+    key = headers.get("api-key") or headers.get("x-api-key") or headers.get("x-goog-api-key")
+    if key or "key=" not in query:
+        return key or None
+    return next((v for k, _, v in (p.partition("=") for p in query.split("&")) if k == "key" and v), None)
+
+
+def key_fingerprint(headers: Any, salt: str, query: str = "") -> str | None:
+    """A keyed hash prefix of the API key; the key itself goes no further than the record's making."""
+    key = api_key(headers, query)
     if not key:
         return None
     return "fp_" + hmac.digest(salt.encode() if salt else _PUBLIC_SALT, key.encode(), "sha256")[:8].hex()

@@ -21,7 +21,7 @@ def mode_spec(mode: str, upstream: str) -> str:
     return f"reverse:{upstream}" if mode == "reverse" else mode
 
 
-def serve(
+def run_proxy(
     *,
     upstream: str,
     mode: str,

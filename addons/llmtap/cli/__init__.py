@@ -71,10 +71,10 @@ def run(
     **llmtap_options,
 ) -> None:
     """Run the sidecar (mitmproxy with the llmtap addon) in the foreground."""
-    from llmtap.capture.server import serve
+    from llmtap.capture.server import run_proxy
 
     llmtap_options["metric_labels"] = list(llmtap_options["metric_labels"])
-    code = serve(
+    code = run_proxy(
         upstream=upstream,
         mode=mode,
         listen_host=listen_host,
@@ -97,9 +97,9 @@ def run(
 )
 def simulate(host: str, port: int, chunk_delay: float, first_byte_delay: float, fault_rate: float) -> None:
     """Run the simulated Pulze API (for demos, tests and benchmarks)."""
-    from llmtap.devtools.simulator import serve
+    from llmtap.devtools.simulator import run_simulator
 
-    serve(host, port, chunk_delay, first_byte_delay, fault_rate=fault_rate)
+    run_simulator(host, port, chunk_delay, first_byte_delay, fault_rate=fault_rate)
 
 
 @main.command()

@@ -40,7 +40,7 @@ except ImportError:  # optional: only needed for X-Sim-Encoding: zstd
     zstandard = None
 
 
-class Price(NamedTuple):
+class ListPrice(NamedTuple):
     """USD per one million tokens."""
 
     prompt: float
@@ -48,15 +48,15 @@ class Price(NamedTuple):
 
 
 #: The provider models the simulator serves, with their list prices (USD per 1M tokens).
-PRICES: dict[str, Price] = {
-    "openai/gpt-4o-mini": Price(0.15, 0.60),
-    "openai/gpt-4o": Price(2.50, 10.00),
-    "anthropic/claude-3-haiku": Price(0.25, 1.25),
-    "mistralai/mistral-small": Price(0.20, 0.60),
-    "meta/llama-3-8b-instruct": Price(0.05, 0.25),
+PRICES: dict[str, ListPrice] = {
+    "openai/gpt-4o-mini": ListPrice(0.15, 0.60),
+    "openai/gpt-4o": ListPrice(2.50, 10.00),
+    "anthropic/claude-3-haiku": ListPrice(0.25, 1.25),
+    "mistralai/mistral-small": ListPrice(0.20, 0.60),
+    "meta/llama-3-8b-instruct": ListPrice(0.05, 0.25),
 }
 #: Pulze reports ``cost_savings`` against GPT-4 list prices.
-REFERENCE_PRICE = Price(30.0, 60.0)
+REFERENCE_PRICE = ListPrice(30.0, 60.0)
 #: Requested model names that mean "Pulze picks the model".
 ROUTER_MODELS = frozenset({"pulze", "pulze-v0", "pulze-v0.1", "pulze-v1.0"})
 #: Values of the ``X-Sim-Fault`` header (and what ``fault_rate`` draws from).
@@ -850,7 +850,7 @@ def _head(status: int, headers: list[tuple[str, str]]) -> bytes:
     return f"HTTP/1.1 {status} {_REASONS.get(status, '')}\r\n{lines}\r\n".encode("latin-1")
 
 
-def serve(
+def run_simulator(
     host: str = "127.0.0.1",
     port: int = 8000,
     chunk_delay: float = 0.02,

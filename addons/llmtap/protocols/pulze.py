@@ -11,6 +11,7 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
+from llmtap.protocols.base import Overlay
 from llmtap.protocols.values import as_float, as_int, as_str
 
 
@@ -111,3 +112,21 @@ def _json_object(raw: str | None) -> dict[str, Any] | None:
     except ValueError:
         return None
     return value if isinstance(value, dict) else None
+
+
+class PulzeOverlay(Overlay):
+    """Pulze answers in the OpenAI shape plus ``metadata``; its request headers carry labels."""
+
+    router = "pulze"
+
+    def applies(self, host: str | None, body: dict[str, Any]) -> bool:
+        return is_pulze_host(host) or bool(_mapping(body.get("metadata")))
+
+    def request_fields(self, headers: Mapping[str, str]) -> dict[str, Any]:
+        return header_fields(headers)
+
+    def response_fields(self, body: dict[str, Any], keep_content: bool) -> dict[str, Any]:
+        return metadata_fields(body.get("metadata"), keep_content)
+
+
+OVERLAY = PulzeOverlay()

@@ -40,16 +40,15 @@ from __future__ import annotations
 import bisect
 import collections
 import contextlib
-import json
 import logging
 import os
 import select
 import subprocess
 import threading
 import time
-from typing import Any
 
 from llmtap.audit import control
+from llmtap.audit.control import WriterStatus
 from llmtap.audit.journal import AuditLogInUse, Journal
 from llmtap.config import Settings
 from llmtap.health import Health
@@ -91,7 +90,7 @@ class AuditSink:
         self._ends: dict[int, list[int]] = {}
         self._positions: dict[int, int] = {}  # what the writer last said is in SQLite
         self._newest_seen = 0
-        self._reported: dict[str, Any] = {}  # the writer's last health totals
+        self._reported: WriterStatus | None = None  # the writer's last status since it (re)started
         self._closed = False  # emits are refused from here on
         self._sealed = False  # the journal is closed for good; emits wait in memory, then are lost
         self._drop_logged = False
@@ -157,7 +156,7 @@ class AuditSink:
         """Caller holds ``_cond``: everything emitted is in SQLite and every sealed generation,
         this run's or an earlier one's, is retired."""
         return (
-            bool(self._reported)  # the writer has looked at the journal since it (re)started
+            self._reported is not None  # the writer has looked at the journal since it (re)started
             and self._backlog() == 0
             and all(gen >= self._journal.gen for gen in self._positions)
         )
@@ -183,7 +182,7 @@ class AuditSink:
             self._dropped(lost)
         if self.health.gauges.get("audit_queue_depth") == self._backlog:
             del self.health.gauges["audit_queue_depth"]
-        for name in self._reported.get("gauges", {}):  # the writer's, such as span_queue_depth
+        for name in self._reported.gauges if self._reported else ():  # the writer's, such as span_queue_depth
             self.health.gauges.pop(name, None)
 
     # --- the supervisor thread: journal upkeep and the writer process ---
@@ -227,7 +226,7 @@ class AuditSink:
                 *lines, buffer = buffer.split(b"\n")
                 for line in lines:
                     try:
-                        self._absorb(json.loads(line))
+                        self._absorb(WriterStatus.from_line(line))
                     except (ValueError, KeyError, TypeError, AttributeError) as exc:  # not a status line
                         self.health.error(self.name, exc, "unreadable audit writer status")
                 if not data:  # the writer exited
@@ -255,7 +254,7 @@ class AuditSink:
         return code
 
     def _start_writer(self) -> bool:
-        self._reported = {}
+        self._reported = None
         try:
             self._writer = subprocess.Popen(
                 self._command,
@@ -279,21 +278,21 @@ class AuditSink:
             return False
         return True
 
-    def _absorb(self, status: dict[str, Any]) -> None:
+    def _absorb(self, status: WriterStatus) -> None:
         """Take in a writer status: positions, and its health counters as deltas."""
-        positions = {int(gen): offset for gen, offset in status["positions"].items()}
+        positions = status.positions
         with self._cond:
-            self._positions, self._newest_seen = positions, max(self._newest_seen, status["newest"])
+            self._positions, self._newest_seen = positions, max(self._newest_seen, status.newest)
             for gen in list(self._ends):
                 if gen not in positions and gen <= self._newest_seen and gen != self._journal.gen:
                     del self._ends[gen]  # retired: every record of it is in SQLite
             self._cond.notify_all()
-        last, self._reported = self._reported, status
-        for stage, count in status["errors"].items():
-            self.health.add_errors(stage, count - last.get("errors", {}).get(stage, 0))
-        self.health.add_audit_dropped(status["dropped"] - last.get("dropped", 0))
-        self.health.add_span_export_failures(status["span_failures"] - last.get("span_failures", 0))
-        for name, value in status["gauges"].items():
+        last, self._reported = self._reported or WriterStatus(), status
+        for stage, count in status.errors.items():
+            self.health.add_errors(stage, count - last.errors.get(stage, 0))
+        self.health.add_audit_dropped(status.dropped - last.dropped)
+        self.health.add_span_export_failures(status.span_failures - last.span_failures)
+        for name, value in status.gauges.items():
             self.health.gauges[name] = lambda value=value: value
 
     def _rotate_if_large(self) -> None:

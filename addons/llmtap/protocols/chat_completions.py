@@ -1,35 +1,21 @@
-"""OpenAI-compatible completions (Pulze, OpenAI, and the many hosts that copy them).
+"""OpenAI-compatible Chat Completions and Completions (OpenAI, Pulze, and the many hosts that copy them).
 
-Pure functions of parsed JSON to record fields, and a stream accumulator fed SSE events.
-Pulze's extras (``metadata``) are delegated to ``pulze.metadata_fields``.
+Pure functions of parsed JSON to record fields, and a stream parser fed SSE events that ends
+at ``data: [DONE]``. Router extras such as Pulze's ``metadata`` are overlays
+(``llmtap.protocols.registry``): this module reads only the OpenAI shape.
 """
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
-from llmtap.protocols import pulze
-from llmtap.protocols.values import as_float, as_int, as_str
-
-#: Hosts whose provider is known without looking at the body.
-PROVIDER_BY_HOST = {
-    "api.openai.com": "openai",
-    "api.anthropic.com": "anthropic",
-    "api.mistral.ai": "mistralai",
-    "api.groq.com": "groq",
-    "api.deepseek.com": "deepseek",
-    "api.together.xyz": "together",
-    "api.perplexity.ai": "perplexity",
-    "api.x.ai": "xai",
-    "api.cohere.ai": "cohere",
-    "api.cohere.com": "cohere",
-    "openrouter.ai": "openrouter",
-}
+from llmtap.protocols.base import Family, SSEStreamParser
+from llmtap.protocols.content import cap_messages, message, text_of
+from llmtap.protocols.values import as_float, as_int, as_str, load_json
 
 
 def operation_for(method: str, path: str) -> str | None:
-    """``chat`` / ``text_completion`` for the completion endpoints, else None (pass through)."""
+    """``chat`` / ``text_completion`` for the completion endpoints, else None."""
     if method != "POST":
         return None
     path = path.split("?", 1)[0].rstrip("/")
@@ -89,29 +75,36 @@ def response_fields(body: Any, content_cap: int | None) -> dict[str, Any]:
         return {}
     choices = body.get("choices")
     choice_list = [c for c in choices if isinstance(c, dict)] if isinstance(choices, list) else []
-    fields = _envelope(body, content_cap is not None)
+    fields = _envelope(body)
     fields["choice_count"] = len(choice_list) if isinstance(choices, list) else None
     reasons = tuple(r for c in choice_list if (r := as_str(c.get("finish_reason"))))
     fields["finish_reasons"] = reasons or None
     if content_cap is not None:
         fields["output_messages"] = cap_messages(
-            [_message("assistant", _choice_text(c), as_str(c.get("finish_reason"))) for c in choice_list], content_cap
+            [message("assistant", _choicetext_of(c), as_str(c.get("finish_reason"))) for c in choice_list], content_cap
         )
     return fields
 
 
-class StreamAccumulator:
+class StreamAccumulator(SSEStreamParser):
     """Collects record fields from the JSON events of a streamed response, one at a time."""
 
     __slots__ = ("_cap", "choices_seen", "content_chunks", "envelope", "finish_reasons", "texts")
 
     def __init__(self, content_cap: int | None) -> None:
+        super().__init__()
         self.envelope: dict[str, Any] = {}
         self.finish_reasons: dict[int, str] = {}
         self.choices_seen: set[int] = set()
         self.content_chunks = 0
         self.texts: dict[int, list[str]] | None = {} if content_cap is not None else None
         self._cap = content_cap
+
+    def event(self, data: bytes) -> bool:
+        if data == b"[DONE]":
+            self.done = True
+            return False
+        return self.add(load_json(data))
 
     def add(self, event: Any) -> bool:
         """Take one parsed event; True when it carried generated content."""
@@ -133,7 +126,7 @@ class StreamAccumulator:
             self.choices_seen.add(index)
             if reason := as_str(choice.get("finish_reason")):
                 self.finish_reasons[index] = reason
-            text = _choice_text(choice)
+            text = _choicetext_of(choice)
             if text or _has_tool_calls(choice):
                 carried = True
                 if self.texts is not None and text:
@@ -142,74 +135,25 @@ class StreamAccumulator:
             self.content_chunks += 1
         return carried
 
+    def overlay_body(self) -> dict[str, Any]:
+        return self.envelope
+
     def fields(self) -> dict[str, Any]:
-        fields = _envelope(self.envelope, self._cap is not None)
+        fields = _envelope(self.envelope)
         fields["chunk_count"] = self.content_chunks
         fields["choice_count"] = len(self.choices_seen) if self.choices_seen else None
         reasons = tuple(self.finish_reasons[i] for i in sorted(self.finish_reasons))
         fields["finish_reasons"] = reasons or None
         if self.texts is not None:
             messages = [
-                _message("assistant", "".join(self.texts.get(i, ())), self.finish_reasons.get(i))
+                message("assistant", "".join(self.texts.get(i, ())), self.finish_reasons.get(i))
                 for i in sorted(self.choices_seen)
             ]
             fields["output_messages"] = cap_messages(messages, self._cap)
         return fields
 
 
-#: What looks like a credential inside an error text ("Incorrect API key provided: sk-…").
-_SECRET = re.compile(r"(?i)\bbearer\s+\S+|\b(?:sk|pk|rk|key|api|pulze)[-_][\w*.-]{6,}")
-
-
-def redact(text: str | None) -> str | None:
-    return None if text is None else _SECRET.sub("[redacted]", text)
-
-
-def error_message(body: Any, raw: bytes | None) -> str | None:
-    """A short, content-free description of an upstream error body, credentials redacted.
-
-    Only the provider's own message fields are taken: FastAPI/pydantic 422 bodies can echo
-    the request (``input``), which must not leak into the record.
-    """
-    return redact(_error_text(body, raw))
-
-
-def _error_text(body: Any, raw: bytes | None) -> str | None:
-    if isinstance(body, dict):
-        error = body.get("error")
-        if isinstance(error, dict) and as_str(error.get("message")):
-            return error["message"][:300]
-        if as_str(error):
-            return error[:300]
-        detail = body.get("detail")
-        if isinstance(detail, list):
-            msgs = [f"{'.'.join(map(str, d.get('loc', [])))}: {d.get('msg')}" for d in detail if isinstance(d, dict)]
-            return "; ".join(msgs)[:300] or None
-        if as_str(detail):
-            return detail[:300]
-        if as_str(body.get("message")):
-            return body["message"][:300]
-        return None
-    if raw:
-        text = raw[:2048].decode("utf-8", "replace")
-        lower = text.lower()
-        if "<title>" in lower:
-            start = lower.index("<title>") + 7
-            end = lower.find("</title>", start)
-            return text[start : end if end > 0 else start + 120].strip()[:120] or None
-        return text.strip().splitlines()[0][:120] if text.strip() else None
-    return None
-
-
-def provider_from(host: str | None, namespace: str | None, model: str | None) -> str | None:
-    """Who served: ``provider/model`` names first, then well-known hosts."""
-    for name in (namespace, model):
-        if name and "/" in name:
-            return name.split("/", 1)[0].lower()
-    return PROVIDER_BY_HOST.get(host or "")
-
-
-def _envelope(body: dict[str, Any], keep_content: bool) -> dict[str, Any]:
+def _envelope(body: dict[str, Any]) -> dict[str, Any]:
     usage = body.get("usage") if isinstance(body.get("usage"), dict) else {}
     prompt_details = usage.get("prompt_tokens_details")
     completion_details = usage.get("completion_tokens_details")
@@ -228,8 +172,30 @@ def _envelope(body: dict[str, Any], keep_content: bool) -> dict[str, Any]:
         if isinstance(completion_details, dict)
         else None,
     }
-    fields.update(pulze.metadata_fields(body.get("metadata"), keep_content))
     return fields
+
+
+class ChatCompletions(Family):
+    """``POST …/chat/completions`` and ``POST …/completions``, streamed or not."""
+
+    name = "chat_completions"
+
+    def operation(self, method: str, path: str, host: str | None) -> str | None:
+        return operation_for(method, path)
+
+    def request_fields(
+        self, body: Any, operation: str, path: str, query: str, content_cap: int | None
+    ) -> dict[str, Any]:
+        return request_fields(body, operation, content_cap)
+
+    def response_fields(self, body: Any, content_cap: int | None) -> dict[str, Any]:
+        return response_fields(body, content_cap)
+
+    def stream_parser(self, content_cap: int | None, content_type: str) -> StreamAccumulator:
+        return StreamAccumulator(content_cap)
+
+
+FAMILY = ChatCompletions()
 
 
 def _created(value: Any) -> float | None:
@@ -250,13 +216,13 @@ def _tool_choice(value: Any) -> str | None:
     return None
 
 
-def _choice_text(choice: dict[str, Any]) -> str:
+def _choicetext_of(choice: dict[str, Any]) -> str:
     """Generated text of a choice, message or stream delta alike."""
     for key in ("delta", "message"):
         part = choice.get(key)
         if isinstance(part, dict):
-            return _text(part.get("content")) or _text(part.get("refusal"))
-    return _text(choice.get("text"))
+            return text_of(part.get("content")) or text_of(part.get("refusal"))
+    return text_of(choice.get("text"))
 
 
 def _has_tool_calls(choice: dict[str, Any]) -> bool:
@@ -264,43 +230,11 @@ def _has_tool_calls(choice: dict[str, Any]) -> bool:
     return isinstance(delta, dict) and bool(delta.get("tool_calls") or delta.get("function_call"))
 
 
-def _text(content: Any) -> str:
-    """Message content is a string or a list of typed parts."""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        return "".join(p["text"] for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
-    return ""
-
-
-def cap_messages(messages: list[dict[str, Any]], budget: int) -> tuple[dict[str, Any], ...]:
-    """Keep content in order until ``budget`` characters are used; mark each message cut.
-
-    One budget per direction (prompt, completion) of an exchange, so a record's captured
-    text is bounded however many messages it has.
-    """
-    capped = []
-    for message in messages:
-        content = message["content"]
-        if len(content) > budget:
-            message = {**message, "content": content[:budget], "truncated": True}
-        budget -= len(message["content"])
-        capped.append(message)
-    return tuple(capped)
-
-
-def _message(role: str, content: str, finish_reason: str | None = None) -> dict[str, Any]:
-    message: dict[str, Any] = {"role": role, "content": content}
-    if finish_reason:
-        message["finish_reason"] = finish_reason
-    return message
-
-
 def _input_messages(body: dict[str, Any], operation: str, cap: int) -> tuple[dict[str, Any], ...]:
     if operation == "chat":
         messages = body.get("messages")
         found = [
-            _message(as_str(m.get("role")) or "user", _text(m.get("content")))
+            message(as_str(m.get("role")) or "user", text_of(m.get("content")))
             for m in (messages if isinstance(messages, list) else ())
             if isinstance(m, dict)
         ]
@@ -313,5 +247,5 @@ def _input_messages(body: dict[str, Any], operation: str, cap: int) -> tuple[dic
             if isinstance(prompt, list)
             else []
         )
-        found = [_message("user", p) for p in prompts]
+        found = [message("user", p) for p in prompts]
     return cap_messages(found, cap)

@@ -217,11 +217,11 @@ def test_retention_never_deletes_an_unacknowledged_row(tmp_path):
     store = AuditStore(str(tmp_path / "llmtap.db"), fsync_batch=False, capture_content=False)
     try:
         assert store.prune(2000.0, 100, hold_for_export=True) == 0  # nothing acknowledged yet
-        store.advance_log_export("local", 4)
-        store.advance_log_export("local", 3)  # never backwards
-        assert store.log_export_position("local") == (4, 6)
+        store.advance_log_export(4)
+        store.advance_log_export(3)  # never backwards
+        assert store.log_export_position() == (4, 6)
         assert store.prune(2000.0, 100, hold_for_export=True) == 4  # rows 1-4 only
-        store.advance_log_export("local", 10)
+        store.advance_log_export(10)
         assert store.prune(2000.0, 100) == 5  # the newest row stays: SQLite would reuse its id
         assert [row["id"] for row, _ in store.rows_after(0, 10, content=False)] == [10]
     finally:
@@ -483,7 +483,7 @@ def test_clickhouse_sql_types_the_records_and_collapses_duplicates(tmp_path, rec
     answers = iter([False, False])  # the first two requests arrive but their answers are lost
     receiver.on_logs = lambda records: next(answers, True)
     sink = new_sink(tmp_path, otlp_logs=True)
-    records = [make_record(i, labels={"team": f"t{i % 3}"}) for i in range(12)]
+    records = [make_record(i, labels={"team": f"t{i % 3}"}, family="openai_chat" if i % 2 else None) for i in range(12)]
     records[5] = records[5].replace(cost_usd=None, cost_source="unknown", input_tokens=None, stream=True)
     records[7] = records[7].replace(cost_usd=1.5e-7, error_type="http_500")
     for record in records:
@@ -532,6 +532,7 @@ def test_clickhouse_sql_types_the_records_and_collapses_duplicates(tmp_path, rec
         )
         assert t["start_us"] == round(row["request_start"] * 1e9) // 1000  # the record's ns, to the µs
         assert (t["input_tokens"], t["output_tokens"]) == (row["input_tokens"], row["output_tokens"])
+        assert (t["family"], t["operation"]) == (row["family"], row["operation"])
         assert (t["provider"], t["key_fingerprint"], t["cost_source"]) == (
             row["provider"],
             row["key_fingerprint"],

@@ -34,11 +34,13 @@ record the collector refuses for good holds up only itself and the rows after it
 
 from __future__ import annotations
 
+import datetime
 import logging
 import os
 import threading
 import time
 from collections.abc import Callable, Mapping
+from decimal import Decimal
 from typing import Any, Protocol
 
 from opentelemetry._logs import LogRecord, SeverityNumber
@@ -76,20 +78,19 @@ DEFAULT_BATCH = 512
 CLOSE_SECONDS = 3.0
 #: With nothing new committed, the thread still looks this often (a missed wake-up costs no more).
 IDLE_SECONDS = 1.0
-#: The cursor's key with a store that holds one instance's rows (SQLite).
-LOCAL_INSTANCE = "local"
 
 
 class ExportStore(Protocol):
-    """What the export needs of the audit store (``llmtap.audit.store.AuditStore``)."""
+    """What the export needs of the audit store (``llmtap.audit.store.AuditStore``): the cursor
+    is the store's for its own instance (its rows, its chain)."""
 
-    def log_export_position(self, instance: str) -> tuple[int, int]: ...
+    def log_export_position(self) -> tuple[int, int]: ...
 
     def rows_after(
         self, row_id: int, limit: int, *, content: bool
     ) -> list[tuple[dict[str, Any], dict[str, Any] | None]]: ...
 
-    def advance_log_export(self, instance: str, last_id: int) -> None: ...
+    def advance_log_export(self, last_id: int) -> None: ...
 
     def close(self) -> None: ...
 
@@ -114,12 +115,15 @@ def log_attributes(row: Mapping[str, Any], content: Mapping[str, Any] | None = N
 
 
 def _attribute_value(value: Any) -> Any:
-    """A stored value as an OTLP attribute value: SQLite gives int, float, str (or bytes)."""
+    """A stored value as an OTLP attribute value: SQLite gives int, float, str (or bytes); an
+    exact decimal or a timestamp of another engine goes as its text."""
     if isinstance(value, (bool, int, float, str)):
         return value
     if isinstance(value, bytes):
         return value.decode("utf-8", "replace")
-    return str(value)
+    if isinstance(value, datetime.datetime):
+        return value.isoformat()
+    return str(value)  # Decimal: its exact text
 
 
 def log_record(
@@ -157,7 +161,7 @@ def summary(row: Mapping[str, Any]) -> str:
     model = row.get("response_model") or row.get("request_model") or "-"
     outcome = row.get("error_type") or row.get("http_status") or "-"
     cost = row.get("cost_usd")
-    money = f"${cost:.6f}" if isinstance(cost, (int, float)) else "cost unknown"
+    money = f"${cost:.6f}" if isinstance(cost, (int, float, Decimal)) else "cost unknown"
     return f"{row.get('operation')} {model} {outcome} {money}"
 
 
@@ -221,12 +225,10 @@ class LogExport:
         health: Health,
         open_store: Callable[[], ExportStore],
         *,
-        instance: str = LOCAL_INSTANCE,
         max_backoff: float = 5.0,
         start: bool = True,
     ) -> None:
         self.health = health
-        self.instance = instance
         self.content = settings.capture_content
         self.max_backoff = max_backoff
         self.limit = batch_size()
@@ -304,7 +306,7 @@ class LogExport:
         """
         if self._store is None:
             self._store = self._open_store()
-        cursor, self.backlog = self._store.log_export_position(self.instance)
+        cursor, self.backlog = self._store.log_export_position()
         if not self.backlog:
             return 0
         rows = self._store.rows_after(cursor, self._size, content=self.content)
@@ -319,7 +321,7 @@ class LogExport:
             self._size = max(1, self._size // 2)
             raise NotAcknowledged(f"{len(batch)} log records not acknowledged by the collector")
         self._size = self.limit
-        self._store.advance_log_export(self.instance, rows[-1][0]["id"])
+        self._store.advance_log_export(rows[-1][0]["id"])
         self.acked += len(rows)
         self.backlog -= len(rows)
         return len(rows)

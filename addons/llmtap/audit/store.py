@@ -724,9 +724,12 @@ class AuditStore:
 
     # --- the OTLP log export's cursor (llmtap.audit.logexport): rows after it await acknowledgement ---
 
-    def log_export_position(self, instance: str) -> tuple[int, int]:
-        """The id of the last row acknowledged for ``instance`` (0: none yet) and how many rows follow it."""
-        row = self.conn.execute("SELECT last_id FROM log_export WHERE instance = ?", (instance,)).fetchone()
+    #: The cursor's key: a SQLite file holds one instance's rows.
+    instance = "local"
+
+    def log_export_position(self) -> tuple[int, int]:
+        """The id of the last row acknowledged (0: none yet) and how many rows follow it."""
+        row = self.conn.execute("SELECT last_id FROM log_export WHERE instance = ?", (self.instance,)).fetchone()
         cursor = row[0] if row else 0
         return cursor, self.conn.execute("SELECT count(*) FROM exchanges WHERE id > ?", (cursor,)).fetchone()[0]
 
@@ -749,13 +752,13 @@ class AuditStore:
             found.append((dict(zip(names[:split], values[:split])), text if has_text else None))
         return found
 
-    def advance_log_export(self, instance: str, last_id: int) -> None:
-        """Record that the collector acknowledged every row of ``instance`` up to ``last_id`` (never backwards)."""
+    def advance_log_export(self, last_id: int) -> None:
+        """Record that the collector acknowledged every row up to ``last_id`` (never backwards)."""
         with self.db.atomic():
             self.conn.execute(
                 "INSERT INTO log_export (instance, last_id, acked_at) VALUES (?, ?, ?) ON CONFLICT (instance) "
                 "DO UPDATE SET last_id = max(last_id, excluded.last_id), acked_at = excluded.acked_at",
-                (instance, last_id, time.time()),
+                (self.instance, last_id, time.time()),
             )
 
     def close(self) -> None:

@@ -78,6 +78,8 @@ DEFAULT_BATCH = 512
 CLOSE_SECONDS = 3.0
 #: With nothing new committed, the thread still looks this often (a missed wake-up costs no more).
 IDLE_SECONDS = 1.0
+#: How often the backlog gauge is recounted from the store.
+COUNT_SECONDS = 1.0
 
 
 class ExportStore(Protocol):
@@ -240,6 +242,8 @@ class LogExport:
         self._resource = make_resource()
         self._scope = InstrumentationScope("llmtap", __version__)
         self.backlog = 0  # rows committed and not yet acknowledged, as last counted
+        self._cursor: int | None = None  # the last row id acknowledged, as this thread knows it
+        self._counted = 0.0
         self.acked = 0  # records the collector acknowledged since this process started
         self._wake = threading.Event()
         self._started = threading.Event()
@@ -303,14 +307,20 @@ class LogExport:
         """Export the next batch after the cursor; the number acknowledged (0: nothing was waiting).
 
         Raises ``NotAcknowledged`` when the collector did not take it, or the store's error.
+        The cursor is read from the store when the store is opened and kept here meanwhile (this
+        thread alone moves it); the backlog is counted at most once a second, as counting is
+        proportional to it.
         """
         if self._store is None:
             self._store = self._open_store()
-        cursor, self.backlog = self._store.log_export_position()
-        if not self.backlog:
-            return 0
-        rows = self._store.rows_after(cursor, self._size, content=self.content)
-        if not rows:  # deleted meanwhile (retention holds them back, so: never by llmtap)
+            self._cursor = None
+        now = time.monotonic()
+        if self._cursor is None or now - self._counted >= COUNT_SECONDS:
+            self._cursor, self.backlog = self._store.log_export_position()
+            self._counted = now
+        rows = self._store.rows_after(self._cursor, self._size, content=self.content)
+        if not rows:
+            self.backlog = 0
             return 0
         batch = [log_record(row, text, self._resource, self._scope) for row, text in rows]
         try:
@@ -321,9 +331,11 @@ class LogExport:
             self._size = max(1, self._size // 2)
             raise NotAcknowledged(f"{len(batch)} log records not acknowledged by the collector")
         self._size = self.limit
-        self._store.advance_log_export(rows[-1][0]["id"])
+        last = rows[-1][0]["id"]
+        self._store.advance_log_export(last)
+        self._cursor = last
         self.acked += len(rows)
-        self.backlog -= len(rows)
+        self.backlog = max(0, self.backlog - len(rows))
         return len(rows)
 
     def _close_store(self) -> None:

@@ -3,8 +3,12 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-dev
 DEMO_STAMP := $(VENV)/.installed-demo
-# Debian packages the tests need: prometheus brings promtool; docker-compose validates the stack.
-DEBS   := prometheus docker-compose curl iptables
+# Debian packages the tests use, as TOOL:PACKAGE. promtool/prometheus: the rules and a real
+# scrape; docker-compose: validates the stack; curl: a client; iptables: the transparent-mode
+# test (as root); tmux: `llmtap top` on a terminal; sqlite3: the README's backup command.
+# Installed without recommends (no docker.io, no node exporters): only what the tests run.
+DEB_TOOLS := prometheus:prometheus promtool:prometheus docker-compose:docker-compose curl:curl \
+             iptables:iptables tmux:tmux sqlite3:sqlite3
 
 .PHONY: demo test venv debs bench clean
 
@@ -24,14 +28,15 @@ venv: $(STAMP)
 # Installs the Debian packages only when a tool is missing (needs root or sudo).
 debs:
 	@missing=""; \
-	command -v prometheus >/dev/null || missing="$$missing prometheus"; \
-	command -v promtool >/dev/null || missing="$$missing prometheus"; \
-	command -v docker-compose >/dev/null || missing="$$missing docker-compose"; \
-	command -v curl >/dev/null || missing="$$missing curl"; \
-	command -v iptables >/dev/null || missing="$$missing iptables"; \
+	for pair in $(DEB_TOOLS); do \
+	  tool=$${pair%%:*}; pkg=$${pair#*:}; \
+	  command -v $$tool >/dev/null || case " $$missing " in *" $$pkg "*) ;; *) missing="$$missing $$pkg";; esac; \
+	done; \
 	if [ -n "$$missing" ]; then \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $(DEBS); \
+	  echo "installing Debian packages:$$missing (without recommends)"; \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+	    $$SUDO apt-get install -y -qq --no-install-recommends $$missing; \
 	fi
 
 demo: $(DEMO_STAMP)

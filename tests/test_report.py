@@ -257,3 +257,83 @@ def test_datasette_serves_the_canned_queries(audit_db):
     by_day, top = asyncio.run(fetch())
     assert by_day.status_code == 200 and top.status_code == 200
     assert sum(row["requests"] for row in by_day.json()) == len(records)
+
+
+# --- reads right: labels, partial sums, exact decimals, default grouping, empty ranges ----------
+
+
+def small_db(tmp_path: Path) -> Path:
+    """Three priced exchanges whose float sum is noisy (0.1 + 0.2 + 3.4000000000000003e-06) and
+    two of unknown cost, over two models."""
+    costs = [("m-a", 0.1), ("m-a", 0.2), ("m-a", 17 * 0.2 / 1e6), ("m-a", None), ("m-b", None)]
+    assert sum(c for _, c in costs if c is not None) != 0.3000034  # the noise this test is about
+    sink = AuditSink(Settings(db=str(tmp_path / "llmtap.db")), Health())
+    for i, (model, cost) in enumerate(costs):
+        start = NOW - 60 - i
+        sink.emit(
+            ExchangeRecord(
+                exchange_id=f"s{i}",
+                operation="chat",
+                method="POST",
+                path="/v1/chat/completions",
+                request_start=start,
+                response_end=start + 0.5,
+                http_status=200,
+                response_model=model,
+                provider="acme",
+                cost_usd=cost,
+                cost_source="computed" if cost is not None else "unknown",
+            )
+        )
+    sink.close()
+    return tmp_path / "llmtap.db"
+
+
+def test_table_marks_partial_sums_and_labels_the_total(tmp_path):
+    out = invoke("--db", str(small_db(tmp_path)))  # no --by: one row per model
+    lines = out.splitlines()
+    header = next(line for line in lines if "requests" in line)
+    assert "model" in header and "unknown_cost" in header and "no cost" not in header
+    row_a = next(line for line in lines if "m-a" in line)
+    row_b = next(line for line in lines if "m-b" in line)
+    total = next(line for line in lines if "TOTAL" in line)
+    assert "0.300003 + 1 unknown" in row_a
+    assert "1 unknown" in row_b and "+" not in row_b
+    assert "0.300003 + 2 unknown" in total and " 5 " in total
+
+
+def test_no_by_groups_by_model_not_a_copy_of_the_total(tmp_path):
+    db = small_db(tmp_path)
+    out = json.loads(invoke("--db", str(db), "--format", "json"))
+    assert out["by"] == ["model"]
+    assert [row["model"] for row in out["rows"]] == ["m-a", "m-b"]
+    lines = list(csv.reader(io.StringIO(invoke("--db", str(db), "--format", "csv"))))
+    assert [line[0] for line in lines] == ["model", "m-a", "m-b", "TOTAL"]
+
+
+def test_csv_and_json_print_exact_decimals_and_one_unknown_cost_name(tmp_path):
+    db = small_db(tmp_path)
+    lines = list(csv.reader(io.StringIO(invoke("--db", str(db), "--format", "csv"))))
+    header = lines[0]
+    cost = header.index("cost_usd")
+    assert "unknown_cost" in header
+    assert [line[cost] for line in lines[1:]] == ["0.3000034", "", "0.3000034"]
+    assert [line[header.index("unknown_cost")] for line in lines[1:]] == ["1", "1", "2"]
+    text = invoke("--db", str(db), "--format", "json")
+    assert '"cost_usd": 0.3000034,' in text and "000000" not in text.replace("0.3000034", "")
+    out = json.loads(text)
+    assert out["totals"]["unknown_cost"] == 2 and out["rows"][1]["cost_usd"] is None
+
+
+def test_an_empty_range_says_so_in_every_format(tmp_path):
+    db = small_db(tmp_path)
+    window = ("--since", "2001-01-01", "--until", "2001-01-02")
+    table = invoke("--db", str(db), *window)
+    assert "No exchanges from 2001-01-01 00:00:00 UTC to 2001-01-02 00:00:00 UTC" in table
+    assert "TOTAL" not in table
+    result = CliRunner().invoke(report, ["--db", str(db), *window, "--format", "csv"])
+    assert result.exit_code == 0 and "no exchanges" in result.stderr
+    assert list(csv.reader(io.StringIO(result.stdout)))[1][:2] == ["TOTAL", "0"]
+    result = CliRunner().invoke(report, ["--db", str(db), *window, "--format", "json"])
+    assert result.exit_code == 0 and "no exchanges" in result.stderr
+    assert json.loads(result.stdout)["rows"] == [] and json.loads(result.stdout)["totals"]["requests"] == 0

@@ -571,3 +571,31 @@ def test_e2e_collector_down_traffic_flows_failures_counted(tmp_path: Path, simul
         assert wait_until(lambda: tap.metric("llmtap_span_export_failures_total") >= 3, timeout=15)
     finally:
         tap.stop()
+
+
+@pytest.mark.parametrize("suffix", ["", "/"])
+def test_otlp_endpoint_without_a_path_gets_v1_traces(receiver: OTLPHTTPReceiver, suffix: str) -> None:
+    """``--otlp-endpoint http://collector:4318`` works like OTEL_EXPORTER_OTLP_ENDPOINT."""
+    [span], health = export_to(receiver, receiver.url + suffix, record())
+    assert span.name
+    assert [path for path, _ in receiver.requests] == ["/v1/traces"]
+    assert health.span_export_failures == 0
+
+
+def test_otlp_endpoint_with_a_path_is_used_as_is(receiver: OTLPHTTPReceiver) -> None:
+    """A path is the user's choice: nothing is appended (the receiver 404s it, and that is counted)."""
+    health = Health()
+    sink = SpanSink(Settings(otlp_endpoint=receiver.url + "/custom/traces"), health)
+    sink.emit(record())
+    sink.close()
+    assert [path for path, _ in receiver.requests] == ["/custom/traces"]
+    assert receiver.spans == [] and health.span_export_failures == 1
+
+
+def export_to(receiver: OTLPHTTPReceiver, endpoint: str, *records: ExchangeRecord):
+    health = Health()
+    sink = SpanSink(Settings(otlp_endpoint=endpoint), health)
+    for r in records:
+        sink.emit(r)
+    sink.close()
+    return receiver.wait_spans(len(records)), health

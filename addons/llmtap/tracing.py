@@ -6,7 +6,8 @@ span upstream before it exists). llmtap uses its own ``TracerProvider``, never t
 so it cannot disturb (or be disturbed by) anything else in the process.
 
 Configuration is the standard one: ``OTEL_EXPORTER_OTLP_[TRACES_]ENDPOINT`` (or
-``--otlp-endpoint``, used as-is), ``OTEL_EXPORTER_OTLP_[TRACES_]PROTOCOL`` (``http/protobuf`` or
+``--otlp-endpoint``: a URL without a path gets ``/v1/traces`` for OTLP/HTTP, one with a path is
+used as-is), ``OTEL_EXPORTER_OTLP_[TRACES_]PROTOCOL`` (``http/protobuf`` or
 ``grpc``), ``OTEL_SERVICE_NAME`` / ``OTEL_RESOURCE_ATTRIBUTES``, ``OTEL_TRACES_SAMPLER``, and the
 ``OTEL_BSP_*`` / ``OTEL_EXPORTER_OTLP_*`` tuning variables, all read by the SDK itself.
 
@@ -26,6 +27,7 @@ import threading
 from collections.abc import Mapping, Sequence
 from contextvars import ContextVar
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 from opentelemetry.context import Context
 from opentelemetry.sdk.environment_variables import (
@@ -303,10 +305,22 @@ class RecordSpans(QueueThread):
             logger.removeFilter(log_filter)
 
 
+def http_traces_endpoint(endpoint: str | None) -> str | None:
+    """``--otlp-endpoint`` for OTLP/HTTP: a bare collector URL (no path) gets ``/v1/traces``, as
+    ``OTEL_EXPORTER_OTLP_ENDPOINT`` does; a URL with a path is used as it is."""
+    if not endpoint:
+        return endpoint
+    parts = urlsplit(endpoint)
+    if parts.path in ("", "/"):
+        return urlunsplit(parts._replace(path="/v1/traces"))
+    return endpoint
+
+
 def make_exporter(endpoint: str | None) -> SpanExporter:
     """The OTLP exporter for the configured protocol; ``endpoint=None`` lets the SDK read the
     standard variables (``OTEL_EXPORTER_OTLP_ENDPOINT`` is a base: ``/v1/traces`` is appended
-    for http; ``..._TRACES_ENDPOINT`` and an explicit endpoint are used as they are).
+    for http; ``..._TRACES_ENDPOINT`` is used as it is). An explicit endpoint without a path gets
+    ``/v1/traces`` for http (see ``http_traces_endpoint``); gRPC takes host:port.
 
     The exporters are imported here, so that an llmtap without tracing never loads them.
     """
@@ -321,6 +335,7 @@ def make_exporter(endpoint: str | None) -> SpanExporter:
     )
     timeout = None if _timeout_configured() else EXPORT_TIMEOUT_S
     if protocol == "http/protobuf":
+        endpoint = http_traces_endpoint(endpoint)
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as HTTPExporter
 
         return HTTPExporter(endpoint=endpoint, timeout=timeout)

@@ -15,6 +15,7 @@ import time
 from collections import defaultdict
 from collections.abc import Sequence
 from datetime import UTC, datetime
+from decimal import Decimal
 from typing import Any, NamedTuple
 
 import click
@@ -49,6 +50,9 @@ _SUMS = """count(*) AS requests,
     sum(cost_usd) AS cost_usd,
     sum(cost_savings_usd) AS cost_savings_usd,
     sum(cost_usd IS NULL) AS unknown_cost"""
+#: Grouping without --by: one row per model (never a lone row repeating the TOTAL).
+DEFAULT_BY = "model"
+MONEY = ("cost_usd", "cost_savings_usd")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
 
@@ -126,13 +130,24 @@ def spend(
     ).fetchall()
     totals = dict(conn.execute(f"SELECT {_SUMS} FROM exchanges WHERE {where_sql}", where_params).fetchone())
     latencies: dict[tuple, list[float]] = defaultdict(list)
+    # money is summed here as decimals (SQLite's float sum adds noise such as 0.0008649999999999999)
+    money: dict[tuple, dict[str, Decimal]] = defaultdict(dict)
+    money_cols = ", ".join(MONEY)
     for row in conn.execute(
-        f"SELECT {select}duration_s FROM exchanges WHERE {where_sql} AND duration_s IS NOT NULL",
-        [*group.params, *where_params],
+        f"SELECT {select}duration_s, {money_cols} FROM exchanges WHERE {where_sql}", [*group.params, *where_params]
     ):
-        latencies[tuple(row)[:-1]].append(row[-1])
+        values = tuple(row)
+        key, duration, amounts = values[: len(keys)], values[len(keys)], values[len(keys) + 1 :]
+        if duration is not None:
+            latencies[key].append(duration)
+        for name, amount in zip(MONEY, amounts):
+            if amount is not None:
+                money[key][name] = money[key].get(name, Decimal(0)) + _decimal(amount)
     everything = sorted(v for values in latencies.values() for v in values)
     totals.update(p50_s=percentile(everything, 0.5), p95_s=percentile(everything, 0.95))
+    for name in MONEY:
+        parts = [sums[name] for sums in money.values() if name in sums]
+        totals[name] = float(sum(parts, Decimal(0))) if parts else None
     rows = []
     for row in sums:
         key = tuple(row[k] for k in keys)
@@ -141,6 +156,7 @@ def spend(
             {
                 **dict(zip(group.names, key)),
                 **{m: row[m] for m in METRICS if m in row.keys()},  # noqa: SIM118 (sqlite3.Row: `in` tests values)
+                **{name: float(money[key][name]) if name in money[key] else None for name in MONEY},
                 "p50_s": percentile(values, 0.5),
                 "p95_s": percentile(values, 0.95),
             }
@@ -160,34 +176,73 @@ def _open(db: str) -> sqlite3.Connection:
 @click.option("--since", type=When(), help="Start: a duration back from now (24h, 7d) or an ISO date (UTC).")
 @click.option("--until", type=When(), help="End (exclusive), same forms as --since.")
 @click.option(
-    "--by", multiple=True, metavar="DIMENSION", help=f"Group by {', '.join(DIMENSIONS)} or label:NAME. Repeatable."
+    "--by",
+    multiple=True,
+    metavar="DIMENSION",
+    help=f"Group by {', '.join(DIMENSIONS)} or label:NAME. Repeatable.  [default: {DEFAULT_BY}]",
 )
 @click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table", show_default=True)
 def report(db: str, since: float | None, until: float | None, by: tuple[str, ...], fmt: str) -> None:
-    """Spend report from the audit log: requests, errors, tokens, USD and latency per group."""
-    group = grouping(by)  # validate before opening anything
+    """Spend report from the audit log: requests, errors, tokens, USD and latency per group.
+
+    A cost sum that leaves out exchanges of unknown cost says so (``0.12 + 3 unknown`` in the
+    table; the ``unknown_cost`` column in every format). Money is summed as exact decimals.
+    """
+    group = grouping(by or (DEFAULT_BY,))  # validate before opening anything
     conn = _open(db)
     try:
         rows, totals = spend(conn, group.names, since, until)
     finally:
         conn.close()
+    if not rows and fmt != "table":
+        click.echo(f"llmtap report: no exchanges {_range(since, until)} in {db}", err=True)
     if fmt == "json":
-        click.echo(
-            json.dumps({"since": since, "until": until, "by": group.names, "rows": rows, "totals": totals}, indent=2)
-        )
+        document = {"since": since, "until": until, "by": group.names, "rows": rows, "totals": totals}
+        click.echo(json.dumps(document, indent=2))  # a float's repr: 0.000865, never 0.0008649999999999999
     elif fmt == "csv":
         writer = csv.writer(sys.stdout, lineterminator="\n")
         writer.writerow([*group.names, *METRICS])
         for row in rows:
-            writer.writerow([_csv(row[c]) for c in (*group.names, *METRICS)])
-        label = ["TOTAL", *[""] * (len(group.names) - 1)] if group.names else []
-        writer.writerow([*label, *(_csv(totals[m]) for m in METRICS)])
+            writer.writerow([_csv(c, row[c]) for c in (*group.names, *METRICS)])
+        writer.writerow([*_total_label(group.names), *(_csv(m, totals[m]) for m in METRICS)])
+    elif not rows:
+        click.echo(f"No exchanges {_range(since, until)} in {db}.")
     else:
         _print_table(group.names, rows, totals, since, until)
 
 
-def _csv(value: Any) -> Any:
-    return "" if value is None else value
+def _decimal(value: float | int | str) -> Decimal:
+    """A stored amount as a decimal: a float to 15 significant digits, which every float holds
+    exactly, so that a computed 17 x 0.2 / 1e6 = 3.4000000000000003e-06 counts as 0.0000034."""
+    return Decimal(value if isinstance(value, str) else format(value, ".15g"))
+
+
+def _money_text(value: float) -> str:
+    """Plain decimal notation, no float noise and no exponent: 1e-05 -> 0.00001."""
+    return format(_decimal(value), "f")
+
+
+def _csv(column: str, value: Any) -> Any:
+    if value is None:
+        return ""
+    return _money_text(value) if column in MONEY else value
+
+
+def _total_label(names: Sequence[str]) -> list[str]:
+    return ["TOTAL", *[""] * (len(names) - 1)]
+
+
+def _range(since: float | None, until: float | None) -> str:
+    def when(ts: float) -> str:
+        return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+    if since is None and until is None:
+        return "recorded"
+    if until is None:
+        return f"since {when(since)}"
+    if since is None:
+        return f"before {when(until)}"
+    return f"from {when(since)} to {when(until)}"
 
 
 def _print_table(
@@ -199,15 +254,27 @@ def _print_table(
     def when(ts: float | None, default: str) -> str:
         return default if ts is None else datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M UTC")
 
-    table = Table(title=f"llmtap spend, {when(since, 'start')} to {when(until, 'now')}", title_justify="left")
+    table = Table(
+        title=f"llmtap spend by {', '.join(names)}, {when(since, 'start')} to {when(until, 'now')}",
+        title_justify="left",
+    )
     for name in names:
         table.add_column(name, overflow="fold")
-    for header in ("requests", "errors", "in tokens", "out tokens", "cost USD", "saved USD", "p50", "p95", "no cost"):
+    for header in (
+        "requests",
+        "errors",
+        "in tokens",
+        "out tokens",
+        "cost USD",
+        "saved USD",
+        "p50",
+        "p95",
+        "unknown_cost",
+    ):
         table.add_column(header, justify="right", no_wrap=True)
     for i, row in enumerate(rows):
         table.add_row(*[_cell(row[n]) for n in names], *_metric_cells(row), end_section=i == len(rows) - 1)
-    label = ["TOTAL", *[""] * (len(names) - 1)] if names else []
-    table.add_row(*label, *_metric_cells(totals), style="bold")
+    table.add_row(*_total_label(names), *_metric_cells(totals), style="bold")
     Console(width=None if sys.stdout.isatty() else 200).print(table)  # piped: don't cut columns
 
 
@@ -217,7 +284,7 @@ def _metric_cells(row: dict[str, Any]) -> list[str]:
         f"{row['errors'] or 0:,}",
         _count(row["input_tokens"]),
         _count(row["output_tokens"]),
-        _usd(row["cost_usd"]),
+        _usd(row["cost_usd"], row["unknown_cost"] or 0),
         _usd(row["cost_savings_usd"]),
         _seconds(row["p50_s"]),
         _seconds(row["p95_s"]),
@@ -233,8 +300,12 @@ def _count(value: int | None) -> str:
     return "-" if value is None else f"{value:,}"
 
 
-def _usd(value: float | None) -> str:
-    return "unknown" if value is None else f"{value:,.6f}"
+def _usd(value: Decimal | float | None, unknown: int = 0) -> str:
+    """A sum, marked partial when it leaves out ``unknown`` exchanges: ``0.123456 + 3 unknown``."""
+    if value is None:
+        return f"{unknown:,} unknown" if unknown else "unknown"
+    text = f"{value:,.6f}"
+    return f"{text} + {unknown:,} unknown" if unknown else text
 
 
 def _seconds(value: float | None) -> str:

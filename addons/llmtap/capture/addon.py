@@ -135,8 +135,16 @@ class LLMTap:
             raise OptionsError(str(exc)) from exc
         try:
             prices = PriceTable.load(settings.prices or None)
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-            raise OptionsError(f"llmtap_prices: cannot read {settings.prices!r}: {exc}") from exc
+        except KeyError as exc:
+            raise OptionsError(
+                f"llmtap_prices (--prices): {settings.prices!r}: a model lacks its {exc} price; each entry needs "
+                '{"input": USD, "output": USD} per million tokens ("cached_input" optional)'
+            ) from exc
+        except (OSError, ValueError, TypeError, AttributeError) as exc:
+            raise OptionsError(
+                f"llmtap_prices (--prices): cannot read {settings.prices!r}: {exc}; expected a JSON object "
+                '{"model": {"input": USD, "output": USD}} (USD per million tokens)'
+            ) from exc
         changed = settings != self.settings
         self.settings, self.prices = settings, prices
         if self._running and changed:
@@ -203,6 +211,11 @@ class LLMTap:
         lines = [f"llmtap {__version__} listening: {app}"]
         if metrics is not None:
             lines.append(f"  metrics  http://{self.settings.metrics_host}:{metrics.port}/metrics")
+        elif self.settings.metrics_port >= 0:  # the sink could not start: usually the port is taken
+            lines.append(
+                f"  metrics  NOT served: {self.settings.metrics_host}:{self.settings.metrics_port} failed (see above); "
+                "choose another port with --metrics-port (0 picks a free one)"
+            )
         lines.append(f"  audit    {self.settings.db or 'off'}")
         if self.settings.jsonl:
             lines.append(f"  jsonl    {self.settings.jsonl}")

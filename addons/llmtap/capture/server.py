@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import signal
+import socket
 import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -19,6 +21,35 @@ from llmtap.capture.lean import LeanMaster
 
 def mode_spec(mode: str, upstream: str) -> str:
     return f"reverse:{upstream}" if mode == "reverse" else mode
+
+
+def port_taken(host: str, port: int) -> str | None:
+    """Why ``host:port`` cannot be listened on (bound the way asyncio binds), or None if it can."""
+    if port == 0:
+        return None
+    try:
+        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except OSError:
+        return None  # mitmproxy reports a bad host itself
+    for family, kind, proto, _, address in infos:
+        with socket.socket(family, kind, proto) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind(address)
+            except OSError as exc:
+                if exc.errno == errno.EADDRINUSE:
+                    return "the address is already in use"
+                return None
+    return None
+
+
+def _llmtap_port_advice(record: logging.LogRecord) -> bool:
+    """Replace mitmproxy's ``--mode ...@PORT`` advice (not llmtap syntax) with llmtap's flag."""
+    message = record.getMessage()
+    if "Try specifying a different port" in message:
+        record.msg = message.split("\nTry specifying", 1)[0] + "\nChoose another port with --listen-port PORT."
+        record.args = ()
+    return True
 
 
 def run_proxy(
@@ -38,8 +69,18 @@ def run_proxy(
     otherwise mitmdump's full addon set.
     """
 
+    taken = port_taken(listen_host, listen_port)
+    if taken:
+        print(
+            f"llmtap: cannot listen on {listen_host}:{listen_port}: {taken}. "
+            f"Choose another port with --listen-port PORT (0 picks a free one), or stop what holds it.",
+            file=sys.stderr,
+        )
+        return 2
+
     async def main() -> int:
         logging.getLogger().setLevel(logging.INFO)
+        logging.getLogger("mitmproxy.addons.proxyserver").addFilter(_llmtap_port_advice)
         for noisy in ("tornado", "asyncio", "hpack", "quic"):
             logging.getLogger(noisy).setLevel(logging.WARNING)
         opts = Options()
@@ -64,7 +105,9 @@ def run_proxy(
             if extra_sets:
                 opts.set(*extra_sets)
         except exceptions.OptionsError as exc:
-            hint = " (the lean proxy loads only the addons llmtap needs; try --full)" if lean else ""
+            # only an option the lean master does not know may be one of mitmdump's full set
+            unknown = str(exc).startswith("Unknown option")
+            hint = " (the lean proxy loads only the addons llmtap needs; try --full)" if lean and unknown else ""
             print(f"llmtap: {exc}{hint}", file=sys.stderr)
             return 2
         loop = asyncio.get_running_loop()

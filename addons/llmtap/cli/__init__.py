@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import sys
+from urllib.parse import urlsplit
 
 import click
 
 from llmtap import __version__
 from llmtap.audit.report import audit, report
+from llmtap.cli.top import top
 from llmtap.config import DEFAULT_UPSTREAM, OPTIONS
 
 
@@ -34,8 +36,25 @@ def llmtap_options(command):
     return command
 
 
+def _upstream_url(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    """An absolute http(s) URL: without a scheme mitmproxy would silently take https."""
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise click.BadParameter(
+            f"{value!r} is not an http:// or https:// URL; write it with its scheme, "
+            f"e.g. --upstream http://{value.split('://')[-1]} (or https://...)"
+        )
+    return value
+
+
 @main.command()
-@click.option("--upstream", default=DEFAULT_UPSTREAM, show_default=True, help="Upstream API (reverse mode).")
+@click.option(
+    "--upstream",
+    default=DEFAULT_UPSTREAM,
+    show_default=True,
+    callback=_upstream_url,
+    help="Upstream API (reverse mode), with its scheme: https://api.pulze.ai, http://127.0.0.1:8000.",
+)
 @click.option(
     "--mode",
     type=click.Choice(["reverse", "regular"]),
@@ -117,12 +136,12 @@ def traffic(base_url: str, count: int, interval: float, api_key: str, seed: int)
 
 
 @main.command()
-@click.option("--count", default=40, show_default=True, type=int, help="Demo requests to send.")
+@click.option("--count", default=40, show_default=True, type=click.IntRange(min=1), help="Demo requests to send.")
 @click.option("--exit", "exit_after", is_flag=True, help="Exit after the traffic instead of waiting for Ctrl-C.")
 @click.option("--dir", "workdir", default="demo-out", show_default=True, help="Where the DB and logs go.")
-@click.option("--listen-port", default=8080, show_default=True, type=int)
-@click.option("--metrics-port", default=9464, show_default=True, type=int)
-def demo(count: int, exit_after: bool, workdir: str, listen_port: int, metrics_port: int) -> None:
+@click.option("--listen-port", type=click.IntRange(1, 65535), help="Proxy port  [default: a free port]")
+@click.option("--metrics-port", type=click.IntRange(1, 65535), help="/metrics port  [default: a free port]")
+def demo(count: int, exit_after: bool, workdir: str, listen_port: int | None, metrics_port: int | None) -> None:
     """Simulated Pulze upstream + llmtap + traffic; prints where metrics, DB and report are."""
     from llmtap.devtools.demo import run_demo
 
@@ -135,6 +154,7 @@ def demo(count: int, exit_after: bool, workdir: str, listen_port: int, metrics_p
 
 main.add_command(report)
 main.add_command(audit)
+main.add_command(top)
 
 
 if __name__ == "__main__":

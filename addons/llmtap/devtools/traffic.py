@@ -10,6 +10,7 @@ import json
 import random
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 PROMPTS = (
@@ -22,8 +23,10 @@ PROMPTS = (
 )
 MODELS = ("pulze", "pulze", "openai/gpt-4o-mini", "anthropic/claude-3-haiku", "mistralai/mistral-small")
 TEAMS = ("search", "support", "growth")
-#: One request in ten asks the simulator for a fault; mostly the kinds a real API produces.
+#: Every FAULT_EVERY-th request asks the simulator for a fault, taking these kinds in turn (the
+#: kinds a real API produces), so that any 40 requests show each of them once.
 FAULTS = ("429", "500", "422", "retry", "truncate")
+FAULT_EVERY = 8
 
 
 @dataclass
@@ -36,8 +39,19 @@ class TrafficSummary:
         return f"sent {self.sent} requests ({parts})"
 
 
-def drive(base_url: str, *, api_key: str, count: int, interval: float = 0.0, seed: int = 1) -> TrafficSummary:
-    """Send ``count`` requests (0 = until interrupted); returns what happened to them."""
+def drive(
+    base_url: str,
+    *,
+    api_key: str,
+    count: int,
+    interval: float = 0.0,
+    seed: int = 1,
+    on_result: Callable[[str], None] | None = None,
+) -> TrafficSummary:
+    """Send ``count`` requests (0 = until interrupted); returns what happened to them.
+
+    ``on_result`` is called with each request's outcome (for a progress bar).
+    """
     import openai
 
     rng = random.Random(seed)
@@ -45,8 +59,13 @@ def drive(base_url: str, *, api_key: str, count: int, interval: float = 0.0, see
     summary = TrafficSummary()
     try:
         while count == 0 or summary.sent < count:
-            summary.outcomes[_one_request(client, rng)] += 1
+            n = summary.sent
+            fault = FAULTS[(n // FAULT_EVERY) % len(FAULTS)] if n % FAULT_EVERY == FAULT_EVERY // 2 else None
+            outcome = _one_request(client, rng, fault)
+            summary.outcomes[outcome] += 1
             summary.sent += 1
+            if on_result is not None:
+                on_result(outcome)
             if interval:
                 time.sleep(interval)
     except KeyboardInterrupt:
@@ -56,15 +75,15 @@ def drive(base_url: str, *, api_key: str, count: int, interval: float = 0.0, see
     return summary
 
 
-def _one_request(client, rng: random.Random) -> str:
+def _one_request(client, rng: random.Random, fault: str | None) -> str:
     import openai
 
     model = rng.choice(MODELS)
     prompt = rng.choice(PROMPTS)
     stream = rng.random() < 0.4
     headers = {"Pulze-Labels": json.dumps({"team": rng.choice(TEAMS)})}
-    if rng.random() < 0.1:
-        headers["X-Sim-Fault"] = rng.choice(FAULTS)
+    if fault is not None:
+        headers["X-Sim-Fault"] = fault
     try:
         if rng.random() < 0.7:
             kwargs = dict(
@@ -82,8 +101,12 @@ def _one_request(client, rng: random.Random) -> str:
                     pass
             else:
                 client.completions.create(**kwargs)
-    except openai.APIStatusError as exc:
-        return f"http {exc.status_code}"
+    except openai.APIStatusError as exc:  # a non-streamed body cut short arrives as llmtap's 502
+        return f"truncated (http {exc.status_code})" if fault == "truncate" else f"http {exc.status_code}"
     except openai.APIError as exc:
-        return type(exc).__name__
+        return "truncated" if fault == "truncate" else type(exc).__name__
+    if fault == "truncate":  # a cut stream the SDK did not raise on
+        return "truncated"
+    if fault == "retry":
+        return "ok after a router retry"
     return "ok stream" if stream else "ok"

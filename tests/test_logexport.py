@@ -14,6 +14,7 @@ import json
 import os
 import signal
 import sqlite3
+import subprocess
 import threading
 from decimal import Decimal
 from pathlib import Path
@@ -21,7 +22,7 @@ from pathlib import Path
 import openai
 import pytest
 import yaml
-from conftest import API_KEY, free_port, start_tap, wait_until
+from conftest import API_KEY, LLMTAP, free_port, start_tap, wait_until
 from otlp_receiver import OTLPGRPCReceiver, OTLPHTTPReceiver, ReceivedLog
 from test_audit import (
     SECRET_ANSWER,
@@ -207,6 +208,15 @@ def test_the_option_needs_the_audit_log():
     with pytest.raises(SettingsError, match="otlp_logs"):
         Settings.from_values({"db": "", "otlp_logs": True})
     assert Settings.from_values({}).otlp_logs is False  # off by default
+
+
+def test_llmtap_run_refuses_it_without_the_audit_log(tmp_path):
+    args = [LLMTAP, "run", "--db", "", "--otlp-logs", "--metrics-port", "-1", "--listen-port", "0"]
+    result = subprocess.run(
+        [*args, "--confdir", str(tmp_path / "conf")], capture_output=True, text=True, timeout=60, cwd=tmp_path
+    )
+    assert result.returncode == 2
+    assert "--otlp-logs" in result.stderr and "set --db" in result.stderr
 
 
 def test_retention_never_deletes_an_unacknowledged_row(tmp_path):

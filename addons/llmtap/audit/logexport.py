@@ -62,6 +62,7 @@ from llmtap import __version__
 from llmtap.audit.control import next_backoff
 from llmtap.config import Settings
 from llmtap.health import Health
+from llmtap.record import canonical_json
 from llmtap.tracing import _hex_id, _quiet_repeats, make_resource
 
 log = logging.getLogger("llmtap")
@@ -125,6 +126,8 @@ def _attribute_value(value: Any) -> Any:
         return value.decode("utf-8", "replace")
     if isinstance(value, datetime.datetime):
         return value.isoformat()
+    if isinstance(value, (dict, list)):  # a JSON column another engine parses: the text SQLite keeps
+        return canonical_json(value)
     return str(value)  # Decimal: its exact text
 
 

@@ -35,7 +35,6 @@ record the collector refuses for good holds up only itself and the rows after it
 from __future__ import annotations
 
 import datetime
-import logging
 import os
 import threading
 import time
@@ -64,8 +63,6 @@ from llmtap.config import Settings
 from llmtap.health import Health
 from llmtap.record import canonical_json
 from llmtap.tracing import _hex_id, _quiet_repeats, make_resource
-
-log = logging.getLogger("llmtap")
 
 EVENT_NAME = "llmtap.exchange"
 PREFIX = "llmtap."

@@ -17,7 +17,9 @@
 --
 -- Types: every llmtap attribute arrives as a string in LogAttributes (the exporter stores each
 -- value with its text form). A missing attribute is NULL here, never 0: an unknown cost stays
--- unknown. Money is Decimal, parsed from the text, so sums are exact. Every attribute is also
+-- unknown. Money is Decimal: from the row's exact integer nano-dollars (`cost_nanousd`) where it
+-- has them, else parsed from the dollars' text, so sums are exact; `price_version` and
+-- `price_model` say which price data and entry priced the row. Every attribute is also
 -- kept whole in `attributes`, so a column not typed here is still queryable.
 --
 -- Checked here by running it in chDB (ClickHouse's engine in-process, tests/test_logexport.py);
@@ -57,6 +59,9 @@ CREATE TABLE IF NOT EXISTS llmtap.exchanges
     cost_prompt_usd Nullable(Decimal(38, 12)),
     cost_completion_usd Nullable(Decimal(38, 12)),
     cost_source LowCardinality(String),
+    cost_nanousd Nullable(Int64),
+    price_version LowCardinality(Nullable(String)),
+    price_model LowCardinality(Nullable(String)),
     cost_savings_usd Nullable(Decimal(38, 12)),
     trace_id String,
     span_id String,
@@ -97,10 +102,18 @@ SELECT
     toInt64OrNull(LogAttributes['llmtap.reasoning_tokens']) AS reasoning_tokens,
     toInt64OrNull(LogAttributes['llmtap.cache_write_input_tokens']) AS cache_write_input_tokens,
     nullIf(LogAttributes['llmtap.service_tier'], '') AS service_tier,
-    toDecimal128OrNull(LogAttributes['llmtap.cost_usd'], 12) AS cost_usd,
+    -- the exact integer nano-dollars when the row has them, else the dollars' text
+    if(
+        LogAttributes['llmtap.cost_nanousd'] != '',
+        toDecimal128OrNull(LogAttributes['llmtap.cost_nanousd'], 12) / 1000000000,
+        toDecimal128OrNull(LogAttributes['llmtap.cost_usd'], 12)
+    ) AS cost_usd,
     toDecimal128OrNull(LogAttributes['llmtap.cost_prompt_usd'], 12) AS cost_prompt_usd,
     toDecimal128OrNull(LogAttributes['llmtap.cost_completion_usd'], 12) AS cost_completion_usd,
     LogAttributes['llmtap.cost_source'] AS cost_source,
+    toInt64OrNull(LogAttributes['llmtap.cost_nanousd']) AS cost_nanousd,
+    nullIf(LogAttributes['llmtap.price_version'], '') AS price_version,
+    nullIf(LogAttributes['llmtap.price_model'], '') AS price_model,
     toDecimal128OrNull(LogAttributes['llmtap.cost_savings_usd'], 12) AS cost_savings_usd,
     TraceId AS trace_id,
     SpanId AS span_id,

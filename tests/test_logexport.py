@@ -478,6 +478,13 @@ def exporter_row(record: ReceivedLog) -> dict:
     }
 
 
+def exact_cost(row: dict) -> Decimal | None:
+    """The row's cost as exact decimal dollars: its nano-dollars when it has them."""
+    if row["cost_nanousd"] is not None:
+        return Decimal(row["cost_nanousd"]) / 10**9
+    return None if row["cost_usd"] is None else Decimal(repr(row["cost_usd"]))
+
+
 def sql_statements(path: Path) -> list[str]:
     text = "\n".join(line for line in path.read_text().splitlines() if not line.lstrip().startswith("--"))
     return [statement.strip() for statement in text.split(";") if statement.strip()]
@@ -496,6 +503,15 @@ def test_clickhouse_sql_types_the_records_and_collapses_duplicates(tmp_path, rec
     records = [make_record(i, labels={"team": f"t{i % 3}"}, family="openai_chat" if i % 2 else None) for i in range(12)]
     records[5] = records[5].replace(cost_usd=None, cost_source="unknown", input_tokens=None, stream=True)
     records[7] = records[7].replace(cost_usd=1.5e-7, error_type="http_500")
+    for i in (2, 3, 4):  # priced from a database: exact nano-dollars and the price's provenance
+        nano = 123_456_789 + i
+        records[i] = records[i].replace(
+            cost_nanousd=nano,
+            cost_usd=nano / 1e9,
+            cost_source="database",
+            price_version="genai-prices:0.0.61",
+            price_model="openai/gpt-4o-mini",
+        )
     for record in records:
         sink.emit(record)
         if record is records[1]:
@@ -537,8 +553,11 @@ def test_clickhouse_sql_types_the_records_and_collapses_duplicates(tmp_path, rec
     assert [t["exchange_id"] for t in typed] == sorted(rows)
     for t in typed:
         row = rows[t["exchange_id"]]
-        assert (None if t["cost"] is None else Decimal(t["cost"])) == (
-            None if row["cost_usd"] is None else Decimal(repr(row["cost_usd"]))
+        assert (None if t["cost"] is None else Decimal(t["cost"])) == exact_cost(row)
+        assert (t["cost_nanousd"], t["price_version"], t["price_model"]) == (
+            row["cost_nanousd"],
+            row["price_version"],
+            row["price_model"],
         )
         assert t["start_us"] == round(row["request_start"] * 1e9) // 1000  # the record's ns, to the µs
         assert (t["input_tokens"], t["output_tokens"]) == (row["input_tokens"], row["output_tokens"])
@@ -557,5 +576,5 @@ def test_clickhouse_sql_types_the_records_and_collapses_duplicates(tmp_path, rec
             row["trace_id"],
             row["row_hash"],
         )
-    exact = sum(Decimal(repr(row["cost_usd"])) for row in rows.values() if row["cost_usd"] is not None)
+    exact = sum(exact_cost(row) for row in rows.values() if row["cost_usd"] is not None)
     assert Decimal(spend["usd"]) == exact and spend["unpriced"] == 1  # exact money, unknown kept apart

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from llmtap.capture.headers import key_fingerprint
-from llmtap.pricing.cost import Price, PriceTable, resolve_cost
+from llmtap.pricing.cost import Pricer, resolve_cost
 from llmtap.protocols import chat_completions, pulze
 from llmtap.protocols.chat_completions import StreamAccumulator, operation_for, request_fields
 from llmtap.protocols.errors import error_message
@@ -383,20 +383,20 @@ def test_key_fingerprint_is_keyed_and_never_the_key() -> None:
     assert key_fingerprint({}, "", "alt=sse&monkey=1") is None
 
 
-PRICES = PriceTable({"gpt-4o": Price(2.5, 10.0, 1.25), "gpt-4o-mini": Price(0.15, 0.6)})
+PRICES = Pricer.load()  # the bundled genai-prices data (gpt-4o: 2.5 / cached 1.25 / 10 per 1M)
 
 
 @pytest.mark.parametrize(
     "fields, expected",
     [
-        # reported beats computed, even when the model has a price
+        # reported beats the price data, even when the model has a price
         (
             {"reported_cost_usd": 0.00066, "input_tokens": 10, "output_tokens": 10, "response_model": "gpt-4o"},
-            {"cost_usd": 0.00066, "cost_source": "reported"},
+            {"cost_usd": 0.00066, "cost_nanousd": 660_000, "cost_source": "reported"},
         ),
         # reported zero is a real zero
-        ({"reported_cost_usd": 0.0}, {"cost_usd": 0.0, "cost_source": "reported"}),
-        # computed, with cached input at its own rate and dated model names
+        ({"reported_cost_usd": 0.0}, {"cost_usd": 0.0, "cost_nanousd": 0, "cost_source": "reported"}),
+        # priced from the database, with cached input at its own rate and dated model names
         (
             {
                 "input_tokens": 1000,
@@ -408,34 +408,45 @@ PRICES = PriceTable({"gpt-4o": Price(2.5, 10.0, 1.25), "gpt-4o-mini": Price(0.15
                 "cost_usd": (600 * 2.5 + 400 * 1.25 + 100 * 10.0) / 1e6,
                 "cost_prompt_usd": (600 * 2.5 + 400 * 1.25) / 1e6,
                 "cost_completion_usd": 100 * 10.0 / 1e6,
-                "cost_source": "computed",
+                "cost_source": "database",
+                "price_model": "openai/gpt-4o",
             },
         ),
-        # the longest prefix wins, provider prefixes are ignored
+        # the database's own matching; a provider prefix names the provider
         (
             {"input_tokens": 1_000_000, "output_tokens": 0, "served_namespace": "openai/gpt-4o-mini"},
-            {"cost_usd": 0.15, "cost_prompt_usd": 0.15, "cost_completion_usd": 0.0, "cost_source": "computed"},
+            {
+                "cost_usd": 0.15,
+                "cost_prompt_usd": 0.15,
+                "cost_completion_usd": 0.0,
+                "cost_source": "database",
+                "price_model": "openai/gpt-4o-mini",
+            },
         ),
         # unknown model: unknown, never $0
         (
             {"input_tokens": 10, "output_tokens": 10, "response_model": "acme/secret-model"},
-            {"cost_usd": None, "cost_source": "unknown"},
+            {"cost_usd": None, "cost_nanousd": None, "cost_source": "unknown"},
         ),
         # no token counts (a stream without usage): unknown
         ({"response_model": "gpt-4o"}, {"cost_usd": None, "cost_source": "unknown"}),
     ],
 )
 def test_resolve_cost(fields, expected) -> None:
-    assert resolve_cost(fields, PRICES) == pytest.approx(expected)
+    got = resolve_cost({"request_start": 1.7e9, **fields}, PRICES)
+    assert {key: got.get(key) for key in expected} == pytest.approx(expected)
+    if got["cost_usd"] is not None:  # exact: the float is the nano-dollar amount, no noise
+        assert got["cost_usd"] == got["cost_nanousd"] / 1e9
 
 
-def test_price_file_overrides_builtin(tmp_path) -> None:
+def test_price_file_overrides_the_database(tmp_path) -> None:
     path = tmp_path / "prices.json"
     path.write_text(json.dumps({"gpt-4o": {"input": 1, "output": 2}, "acme/new": {"input": 3, "output": 4}}))
-    table = PriceTable.load(str(path))
-    assert table.lookup("gpt-4o") == Price(1.0, 2.0)
-    assert table.lookup("acme/new") == Price(3.0, 4.0)
-    assert table.lookup("gpt-4o-mini") is not None  # built-ins stay
+    pricer = Pricer.load(str(path))
+    fields = {"request_start": 1.7e9, "input_tokens": 1_000_000, "output_tokens": 1_000_000}
+    assert resolve_cost({**fields, "response_model": "gpt-4o"}, pricer)["cost_usd"] == 3.0
+    assert resolve_cost({**fields, "response_model": "acme/new"}, pricer)["cost_usd"] == 7.0
+    assert resolve_cost({**fields, "response_model": "gpt-4o-mini"}, pricer)["cost_source"] == "database"  # stays
 
 
 @pytest.mark.parametrize(

@@ -36,7 +36,7 @@ def _strategy(annotation: typing.Any, odd: bool) -> st.SearchStrategy:
         own = st.integers(min_value=-(2**63), max_value=2**63 - 1)
     elif name.startswith("float"):
         own = NUMBERS
-    elif name.startswith("bool"):
+    elif name.startswith("bool") or annotation is bool:  # `stream: bool` prints as "<class 'bool'>"
         own = st.booleans()
     else:
         own = TEXT

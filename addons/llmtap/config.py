@@ -62,7 +62,17 @@ class Settings:
     )
     label_limit: int = _option(50, "Distinct values per metric label before new values fold into 'other'.", minimum=1)
     key_salt: str = _option("", "Secret for API-key fingerprints (else LLMTAP_KEY_SALT, else a fixed public salt).")
-    prices: str = _option("", "JSON file of model prices (USD per million tokens) merged over the built-in table.")
+    prices: str = _option(
+        "", "YAML or JSON file of your own model prices (USD per million tokens); they override the price database."
+    )
+    price_data: str = _option(
+        "", "A newer genai-prices data file (its own JSON format) to price from instead of the bundled data; offline."
+    )
+    inject_stream_usage: bool = _option(
+        False,
+        "Add stream_options.include_usage to streaming chat requests that lack it, so streams get token counts "
+        "(changes the request; off by default).",
+    )
 
     @classmethod
     def from_values(cls, values: Mapping[str, Any]) -> Settings:

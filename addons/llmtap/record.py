@@ -100,10 +100,18 @@ class ExchangeRecord:
     chunk_count: int | None = None  # content-carrying SSE events (streams only)
 
     # --- money (USD) ---
+    # cost_nanousd is the exact amount, integer nano-dollars (1e-9 USD); cost_usd the same as
+    # the nearest float. cost_source: reported | user | database | unknown ("computed" on rows
+    # of llmtap's former built-in table). price_version: the data priced from
+    # ("genai-prices:0.0.61", "genai-prices-data:<sha256>", "user:<sha256>");
+    # price_model: the entry matched ("openai/gpt-4o", or the --prices file's model key).
     cost_usd: float | None = None
     cost_prompt_usd: float | None = None
     cost_completion_usd: float | None = None
     cost_source: str = "unknown"
+    cost_nanousd: int | None = None
+    price_version: str | None = None
+    price_model: str | None = None
     cost_savings_usd: float | None = None
     cost_savings_prompt_usd: float | None = None
     cost_savings_completion_usd: float | None = None

@@ -133,6 +133,12 @@ def span_attributes(record: ExchangeRecord, capture_content: bool) -> dict[str, 
         # No conventions exist for these: llmtap's own names, as literal strings.
         "pulze.cost_usd": record.cost_usd,
         "pulze.cost_source": record.cost_source,  # "unknown" keeps an unknown cost apart from $0
+        "llmtap.cost_nanousd": record.cost_nanousd,  # exact, integer nano-dollars
+        "llmtap.price_version": record.price_version,  # the price data: genai-prices:0.0.61, user:<sha256>
+        "llmtap.price_model": record.price_model,  # the price entry matched
+        "llmtap.service_tier": record.service_tier,
+        "gen_ai.usage.cache_creation.input_tokens": record.cache_write_input_tokens,  # semconv 1.42 (genai repo)
+        "llmtap.usage.cache_write_1h_input_tokens": record.cache_write_1h_input_tokens,
         "pulze.cost_savings_usd": record.cost_savings_usd,
         "pulze.retries": record.retries,
         "pulze.score": record.score,

@@ -53,6 +53,22 @@ _SUMS = """count(*) AS requests,
 #: Grouping without --by: one row per model (never a lone row repeating the TOTAL).
 DEFAULT_BY = "model"
 MONEY = ("cost_usd", "cost_savings_usd")
+#: With ``--reprice``: the same rows' tokens under the current price data.
+REPRICE_METRICS = ("reprice_usd", "reprice_unknown")
+#: What ``--reprice`` reads of each row (NULL where an older database lacks the column).
+_PRICING_COLUMNS = (
+    "request_start",
+    "input_tokens",
+    "output_tokens",
+    "cached_input_tokens",
+    "cache_write_input_tokens",
+    "cache_write_1h_input_tokens",
+    "served_namespace",
+    "response_model",
+    "request_model",
+    "provider",
+    "service_tier",
+)
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
 
@@ -109,11 +125,32 @@ def percentile(sorted_values: Sequence[float], p: float) -> float | None:
     return sorted_values[max(0, math.ceil(p * len(sorted_values)) - 1)]
 
 
+def _columns(conn: sqlite3.Connection) -> set[str]:
+    return {row[1] for row in conn.execute("PRAGMA table_info(exchanges)")}
+
+
+def _nano(amount: Decimal | None) -> int | None:
+    return None if amount is None else round(amount.scaleb(9))
+
+
 def spend(
-    conn: sqlite3.Connection, by: Sequence[str], since: float | None, until: float | None
+    conn: sqlite3.Connection,
+    by: Sequence[str],
+    since: float | None,
+    until: float | None,
+    reprice: Any = None,
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """Rows per group and the totals row, as plain dicts (group names first, then METRICS)."""
+    """Rows per group and the totals row, as plain dicts (group names first, then METRICS).
+
+    Money is summed exactly: a row's ``cost_nanousd`` (integer nano-dollars) where it has one,
+    else its float ``cost_usd`` as a decimal (rows of an older llmtap). Each row and the totals
+    also carry ``cost_nanousd``, the sum in nano-dollars.
+
+    ``reprice``: a ``llmtap.pricing.cost.Pricer``; each group then also has ``reprice_usd``
+    (its rows' tokens priced by it, at each row's own time) and ``reprice_unknown``.
+    """
     group = grouping(by)
+    columns = _columns(conn)
     where, where_params = ["1"], []
     if since is not None:
         where.append("request_start >= ?")
@@ -132,22 +169,27 @@ def spend(
     latencies: dict[tuple, list[float]] = defaultdict(list)
     # money is summed here as decimals (SQLite's float sum adds noise such as 0.0008649999999999999)
     money: dict[tuple, dict[str, Decimal]] = defaultdict(dict)
-    money_cols = ", ".join(MONEY)
+    money_cols = ", ".join(MONEY) + (", cost_nanousd" if "cost_nanousd" in columns else ", NULL")
     for row in conn.execute(
         f"SELECT {select}duration_s, {money_cols} FROM exchanges WHERE {where_sql}", [*group.params, *where_params]
     ):
         values = tuple(row)
-        key, duration, amounts = values[: len(keys)], values[len(keys)], values[len(keys) + 1 :]
+        key, duration, amounts = values[: len(keys)], values[len(keys)], values[len(keys) + 1 : -1]
         if duration is not None:
             latencies[key].append(duration)
         for name, amount in zip(MONEY, amounts):
             if amount is not None:
-                money[key][name] = money[key].get(name, Decimal(0)) + _decimal(amount)
+                if name == "cost_usd" and values[-1] is not None:  # the exact amount
+                    amount = Decimal(values[-1]).scaleb(-9)
+                exact = amount if isinstance(amount, Decimal) else _decimal(amount)
+                money[key][name] = money[key].get(name, Decimal(0)) + exact
     everything = sorted(v for values in latencies.values() for v in values)
     totals.update(p50_s=percentile(everything, 0.5), p95_s=percentile(everything, 0.95))
     for name in MONEY:
         parts = [sums[name] for sums in money.values() if name in sums]
         totals[name] = float(sum(parts, Decimal(0))) if parts else None
+        if name == "cost_usd":
+            totals["cost_nanousd"] = _nano(sum(parts, Decimal(0))) if parts else None
     rows = []
     for row in sums:
         key = tuple(row[k] for k in keys)
@@ -157,11 +199,74 @@ def spend(
                 **dict(zip(group.names, key)),
                 **{m: row[m] for m in METRICS if m in row.keys()},  # noqa: SIM118 (sqlite3.Row: `in` tests values)
                 **{name: float(money[key][name]) if name in money[key] else None for name in MONEY},
+                "cost_nanousd": _nano(money[key].get("cost_usd")),
                 "p50_s": percentile(values, 0.5),
                 "p95_s": percentile(values, 0.95),
             }
         )
-    return rows, {**dict.fromkeys(group.names), **{m: totals[m] for m in METRICS}}
+    total_row = {
+        **dict.fromkeys(group.names),
+        **{m: totals[m] for m in METRICS},
+        "cost_nanousd": totals["cost_nanousd"],
+    }
+    if reprice is not None:
+        _reprice(conn, group, keys, select, where_sql, where_params, columns, reprice, rows, total_row)
+    return rows, total_row
+
+
+def _reprice(
+    conn: sqlite3.Connection,
+    group: Grouping,
+    keys: list[str],
+    select: str,
+    where_sql: str,
+    where_params: list[Any],
+    columns: set[str],
+    pricer: Any,
+    rows: list[dict[str, Any]],
+    totals: dict[str, Any],
+) -> None:
+    """Each row's tokens priced again under ``pricer`` at the row's own time; rows untouched.
+
+    Every row is repriced from its tokens, reported ones too: beside a router's reported
+    charge this shows what the price data says the same tokens cost.
+    """
+    wanted = ", ".join(c if c in columns else f"NULL AS {c}" for c in _PRICING_COLUMNS)
+    sums: dict[tuple, list[int]] = defaultdict(lambda: [0, 0])  # nano-dollars, rows left unknown
+    for row in conn.execute(
+        f"SELECT {select}{wanted} FROM exchanges WHERE {where_sql}", [*group.params, *where_params]
+    ):
+        values = tuple(row)
+        priced = pricer.price(dict(zip(_PRICING_COLUMNS, values[len(keys) :])))
+        acc = sums[values[: len(keys)]]
+        if priced["cost_nanousd"] is None:
+            acc[1] += 1
+        else:
+            acc[0] += priced["cost_nanousd"]
+    for row in rows:
+        nano, unknown = sums.get(tuple(row[name] for name in group.names), (0, 0))
+        row.update(reprice_usd=nano / 1e9, reprice_nanousd=nano, reprice_unknown=unknown)
+    nano, unknown = sum(v[0] for v in sums.values()), sum(v[1] for v in sums.values())
+    totals.update(reprice_usd=nano / 1e9, reprice_nanousd=nano, reprice_unknown=unknown)
+
+
+def unpriced(conn: sqlite3.Connection, since: float | None, until: float | None) -> list[dict[str, Any]]:
+    """Successful exchanges whose cost is unknown, per model and provider, most first."""
+    where, params = ["cost_usd IS NULL", "error_type IS NULL"], []
+    if since is not None:
+        where.append("request_start >= ?")
+        params.append(since)
+    if until is not None:
+        where.append("request_start < ?")
+        params.append(until)
+    return [
+        {"model": row[0], "provider": row[1], "requests": row[2]}
+        for row in conn.execute(
+            "SELECT coalesce(response_model, request_model), provider, count(*) FROM exchanges "
+            f"WHERE {' AND '.join(where)} GROUP BY 1, 2 ORDER BY 3 DESC, 1, 2",
+            params,
+        )
+    ]
 
 
 def _open(db: str) -> sqlite3.Connection:
@@ -182,33 +287,74 @@ def _open(db: str) -> sqlite3.Connection:
     help=f"Group by {', '.join(DIMENSIONS)} or label:NAME. Repeatable.  [default: {DEFAULT_BY}]",
 )
 @click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table", show_default=True)
-def report(db: str, since: float | None, until: float | None, by: tuple[str, ...], fmt: str) -> None:
+@click.option(
+    "--reprice",
+    is_flag=True,
+    help="Also show what each group's tokens cost under the current price data, at each exchange's own time "
+    "(rows are never modified).",
+)
+@click.option("--prices", "prices_file", default="", help="With --reprice: your own prices file (YAML or JSON).")
+@click.option("--price-data", default="", help="With --reprice: a genai-prices data file instead of the bundled data.")
+def report(
+    db: str,
+    since: float | None,
+    until: float | None,
+    by: tuple[str, ...],
+    fmt: str,
+    reprice: bool,
+    prices_file: str,
+    price_data: str,
+) -> None:
     """Spend report from the audit log: requests, errors, tokens, USD and latency per group.
 
     A cost sum that leaves out exchanges of unknown cost says so (``0.12 + 3 unknown`` in the
     table; the ``unknown_cost`` column in every format). Money is summed as exact decimals.
+    The models whose cost is unknown are listed (JSON: ``unpriced``).
     """
     group = grouping(by or (DEFAULT_BY,))  # validate before opening anything
+    pricer = _pricer(prices_file, price_data) if reprice else None
     conn = _open(db)
     try:
-        rows, totals = spend(conn, group.names, since, until)
+        rows, totals = spend(conn, group.names, since, until, pricer)
+        missing = unpriced(conn, since, until)
     finally:
         conn.close()
+    metrics = [*METRICS, *REPRICE_METRICS] if reprice else list(METRICS)
     if not rows and fmt != "table":
         click.echo(f"llmtap report: no exchanges {_range(since, until)} in {db}", err=True)
     if fmt == "json":
         document = {"since": since, "until": until, "by": group.names, "rows": rows, "totals": totals}
+        document["unpriced"] = missing
+        if pricer is not None:
+            document["price_version"] = pricer.version
         click.echo(json.dumps(document, indent=2))  # a float's repr: 0.000865, never 0.0008649999999999999
     elif fmt == "csv":
         writer = csv.writer(sys.stdout, lineterminator="\n")
-        writer.writerow([*group.names, *METRICS])
+        writer.writerow([*group.names, *metrics])
         for row in rows:
-            writer.writerow([_csv(c, row[c]) for c in (*group.names, *METRICS)])
-        writer.writerow([*_total_label(group.names), *(_csv(m, totals[m]) for m in METRICS)])
+            writer.writerow([_csv(c, row[c]) for c in (*group.names, *metrics)])
+        writer.writerow([*_total_label(group.names), *(_csv(m, totals[m]) for m in metrics)])
     elif not rows:
         click.echo(f"No exchanges {_range(since, until)} in {db}.")
     else:
-        _print_table(group.names, rows, totals, since, until)
+        _print_table(group.names, rows, totals, since, until, pricer.version if pricer else None)
+        if missing:
+            listed = ", ".join(
+                f"{m['model'] or '(no model)'} ({m['provider'] or '?'}) ×{m['requests']:,}" for m in missing[:20]
+            )
+            more = f", and {len(missing) - 20} more" if len(missing) > 20 else ""
+            click.echo(f"Cost unknown (no price in any source): {listed}{more}")
+
+
+def _pricer(prices_file: str, price_data: str) -> Any:
+    from llmtap.pricing.cost import Pricer, PricesFileError
+
+    try:
+        return Pricer.load(prices_file or None, price_data or None)
+    except PricesFileError as exc:
+        raise click.ClickException(str(exc)) from exc
+    except (OSError, ValueError) as exc:
+        raise click.ClickException(f"{price_data}: not a genai-prices data file: {exc}") from exc
 
 
 def _decimal(value: float | int | str) -> Decimal:
@@ -225,7 +371,7 @@ def _money_text(value: float) -> str:
 def _csv(column: str, value: Any) -> Any:
     if value is None:
         return ""
-    return _money_text(value) if column in MONEY else value
+    return _money_text(value) if column in MONEY or column == "reprice_usd" else value
 
 
 def _total_label(names: Sequence[str]) -> list[str]:
@@ -246,7 +392,12 @@ def _range(since: float | None, until: float | None) -> str:
 
 
 def _print_table(
-    names: list[str], rows: list[dict[str, Any]], totals: dict[str, Any], since: float | None, until: float | None
+    names: list[str],
+    rows: list[dict[str, Any]],
+    totals: dict[str, Any],
+    since: float | None,
+    until: float | None,
+    reprice_version: str | None = None,
 ) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -270,11 +421,18 @@ def _print_table(
         "p50",
         "p95",
         "unknown_cost",
+        *((f"repriced USD ({reprice_version})", "no reprice") if reprice_version is not None else ()),
     ):
         table.add_column(header, justify="right", no_wrap=True)
+
+    def cells(row: dict[str, Any]) -> list[str]:
+        if reprice_version is None:
+            return _metric_cells(row)
+        return [*_metric_cells(row), _usd(row["reprice_usd"], row["reprice_unknown"]), f"{row['reprice_unknown']:,}"]
+
     for i, row in enumerate(rows):
-        table.add_row(*[_cell(row[n]) for n in names], *_metric_cells(row), end_section=i == len(rows) - 1)
-    table.add_row(*_total_label(names), *_metric_cells(totals), style="bold")
+        table.add_row(*[_cell(row[n]) for n in names], *cells(row), end_section=i == len(rows) - 1)
+    table.add_row(*_total_label(names), *cells(totals), style="bold")
     Console(width=None if sys.stdout.isatty() else 200).print(table)  # piped: don't cut columns
 
 

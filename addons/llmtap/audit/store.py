@@ -192,6 +192,16 @@ def _add_family_and_cache_writes(db: Database) -> None:
         db["exchanges"].add_column(name, kind)
 
 
+def _add_pricing_columns(db: Database) -> None:
+    """Exact cost and price provenance (NULL on older rows)."""
+    for name, kind in (
+        ("cost_nanousd", int),  # exact: integer nano-dollars; older rows have only cost_usd
+        ("price_version", str),
+        ("price_model", str),
+    ):
+        db["exchanges"].add_column(name, kind)
+
+
 def _create_log_export(db: Database) -> None:
     """The OTLP log export's cursor, per instance: the last row id the collector acknowledged."""
     db["log_export"].create({"instance": str, "last_id": int, "acked_at": float}, pk="instance", not_null={"last_id"})
@@ -203,6 +213,7 @@ MIGRATIONS: tuple[Callable[[Database], None], ...] = (
     _create_journal_offsets,
     _create_pruned,
     _add_family_and_cache_writes,
+    _add_pricing_columns,
     _create_log_export,
 )
 

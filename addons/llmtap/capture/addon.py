@@ -1,8 +1,9 @@
 """The mitmproxy addon: watches completion exchanges and hands one record per exchange to sinks.
 
-It never changes what the app and upstream exchange (``--propagate`` is the one opt-in
-exception: it adds a ``traceparent`` header). Streams are forwarded chunk by chunk through
-``StreamTee``, which returns each chunk untouched and reads a copy. Every fault of llmtap's
+It never changes what the app and upstream exchange, with two opt-in exceptions:
+``--propagate`` adds a ``traceparent`` header, and ``--inject-stream-usage`` adds
+``stream_options.include_usage`` to streaming chat requests that lack it. Streams are
+forwarded chunk by chunk through ``StreamTee``, which returns each chunk untouched and reads a copy. Every fault of llmtap's
 own is caught, counted in ``Health`` and logged once: the exchange always goes on.
 """
 
@@ -23,9 +24,10 @@ from llmtap.capture.decoding import incremental_decoder
 from llmtap.capture.headers import error_type, header_map, key_fingerprint, trace_id_of
 from llmtap.config import OPTIONS, Settings, SettingsError
 from llmtap.health import Health
-from llmtap.pricing.cost import PriceTable, resolve_cost
+from llmtap.pricing.cost import Pricer, PricesFileError, resolve_cost
 from llmtap.protocols import registry
 from llmtap.protocols.base import Family, StreamParser
+from llmtap.protocols.chat_completions import with_stream_usage
 from llmtap.protocols.errors import redact
 from llmtap.protocols.values import load_json
 from llmtap.record import ExchangeRecord
@@ -115,7 +117,7 @@ class LLMTap:
     def __init__(self) -> None:
         self.settings = Settings()
         self.health = Health()
-        self.prices = PriceTable.load()
+        self.prices = Pricer.load()
         self.sinks: list[Sink] = []
         self._running = False
 
@@ -134,16 +136,13 @@ class LLMTap:
         except SettingsError as exc:
             raise OptionsError(str(exc)) from exc
         try:
-            prices = PriceTable.load(settings.prices or None)
-        except KeyError as exc:
+            prices = Pricer.load(settings.prices or None, settings.price_data or None)
+        except PricesFileError as exc:  # names the file, the model and the field
+            raise OptionsError(f"llmtap_prices (--prices): {exc}") from exc
+        except (OSError, ValueError) as exc:
             raise OptionsError(
-                f"llmtap_prices (--prices): {settings.prices!r}: a model lacks its {exc} price; each entry needs "
-                '{"input": USD, "output": USD} per million tokens ("cached_input" optional)'
-            ) from exc
-        except (OSError, ValueError, TypeError, AttributeError) as exc:
-            raise OptionsError(
-                f"llmtap_prices (--prices): cannot read {settings.prices!r}: {exc}; expected a JSON object "
-                '{"model": {"input": USD, "output": USD}} (USD per million tokens)'
+                f"llmtap_price_data (--price-data): cannot use {settings.price_data!r}: {exc}; expected genai-prices' "
+                "own data file (its prices/data.json)"
             ) from exc
         changed = settings != self.settings
         self.settings, self.prices = settings, prices
@@ -249,6 +248,8 @@ class LLMTap:
             exchange.parse_problem = f"request parse failed: {type(exc).__name__}"
         flow.metadata[_METADATA_KEY] = exchange
         self.health.in_flight += 1
+        if self.settings.inject_stream_usage and family.name == "chat_completions" and operation == "chat":
+            self._inject_stream_usage(flow, path)
         if self.settings.propagate and exchange.fields.get("span_id"):
             incoming = exchange.fields.get("traceparent")
             flags = incoming.strip()[-2:] if incoming else "01"  # keep the app's sampling decision
@@ -289,6 +290,15 @@ class LLMTap:
                     passthrough(method)
                 except Exception as exc:  # fail open
                     self.health.error(sink.name, exc, "passthrough")
+
+    def _inject_stream_usage(self, flow: http.HTTPFlow, path: str) -> None:
+        """``--inject-stream-usage``, the one body change llmtap may make (opt-in)."""
+        try:
+            content = with_stream_usage(flow.request.get_content(strict=False))
+            if content is not None:
+                flow.request.content = content  # re-encoded and re-measured by mitmproxy
+        except Exception as exc:  # fail open: the request goes as the app sent it
+            self.health.error("inject_stream_usage", exc, path)
 
     def _request_fields(
         self, flow: http.HTTPFlow, family: Family, operation: str, path: str, query: str

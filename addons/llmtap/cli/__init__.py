@@ -9,6 +9,7 @@ import click
 
 from llmtap import __version__
 from llmtap.audit.report import audit, report
+from llmtap.cli.prices import prices
 from llmtap.cli.top import top
 from llmtap.config import DEFAULT_UPSTREAM, OPTIONS
 
@@ -154,6 +155,7 @@ def demo(count: int, exit_after: bool, workdir: str, listen_port: int | None, me
 
 main.add_command(report)
 main.add_command(audit)
+main.add_command(prices)
 main.add_command(top)
 
 

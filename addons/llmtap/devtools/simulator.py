@@ -7,7 +7,8 @@ exchange is kept in :attr:`Simulator.exchanges` exactly as it went over the wire
 compare what llmtap recorded with what really happened.
 
 Test hooks are request headers: ``X-Sim-Fault`` (see :data:`FAULTS`), ``X-Sim-Encoding``
-(gzip, deflate, br, zstd), ``X-Sim-Stream-Usage: none`` and ``X-Sim-SSE: crlf``.
+(gzip, deflate, br, zstd), ``X-Sim-Stream-Usage: none``, ``X-Sim-SSE: crlf`` and ``X-Sim-Metadata: none``
+(a plain OpenAI-compatible upstream: no Pulze metadata, stream usage only when asked for).
 """
 
 from __future__ import annotations
@@ -276,6 +277,9 @@ class _Completion:
     app_id: str
     stream: bool
     stream_usage: bool  # False when X-Sim-Stream-Usage: none
+    # X-Sim-Metadata: none answers as a plain OpenAI-compatible upstream: no Pulze metadata
+    # (so no reported cost), and stream usage only with stream_options.include_usage
+    plain: bool = False
 
 
 def _prompt_of(payload: dict[str, Any], chat: bool) -> tuple[str, int]:
@@ -509,6 +513,7 @@ class Simulator:
             headers.get("pulze-weights"),
             headers.get("pulze-policies"),
             fault == "retry",
+            headers.get("x-sim-metadata"),
         )
         template = self._templates.get(key)
         req = None
@@ -545,6 +550,7 @@ class Simulator:
 
     def _prepare(self, headers: dict[str, str], payload: dict[str, Any], chat: bool) -> _Completion:
         text, prompt_tokens = _prompt_of(payload, chat)
+        plain = headers.get("x-sim-metadata", "").lower() == "none"
         requested = payload.get("model") or "pulze"
         if not isinstance(requested, str):
             raise _invalid(["body", "model"], "str type expected", "type_error.str")
@@ -583,7 +589,9 @@ class Simulator:
             _labels(headers),
             app_id_for(auth),
             payload.get("stream") is True,
-            headers.get("x-sim-stream-usage", "").lower() != "none",
+            headers.get("x-sim-stream-usage", "").lower() != "none"
+            and (not plain or _include_usage(payload.get("stream_options"))),
+            plain,
         )
 
     # ----------------------------------------------------------------- writing
@@ -738,20 +746,30 @@ def _template(body: dict[str, Any]) -> bytes:
     """Serialise a response once, with ``%s`` where the id, creation time and latency go."""
     raw = _dumps(body).replace(b"%", b"%%")
     for slot in (_dumps(_ID_SLOT), _dumps(_CREATED_SLOT), _dumps(_LATENCY_SLOT)):
-        raw = raw.replace(slot, b'"%s"' if slot.startswith(b'"') else b"%s", 1)
+        if slot in raw:
+            raw = raw.replace(slot, b'"%s"' if slot.startswith(b'"') else b"%s", 1)
+        else:  # no metadata (X-Sim-Metadata: none): the latency is formatted away
+            raw += b"%.0s"
     return raw
+
+
+def _include_usage(options: Any) -> bool:
+    return isinstance(options, dict) and options.get("include_usage") is True
 
 
 def _usage_and_metadata(req: _Completion, latency: float, fault: str | None) -> dict[str, Any]:
     """``usage`` and Pulze ``metadata``, shared by plain responses and the last stream chunk."""
     completion_tokens = sum(len(a) for a in req.answers)
+    usage = {
+        "prompt_tokens": req.prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": req.prompt_tokens + completion_tokens,
+    }
+    if req.plain:
+        return {"usage": usage}
     costs, savings = costs_for(req.namespace, req.prompt_tokens, completion_tokens)
     return {
-        "usage": {
-            "prompt_tokens": req.prompt_tokens,
-            "completion_tokens": completion_tokens,
-            "total_tokens": req.prompt_tokens + completion_tokens,
-        },
+        "usage": usage,
         "metadata": {
             "app_id": req.app_id,
             "model": dict(_MODEL_INFO[req.namespace]),

@@ -1,1 +1,1 @@
-"""What an exchange cost, and where that price came from."""
+"""What an exchange cost, and where that price came from (see ``llmtap.pricing.cost``)."""

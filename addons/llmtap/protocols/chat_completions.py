@@ -7,6 +7,7 @@ at ``data: [DONE]``. Router extras such as Pulze's ``metadata`` are overlays
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from llmtap.protocols.base import Family, SSEStreamParser
@@ -64,6 +65,8 @@ def request_fields(body: Any, operation: str, content_cap: int | None) -> dict[s
         "logit_bias": bool(body["logit_bias"]) if "logit_bias" in body and body["logit_bias"] is not None else None,
         "stream": body.get("stream") is True,
     }
+    if (tier := as_str(body.get("service_tier"))) is not None:  # OpenAI: flex, priority, auto, default
+        fields["service_tier"] = tier
     if content_cap is not None:
         fields["input_messages"] = _input_messages(body, operation, content_cap)
     return fields
@@ -111,7 +114,7 @@ class StreamAccumulator(SSEStreamParser):
         if not isinstance(event, dict):
             return False
         envelope = self.envelope
-        for key in ("id", "object", "model", "created"):  # the first event that has one counts
+        for key in ("id", "object", "model", "created", "service_tier"):  # the first event that has one counts
             if key not in envelope and event.get(key) is not None:
                 envelope[key] = event[key]
         for key in ("usage", "metadata"):  # the last event that has one counts
@@ -172,7 +175,38 @@ def _envelope(body: dict[str, Any]) -> dict[str, Any]:
         if isinstance(completion_details, dict)
         else None,
     }
+    if (tier := as_str(body.get("service_tier"))) is not None:  # the tier that ran, over the one asked for
+        fields["service_tier"] = tier
     return fields
+
+
+_INCLUDE_USAGE = b'"stream_options":{"include_usage":true}'
+
+
+def with_stream_usage(content: bytes | None) -> bytes | None:
+    """``--inject-stream-usage``: a streaming chat request body with
+    ``stream_options.include_usage`` added, or None when it needs no change (not a streaming
+    request, or the app already decided, ``include_usage: false`` included).
+
+    The key goes first into the object, the app's bytes after it unchanged; only a request with
+    a ``stream_options`` object lacking the key is re-serialised.
+    """
+    body = load_json(content)
+    if not isinstance(body, dict) or body.get("stream") is not True:
+        return None
+    options = body.get("stream_options")
+    if "stream_options" not in body:
+        start = len(content) - len(content.lstrip())
+        if content[start : start + 1] == b"{" and content[start + 1 : start + 2] != b"\0":  # UTF-8
+            start += 1
+            comma = b"" if content[start:].lstrip().startswith(b"}") else b","
+            return content[:start] + _INCLUDE_USAGE + comma + content[start:]
+        body["stream_options"] = {"include_usage": True}
+    elif isinstance(options, dict) and "include_usage" not in options:
+        body["stream_options"] = {**options, "include_usage": True}
+    else:
+        return None
+    return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
 
 
 class ChatCompletions(Family):

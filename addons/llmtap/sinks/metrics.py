@@ -235,7 +235,8 @@ class Metrics:
             self.tokens(token_type, provider, response_model, app, *extra).inc(count)
             if token_type in GENAI_TOKEN_TYPES:
                 self.token_usage(*genai, token_type).observe(count)
-        if (cost := _amount(r.cost_usd)) is not None:
+        # the audit log's exact amount when there is one, so that metrics and reports agree
+        if (cost := _amount(r.cost_usd if r.cost_nanousd is None else r.cost_nanousd / 1e9)) is not None:
             self.cost(provider, response_model, app, r.cost_source, *extra).inc(cost)
         if (savings := _amount(r.cost_savings_usd)) is not None:  # negative savings cannot be counted
             self.savings(provider, response_model, app).inc(savings)

@@ -14,11 +14,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, settings
 from prometheus_client.parser import text_string_to_metric_families
 
 from llmtap.devtools.ports import wait_for_port
 from llmtap.devtools.simulator import Simulator
 from llmtap.record import ExchangeRecord
+
+#: Property tests in CI: the same examples on every run, no per-example deadline (a shared
+#: 2-core machine), a bounded number of examples. HYPOTHESIS_PROFILE=dev explores more.
+settings.register_profile(
+    "ci", derandomize=True, deadline=None, max_examples=100, suppress_health_check=[HealthCheck.too_slow]
+)
+settings.register_profile("dev", deadline=None, max_examples=1000, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 REPO = Path(__file__).resolve().parent.parent
 LLMTAP = str(Path(sys.executable).with_name("llmtap"))

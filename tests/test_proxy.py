@@ -385,6 +385,8 @@ def start_mitmdump(tmp_path: Path, mode: str) -> tuple[subprocess.Popen, int]:
             f"llmtap_db={tmp_path / 'tap.db'}",
             "--set",
             "llmtap_metrics_port=-1",
+            "--set",
+            "llmtap_intercept_hosts=127.0.0.1",  # the loopback simulator is no known LLM API
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -539,7 +541,15 @@ def test_regular_proxy_mode_over_https_with_the_mitmproxy_ca(tmp_path) -> None:
     """HTTPS_PROXY-style use: the app trusts llmtap's CA, llmtap verifies the real upstream."""
     cert_path, context = self_signed_tls(tmp_path)
     with Simulator(tls=context) as sim:
-        tap = start_tap(tmp_path, sim.url, "--set", f"ssl_verify_upstream_trusted_ca={cert_path}", mode="regular")
+        tap = start_tap(
+            tmp_path,
+            sim.url,
+            "--set",
+            f"ssl_verify_upstream_trusted_ca={cert_path}",
+            "--intercept-host",  # a loopback upstream is no known LLM API: decrypt it on purpose
+            "127.0.0.1",
+            mode="regular",
+        )
         ca = tmp_path / "mitmproxy-conf" / "mitmproxy-ca-cert.pem"
         http_client = openai.DefaultHttpxClient(proxy=tap.proxy_url, verify=ssl.create_default_context(cafile=str(ca)))
         client = openai.OpenAI(base_url=sim.url + "/v1", api_key=API_KEY, max_retries=0, http_client=http_client)

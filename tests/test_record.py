@@ -20,10 +20,26 @@ class Text(str):
     pass
 
 
+def strict(value):
+    """JSON has no NaN or infinity: the contract writes them as null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict | types.MappingProxyType):
+        return {k: strict(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [strict(v) for v in value]
+    return value
+
+
 def contract(value) -> str:
-    """The documented form: what json.dumps makes with the canonical options."""
+    """The documented form: what json.dumps makes with the canonical options (strict JSON)."""
     return json.dumps(
-        value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=lambda mapping: dict(mapping)
+        strict(value),
+        sort_keys=True,
+        separators=(",", ":"),
+        ensure_ascii=False,
+        allow_nan=False,
+        default=lambda mapping: dict(mapping),
     )
 
 

@@ -73,12 +73,42 @@ class Settings:
         "Add stream_options.include_usage to streaming chat requests that lack it, so streams get token counts "
         "(changes the request; off by default).",
     )
+    intercept_hosts: tuple[str, ...] = _option(
+        (),
+        "Regular/transparent mode: also decrypt TLS to this host (and its subdomains) besides the known "
+        "LLM APIs; '*' decrypts every host. Other hosts are tunnelled untouched.",
+    )
+    parse_memory_bytes: int = _option(
+        16 << 20,
+        "Memory llmtap may hold to parse one exchange (a partial stream line, a kept body member); "
+        "past it, that part is skipped.",
+        minimum=4096,
+    )
+    parse_scan_bytes: int = _option(
+        64 << 20,
+        "Decoded bytes llmtap reads of one response; past it, parsing stops for that exchange "
+        "(parse_problem on the record) while every byte still passes untouched.",
+        minimum=4096,
+    )
+    stop_grace: int = _option(
+        8,
+        "On SIGTERM/Ctrl-C, seconds in-flight exchanges get to finish (new requests are still served, then "
+        "their connections closed); what is still open is then recorded as proxy_shutdown.",
+        minimum=0,
+    )
+    token_ceiling: int = _option(
+        10**8, "A token count above this (per exchange and type) is an anomaly, not usage.", minimum=1
+    )
+    cost_ceiling_usd: int = _option(
+        1000, "A cost above this many USD for one exchange is an anomaly: the cost becomes unknown.", minimum=1
+    )
 
     @classmethod
     def from_values(cls, values: Mapping[str, Any]) -> Settings:
         """Validated settings from option values by field name (the environment fills the gaps)."""
         values = dict(values)
-        values["metric_labels"] = tuple(values.get("metric_labels") or ())
+        for name in _SEQUENCE_FIELDS:
+            values[name] = tuple(values.get(name) or ())
         values["key_salt"] = values.get("key_salt") or os.environ.get("LLMTAP_KEY_SALT", "")
         capture_env = os.environ.get("OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT", "")
         values["capture_content"] = bool(values.get("capture_content")) or capture_env.lower() == "true"
@@ -154,6 +184,8 @@ def _options() -> tuple[Option, ...]:
         )
     return tuple(found)
 
+
+_SEQUENCE_FIELDS = tuple(f.name for f in dataclasses.fields(Settings) if f.type == "tuple[str, ...]")
 
 #: Every option, in declaration order.
 OPTIONS: tuple[Option, ...] = _options()

@@ -47,6 +47,7 @@ class ExchangeRecord:
     http_status: int | None = None
     error_type: str | None = None  # None on success; e.g. "http_429", "client_disconnected"
     error_message: str | None = None
+    parse_problem: str | None = None  # why part of the exchange was not read (the bytes passed anyway)
     stream: bool = False
 
     # --- who ---
@@ -115,6 +116,8 @@ class ExchangeRecord:
     cost_savings_usd: float | None = None
     cost_savings_prompt_usd: float | None = None
     cost_savings_completion_usd: float | None = None
+    #: numbers that were not used (negative, not finite, above a ceiling): field -> "raw: why"
+    anomalies: Mapping[str, str] | None = None
 
     # --- Pulze metadata ---
     retries: int | None = None
@@ -179,7 +182,7 @@ class ExchangeRecord:
                     if type(value) is str
                     else repr(value)
                     if type(value) is int or (type(value) is float and math.isfinite(value))
-                    else canonical_json(value)  # bool, containers, NaN/inf, subclasses
+                    else canonical_json(value)  # bool, containers, NaN/inf (as null), subclasses
                     for value in _sorted_field_values(self)
                 ]
             )
@@ -214,8 +217,26 @@ class ExchangeRecord:
 
 
 def canonical_json(value: Any) -> str:
-    """The llmtap JSON contract: sorted keys, no spaces, UTF-8 kept as-is."""
-    return "".join(_encode_canonical(value, 0))
+    """The llmtap JSON contract: sorted keys, no spaces, UTF-8 kept as-is, strict JSON.
+
+    JSON has no NaN or infinity (Python's parser accepts them, and ``1e999`` parses to inf):
+    such a value, at any depth, is written as ``null``.
+    """
+    try:
+        return "".join(_encode_canonical(value, 0))
+    except ValueError:  # a non-finite float somewhere inside
+        return "".join(_encode_canonical(_finite(value), 0))
+
+
+def _finite(value: Any) -> Any:
+    """``value`` with every non-finite float replaced by None."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, Mapping):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
 
 
 def _plain_mapping(value: Any) -> Any:
@@ -229,7 +250,7 @@ def _plain_mapping(value: Any) -> Any:
 # on every call. No circular check (parsed JSON cannot be circular), so it keeps no state
 # between calls and threads can share it.
 _encode_canonical = c_make_encoder(
-    None, _plain_mapping, c_encode_basestring, None, ":", ",", True, False, True
+    None, _plain_mapping, c_encode_basestring, None, ":", ",", True, False, False
 )  # markers, default, encoder, indent, key/item separators, sort_keys, skipkeys, allow_nan
 
 

@@ -81,15 +81,25 @@ class When(click.ParamType):
         if isinstance(value, float):
             return value
         try:
-            return parse_when(value, time.time())
+            moment = parse_when(value, time.time())
+        except OverflowError:
+            self.fail(f"{value!r} is too far from now: dates run from year 1 to 9999", param, ctx)
         except ValueError:
             self.fail(f"{value!r} is neither a duration like 24h or 7d nor an ISO date", param, ctx)
+        try:
+            datetime.fromtimestamp(moment, UTC)  # a moment a report can print and SQLite compare
+        except (OverflowError, OSError, ValueError):
+            self.fail(f"{value!r} is too far from now: dates run from year 1 to 9999", param, ctx)
+        return moment
 
 
 def parse_when(text: str, now: float) -> float:
     match = re.fullmatch(r"(\d+(?:\.\d+)?)([smhdw])", text.strip())
     if match:
-        return now - float(match[1]) * _UNITS[match[2]]
+        moment = now - float(match[1]) * _UNITS[match[2]]
+        if not math.isfinite(moment):
+            raise OverflowError(f"{text!r} is out of range")
+        return moment
     moment = datetime.fromisoformat(text.strip())
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=UTC)
@@ -329,10 +339,11 @@ def report(
             document["price_version"] = pricer.version
         click.echo(json.dumps(document, indent=2))  # a float's repr: 0.000865, never 0.0008649999999999999
     elif fmt == "csv":
-        writer = csv.writer(sys.stdout, lineterminator="\n")
+        # RFC 4180 line ends: a cell holding a CR is then quoted too, so it cannot break a row
+        writer = csv.writer(sys.stdout, lineterminator="\r\n")
         writer.writerow([*group.names, *metrics])
         for row in rows:
-            writer.writerow([_csv(c, row[c]) for c in (*group.names, *metrics)])
+            writer.writerow([*(_csv_text(row[c]) for c in group.names), *(_csv(m, row[m]) for m in metrics)])
         writer.writerow([*_total_label(group.names), *(_csv(m, totals[m]) for m in metrics)])
     elif not rows:
         click.echo(f"No exchanges {_range(since, until)} in {db}.")
@@ -389,6 +400,19 @@ def _range(since: float | None, until: float | None) -> str:
     if since is None:
         return f"before {when(until)}"
     return f"from {when(since)} to {when(until)}"
+
+
+#: What makes a spreadsheet read a cell as a formula (OWASP, "CSV Injection").
+_FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def _csv_text(value: Any) -> Any:
+    """A text cell (a model, an app, a label: values that apps and upstreams choose) made safe
+    to open in a spreadsheet: one that starts like a formula is prefixed with ``'``, as the
+    OWASP guidance on CSV injection says. Numbers are never changed."""
+    if isinstance(value, str) and value.startswith(_FORMULA_STARTS):
+        return "'" + value
+    return "" if value is None else value
 
 
 def _print_table(

@@ -44,7 +44,17 @@ GENESIS = "sha256:" + "0" * 64
 PAGE_SIZE = 16384
 #: Columns holding JSON text (the record's mappings and lists).
 JSON_COLUMNS = frozenset(
-    {"labels", "weights", "policies", "stop", "tool_names", "finish_reasons", "response_labels", "metadata_json"}
+    {
+        "labels",
+        "weights",
+        "policies",
+        "stop",
+        "tool_names",
+        "finish_reasons",
+        "response_labels",
+        "metadata_json",
+        "anomalies",
+    }
 )
 _UNHASHED = frozenset({"id", "prev_hash", "row_hash"})
 #: Per-row faults: the row is dropped and counted; anything else (locked, I/O) retries the batch.
@@ -202,6 +212,16 @@ def _add_pricing_columns(db: Database) -> None:
         db["exchanges"].add_column(name, kind)
 
 
+def _add_anomalies(db: Database) -> None:
+    """Numbers an upstream sent that were not used (field -> "raw value: why"), as JSON."""
+    db["exchanges"].add_column("anomalies", str)
+
+
+def _add_parse_problem(db: Database) -> None:
+    """Why part of an exchange was not read (a bound reached, an undecodable body)."""
+    db["exchanges"].add_column("parse_problem", str)
+
+
 def _create_log_export(db: Database) -> None:
     """The OTLP log export's cursor, per instance: the last row id the collector acknowledged."""
     db["log_export"].create({"instance": str, "last_id": int, "acked_at": float}, pk="instance", not_null={"last_id"})
@@ -214,6 +234,8 @@ MIGRATIONS: tuple[Callable[[Database], None], ...] = (
     _create_pruned,
     _add_family_and_cache_writes,
     _add_pricing_columns,
+    _add_anomalies,
+    _add_parse_problem,
     _create_log_export,
 )
 
@@ -227,12 +249,51 @@ def migrate(db: Database) -> None:
             db.execute(f"PRAGMA user_version = {number}")
 
 
+class NotAnAuditLog(ValueError):
+    """The file is neither empty nor an llmtap audit log: llmtap adds nothing to it."""
+
+
+def _is_audit_log(conn: sqlite3.Connection) -> bool:
+    """An empty database, or one whose ``exchanges`` table is llmtap's (it has the chain)."""
+    tables = {name for (name,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    if not tables:
+        return True
+    if "exchanges" not in tables:
+        return False
+    columns = {row[1] for row in conn.execute("PRAGMA table_info(exchanges)")}
+    return {"exchange_id", "prev_hash", "row_hash"} <= columns
+
+
+def check_audit_log(path: str | os.PathLike[str]) -> None:
+    """Raise ``NotAnAuditLog`` unless ``path`` is missing, empty, or an llmtap audit log.
+
+    Read-only: a foreign file is never touched (the sidecar checks before starting the writer).
+    """
+    if not os.path.exists(path) or os.path.getsize(path) == 0:
+        return
+    try:
+        conn = sqlite3.connect(f"{Path(path).resolve().as_uri()}?mode=ro", uri=True, timeout=5.0)
+        try:
+            ours = _is_audit_log(conn)
+        finally:
+            conn.close()
+    except sqlite3.DatabaseError as exc:
+        raise NotAnAuditLog(f"{path} is not an llmtap audit log ({exc}); refusing to write to it") from exc
+    if not ours:
+        raise NotAnAuditLog(f"{path} is not an llmtap audit log (it holds other tables); refusing to write to it")
+
+
 def connect(path: str | os.PathLike[str], *, fsync_batch: bool = False) -> Database:
-    """Open (creating with mode 0600) and migrate the audit database, in WAL mode."""
+    """Open (creating with mode 0600) and migrate the audit database, in WAL mode.
+
+    Raises ``NotAnAuditLog`` for a database that is neither empty nor llmtap's.
+    """
     if not os.path.exists(path):
         os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))  # SQLite gives -wal/-shm the same mode
     conn = sqlite3.connect(path, isolation_level=None, timeout=2.0)
     try:
+        if not _is_audit_log(conn):
+            raise NotAnAuditLog(f"{path} is not an llmtap audit log (it holds other tables); refusing to write to it")
         db = Database(conn)
         # in a new file only (it takes before the first table): a batch's rows and index
         # entries fit in fewer pages, which makes a commit about 40% cheaper

@@ -9,6 +9,7 @@ own is caught, counted in ``Health`` and logged once: the exchange always goes o
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 import logging
 import random
@@ -18,10 +19,13 @@ from collections.abc import Callable
 from typing import Any
 
 from mitmproxy import ctx, http
+from mitmproxy import flow as mitmproxy_flow
 
 from llmtap import __version__
-from llmtap.capture.decoding import incremental_decoder
-from llmtap.capture.headers import error_type, header_map, key_fingerprint, trace_id_of
+from llmtap.capture.bodies import INLINE_BYTES, Body, needs_thread, read_body
+from llmtap.capture.decoding import bounded_decoder
+from llmtap.capture.headers import SHUTDOWN_MESSAGE, error_type, header_map, key_fingerprint, trace_id_of
+from llmtap.capture.intercept import apply_intercept_hosts, intercept_summary
 from llmtap.config import OPTIONS, Settings, SettingsError
 from llmtap.health import Health
 from llmtap.pricing.cost import Pricer, PricesFileError, resolve_cost
@@ -29,6 +33,7 @@ from llmtap.protocols import registry
 from llmtap.protocols.base import Family, StreamParser
 from llmtap.protocols.chat_completions import with_stream_usage
 from llmtap.protocols.errors import redact
+from llmtap.protocols.secrets import credentials, scrub_record
 from llmtap.protocols.values import load_json
 from llmtap.record import ExchangeRecord
 from llmtap.sinks import Sink
@@ -41,14 +46,15 @@ _METADATA_KEY = "llmtap"
 class StreamTee:
     """``flow.response.stream`` callable: returns every chunk as-is, parses a copy.
 
-    Chunks are content-decoded here and fed to the family's stream parser. The record is
-    finished as soon as the parser says the client has everything (``data: [DONE]`` for
-    Chat Completions), before that chunk is returned: clients such as the openai SDK stop
-    reading there. Parsing problems switch parsing off for the rest of the stream (counted
-    once); the chunks keep flowing either way.
+    Chunks are content-decoded here, in bounded pieces (``llmtap.capture.decoding``), and fed
+    to the family's stream parser. The record is finished as soon as the parser says the client
+    has everything (``data: [DONE]`` for Chat Completions), before that chunk is returned:
+    clients such as the openai SDK stop reading there. Parsing problems switch parsing off for
+    the rest of the stream (counted once); so does the scan bound (``--parse-scan-bytes``
+    decoded bytes, against decompression bombs): the chunks keep flowing either way.
     """
 
-    __slots__ = ("_decode", "exchange", "health", "on_done", "parser")
+    __slots__ = ("_decoder", "_scan_left", "exchange", "health", "on_done", "parser")
 
     def __init__(
         self,
@@ -57,39 +63,61 @@ class StreamTee:
         content_encoding: str | None,
         health: Health,
         on_done: Callable[[], None],
+        scan_bytes: int = 64 << 20,
     ) -> None:
         self.exchange = exchange
         self.parser = parser
         self.health = health
         self.on_done = on_done
-        self._decode = incremental_decoder(content_encoding)
-        if self._decode is None:
+        self._decoder = bounded_decoder(content_encoding)
+        self._scan_left = scan_bytes
+        if self._decoder is None:
             exchange.parse_problem = f"unsupported content-encoding {content_encoding!r}"
 
     def __call__(self, chunk: bytes) -> bytes:
-        if self._decode is not None:
+        if self._decoder is not None:
             try:
                 self._read(chunk)
             except Exception as exc:  # fail open: stop parsing, keep forwarding
-                self._decode = None
+                self._decoder = None
                 self.exchange.parse_problem = f"stream parse failed: {type(exc).__name__}"
                 self.health.error("parse_stream", exc, self.exchange.path)
         return chunk
 
     def _read(self, chunk: bytes) -> None:
         parser = self.parser
-        carried = parser.feed(self._decode(chunk)) if chunk else parser.close()
-        if carried and self.exchange.first_token_at is None:
-            self.exchange.first_token_at = time.time()
+        if chunk:
+            self._decoder.feed(chunk, self._piece)
+        else:  # the body ended: what the decoder still holds, then the parser's last event
+            if self._decoder.finish(self._piece) and not parser.done and parser.close():
+                self._first_token()
         if parser.done:
-            self._decode = None  # the record is complete: the rest only passes through
+            self._decoder = None  # the record is complete: the rest only passes through
             self.on_done()
+
+    def _piece(self, piece: bytes) -> bool:
+        """One decoded piece to the parser; False stops decoding (done, or the scan bound)."""
+        parser = self.parser
+        if len(piece) > self._scan_left:
+            self._decoder = None
+            self.exchange.parse_problem = "scan bound: stream parsing stopped after --parse-scan-bytes"
+            self.health.error("parse_bound", ValueError(self.exchange.parse_problem), self.exchange.path)
+            return False
+        self._scan_left -= len(piece)
+        if parser.feed(piece):
+            self._first_token()
+        return not parser.done
+
+    def _first_token(self) -> None:
+        if self.exchange.first_token_at is None:
+            self.exchange.first_token_at = time.time()
 
 
 class Exchange:
     """What is known about one exchange while it is in flight (lives in ``flow.metadata``)."""
 
     __slots__ = (
+        "body",
         "family",
         "fields",
         "finished",
@@ -108,6 +136,7 @@ class Exchange:
         self.stream: StreamParser | None = None
         self.first_token_at: float | None = None
         self.parse_problem: str | None = None
+        self.body: Body | None = None  # a non-streamed body read off the loop
         self.finished = False
 
 
@@ -119,6 +148,8 @@ class LLMTap:
         self.health = Health()
         self.prices = Pricer.load()
         self.sinks: list[Sink] = []
+        self.sink_problems: dict[str, str] = {}  # sinks that could not start: why (for the banner)
+        self.open_flows: dict[str, http.HTTPFlow] = {}  # exchanges started and not yet recorded
         self._running = False
 
     # --- options -------------------------------------------------------------------------
@@ -156,10 +187,12 @@ class LLMTap:
     def running(self) -> None:
         if not self._running:
             self._running = True
+            apply_intercept_hosts(ctx.options, self.settings)
             self.sinks = self._build_sinks()
             self._print_banner()
 
     def done(self) -> None:
+        self.finish_open_flows()
         self._close_sinks(self.sinks)
         self.sinks = []
         self._running = False
@@ -182,6 +215,7 @@ class LLMTap:
             ("spans", settings.otlp_configured, "llmtap.sinks.spans", "SpanSink"),
         ]
         sinks: list[Sink] = []
+        self.sink_problems = {}
         for name, enabled, module, cls in wanted:
             if not enabled or (name == "spans" and any(sink.name == "audit" for sink in sinks)):
                 continue
@@ -189,6 +223,7 @@ class LLMTap:
                 sinks.append(getattr(importlib.import_module(module), cls)(settings, self.health))
             except Exception as exc:
                 self.health.error(f"start_{name}", exc, "sink disabled")
+                self.sink_problems[name] = f"{type(exc).__name__}: {exc}"
         return sinks
 
     def _print_banner(self) -> None:
@@ -215,14 +250,28 @@ class LLMTap:
                 f"  metrics  NOT served: {self.settings.metrics_host}:{self.settings.metrics_port} failed (see above); "
                 "choose another port with --metrics-port (0 picks a free one)"
             )
-        lines.append(f"  audit    {self.settings.db or 'off'}")
+        if not self.settings.db:
+            lines.append("  audit    off")
+        elif any(s.name == "audit" for s in self.sinks):
+            lines.append(f"  audit    {self.settings.db}")
+        else:  # e.g. another llmtap writes it: this one must not claim it
+            lines.append(f"  audit    NOT WRITTEN ({self.sink_problems.get('audit', 'failed to start')})")
         if self.settings.jsonl:
             lines.append(f"  jsonl    {self.settings.jsonl}")
+        if not mode.startswith("reverse:"):
+            lines.append(f"  decrypts {intercept_summary(ctx.options)}")
         lines.append(f"  spans    {'OTLP on' if self.settings.otlp_configured else 'off (no OTLP endpoint)'}")
         if self.settings.otlp_logs:
             lines.append("  logs     OTLP log record per audit row (at least once)")
         lines.append(f"  content  {'CAPTURED (opt-in)' if self.settings.capture_content else 'not captured'}")
         print("\n".join(lines), file=sys.stderr, flush=True)
+
+    def finish_open_flows(self) -> None:
+        """The proxy is stopping: record every exchange still open, with what arrived so far."""
+        for flow in list(self.open_flows.values()):
+            if flow.error is None:
+                flow.error = mitmproxy_flow.Error(SHUTDOWN_MESSAGE)
+            self._finish(flow)
 
     def _close_sinks(self, sinks: list[Sink]) -> None:
         for sink in sinks:
@@ -247,6 +296,7 @@ class LLMTap:
             exchange = Exchange(family, operation, path, {"request_start": flow.request.timestamp_start})
             exchange.parse_problem = f"request parse failed: {type(exc).__name__}"
         flow.metadata[_METADATA_KEY] = exchange
+        self.open_flows[flow.id] = flow
         self.health.in_flight += 1
         if self.settings.inject_stream_usage and family.name == "chat_completions" and operation == "chat":
             self._inject_stream_usage(flow, path)
@@ -266,8 +316,14 @@ class LLMTap:
         if exchange.family.streams(exchange.path, content_type):
             try:
                 parser = exchange.family.stream_parser(self.settings.content_cap, content_type)
+                parser.bound(self.settings.parse_memory_bytes)
                 tee = StreamTee(
-                    exchange, parser, headers.get("content-encoding"), self.health, lambda: self._finish(flow)
+                    exchange,
+                    parser,
+                    headers.get("content-encoding"),
+                    self.health,
+                    lambda: self._finish(flow),
+                    self.settings.parse_scan_bytes,
                 )
             except Exception as exc:  # fail open: without a tee mitmproxy buffers, but delivers
                 self.health.error("stream_setup", exc, exchange.path)
@@ -275,7 +331,36 @@ class LLMTap:
             exchange.stream = parser
             flow.response.stream = tee
 
-    def response(self, flow: http.HTTPFlow) -> None:
+    def response(self, flow: http.HTTPFlow) -> Any:
+        exchange = flow.metadata.get(_METADATA_KEY)
+        response = flow.response
+        if (
+            exchange is not None
+            and exchange.stream is None
+            and not exchange.finished
+            and response is not None
+            and response.raw_content
+            and needs_thread(response.raw_content, response.headers.get("content-encoding"))
+        ):
+            return self._finish_off_loop(flow, exchange)  # mitmproxy awaits it: only this flow waits
+        self._finish(flow)
+        return None
+
+    async def _finish_off_loop(self, flow: http.HTTPFlow, exchange: Exchange) -> None:
+        """Read a large or content-encoded body in a worker thread (bounded work, but not
+        microseconds), then finish on the loop; the response goes to the client after that, so
+        its record is journaled first as always."""
+        response = flow.response
+        try:
+            exchange.body = await asyncio.to_thread(
+                read_body,
+                response.raw_content,
+                response.headers.get("content-encoding"),
+                self.settings.parse_memory_bytes,
+                self.settings.parse_scan_bytes,
+            )
+        except Exception as exc:  # fail open: _finish reads it on the loop, still bounded
+            self.health.error("parse_response", exc, exchange.path)
         self._finish(flow)
 
     def error(self, flow: http.HTTPFlow) -> None:
@@ -305,9 +390,16 @@ class LLMTap:
     ) -> dict[str, Any]:
         request = flow.request
         headers = header_map(request.headers)
-        # get_content would look the header up again (a scan of all headers) only to find none
-        content = request.get_content(strict=False) if "content-encoding" in headers else request.raw_content
-        fields = family.request_fields(load_json(content), operation, path, query, self.settings.content_cap)
+        content = request.raw_content or b""
+        if "content-encoding" in headers or len(content) > INLINE_BYTES:  # bounded, as response bodies
+            settings = self.settings
+            body = read_body(
+                content, headers.get("content-encoding"), settings.parse_memory_bytes, settings.parse_scan_bytes
+            )
+            parsed = body.value
+        else:
+            parsed = load_json(content)
+        fields = family.request_fields(parsed, operation, path, query, self.settings.content_cap)
         fields.update(registry.request_header_fields(headers))
         traceparent = headers.get("traceparent")
         incoming_trace = trace_id_of(traceparent)
@@ -319,6 +411,7 @@ class LLMTap:
             upstream_host=request.host,
             upstream_port=request.port,
             key_fingerprint=key_fingerprint(headers, self.settings.key_salt, query),
+            _secrets=credentials(headers, "?" + query),  # removed from the record when it is built
             traceparent=traceparent if incoming_trace else None,
             trace_id=incoming_trace or f"{random.getrandbits(128) or 1:032x}",
             span_id=f"{random.getrandbits(64) or 1:016x}",
@@ -330,6 +423,7 @@ class LLMTap:
         if exchange is None or exchange.finished:
             return
         exchange.finished = True
+        self.open_flows.pop(flow.id, None)
         self.health.in_flight -= 1
         try:
             record = self._build_record(flow, exchange)
@@ -347,6 +441,7 @@ class LLMTap:
                 error_type="llmtap_parse_error",
                 error_message=f"{type(exc).__name__}: {exc}"[:300],
             )
+        record = scrub_record(record, exchange.fields.get("_secrets"))
         for sink in self.sinks:
             try:
                 sink.emit(record)
@@ -363,11 +458,20 @@ class LLMTap:
             fields.update(exchange.stream.fields())
             fields["stream"] = True
             body = exchange.stream.overlay_body()
+            if exchange.stream.overflows and exchange.parse_problem is None:
+                exchange.parse_problem = "stream line or event above --parse-memory-bytes dropped"
         elif response is not None and response.raw_content is not None:
-            raw = response.get_content(strict=False)
-            body = load_json(raw)
+            read = exchange.body or read_body(
+                response.raw_content,
+                response.headers.get("content-encoding"),
+                self.settings.parse_memory_bytes,
+                self.settings.parse_scan_bytes,
+            )
+            body, raw = read.value, read.head
+            if read.problem:
+                exchange.parse_problem = read.problem
             if 200 <= response.status_code < 300:
-                if body is None and raw:
+                if body is None and raw and exchange.parse_problem is None:
                     exchange.parse_problem = "response body is not JSON"
                 fields.update(family.response_fields(body, capture))
             else:  # errors may still carry a router's extras (Pulze metadata): the overlays see them
@@ -387,8 +491,9 @@ class LLMTap:
             fields["error_message"] = redact(flow.error.msg[:300])
         elif exchange.parse_problem and fields["error_type"] is None:
             self.health.error("parse_response", ValueError(exchange.parse_problem), exchange.path)
+        fields["parse_problem"] = exchange.parse_problem
         registry.finish(fields, family, body, capture is not None)
-        fields.update(resolve_cost(fields, self.prices))
+        fields.update(resolve_cost(fields, self.prices, self.settings))
         fields.update(
             exchange_id=flow.id,
             operation=exchange.operation,

@@ -12,6 +12,8 @@ from typing import Any
 from mitmproxy import http
 
 _PUBLIC_SALT = b"llmtap-key-fingerprint-v1"
+#: The error llmtap gives an exchange still open when the proxy stops.
+SHUTDOWN_MESSAGE = "llmtap stopped while the exchange was in flight"
 
 
 def header_map(headers: http.Headers) -> dict[str, str]:
@@ -54,6 +56,8 @@ def error_type(flow: http.HTTPFlow) -> str | None:
         message = flow.error.msg.lower()
         if flow.error.msg == flow.error.KILLED_MESSAGE:
             return "killed"
+        if flow.error.msg == SHUTDOWN_MESSAGE:
+            return "proxy_shutdown"
         if "client" in message:
             return "client_disconnected"
         if flow.response is None:

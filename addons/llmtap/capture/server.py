@@ -16,7 +16,10 @@ from mitmproxy.options import Options
 from mitmproxy.tools.dump import DumpMaster
 
 from llmtap.capture.addon import LLMTap
+from llmtap.capture.drain import Drain, cancel_quietly, drain
+from llmtap.capture.intercept import apply_intercept_hosts
 from llmtap.capture.lean import LeanMaster
+from llmtap.config import Settings, SettingsError
 
 
 def mode_spec(mode: str, upstream: str) -> str:
@@ -63,7 +66,8 @@ def run_proxy(
     options: Mapping[str, Any],
     lean: bool = True,
 ) -> int:
-    """Run until Ctrl-C or SIGTERM; sinks are flushed and closed before this returns.
+    """Run until Ctrl-C or SIGTERM, then drain (``llmtap.capture.drain``); sinks are flushed and
+    closed before this returns.
 
     ``lean`` runs ``LeanMaster`` (only the addons this mode needs, see ``llmtap.capture.lean``);
     otherwise mitmdump's full addon set.
@@ -88,7 +92,8 @@ def run_proxy(
             master = LeanMaster(opts, mode)
         else:
             master = DumpMaster(opts, with_termlog=True, with_dumper=False)
-        master.addons.add(LLMTap())
+        tap, drainer = LLMTap(), Drain()
+        master.addons.add(tap, drainer)
         try:
             if confdir:
                 opts.update(confdir=confdir)
@@ -104,17 +109,31 @@ def run_proxy(
             )
             if extra_sets:
                 opts.set(*extra_sets)
-        except exceptions.OptionsError as exc:
+            apply_intercept_hosts(opts, Settings.from_options(opts))
+        except (exceptions.OptionsError, SettingsError) as exc:
             # only an option the lean master does not know may be one of mitmdump's full set
             unknown = str(exc).startswith("Unknown option")
             hint = " (the lean proxy loads only the addons llmtap needs; try --full)" if lean and unknown else ""
             print(f"llmtap: {exc}{hint}", file=sys.stderr)
             return 2
         loop = asyncio.get_running_loop()
+        stopping: list[asyncio.Task] = []
+
+        async def stop() -> None:
+            await drain(drainer, lambda: len(tap.open_flows), tap.settings.stop_grace)
+            master.shutdown()
+
+        def on_signal() -> None:
+            if stopping:  # a second Ctrl-C: stop now (what is open is still recorded)
+                master.shutdown()
+            else:
+                stopping.append(loop.create_task(stop()))
+
         for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, master.shutdown)
+            loop.add_signal_handler(sig, on_signal)
         signal.signal(signal.SIGPIPE, signal.SIG_IGN)
         await master.run()
+        await cancel_quietly()
         return 0
 
     return asyncio.run(main())

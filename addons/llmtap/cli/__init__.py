@@ -93,7 +93,9 @@ def run(
     """Run the sidecar (mitmproxy with the llmtap addon) in the foreground."""
     from llmtap.capture.server import run_proxy
 
-    llmtap_options["metric_labels"] = list(llmtap_options["metric_labels"])
+    for name, value in llmtap_options.items():
+        if isinstance(value, tuple):  # repeatable flags; mitmproxy's sequence options take lists
+            llmtap_options[name] = list(value)
     code = run_proxy(
         upstream=upstream,
         mode=mode,

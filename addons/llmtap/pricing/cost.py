@@ -12,6 +12,11 @@ Sources, first that answers wins, recorded on every record as ``cost_source``:
 
 Rows written before this scheme say ``computed``: priced by llmtap's former built-in table.
 
+Numbers are checked first (``llmtap.pricing.validity``): a negative, non-finite or absurd token
+count or amount is not spend. It becomes None, with a note in the record's ``anomalies``; a
+bad reported cost makes the cost ``unknown`` (not priced from tokens: an upstream that reports
+nonsense is not trusted for the rest either), and so does a priced cost above the ceiling.
+
 Money is exact: prices are ``Decimal`` USD per million tokens, the cost is computed in
 ``Decimal`` and rounded half-even to the nano-dollar once, per exchange. ``cost_nanousd`` holds
 it as an integer (sums in SQL are exact); ``cost_usd`` is the same amount as the nearest float
@@ -35,8 +40,10 @@ from typing import Any
 
 from genai_prices.types import ModelPrice, TieredPrices, Usage, calc_mtok_price
 
+from llmtap.config import Settings
 from llmtap.pricing.database import DatabaseMatch, PriceDatabase
 from llmtap.pricing.user import PricesFileError, UserPrice, UserPrices, normalise_tier
+from llmtap.pricing.validity import DEFAULT_CEILINGS, Ceilings, amount_problem, check_fields, note
 
 __all__ = ("CostParts", "Pricer", "PricesFileError", "resolve_cost", "to_nano")
 
@@ -232,6 +239,25 @@ class Pricer:
 _UNKNOWN: dict[str, Any] = {"cost_usd": None, "cost_nanousd": None, "cost_source": "unknown"}
 
 
-def resolve_cost(fields: Mapping[str, Any], prices: Pricer) -> dict[str, Any]:
-    """``cost_usd``/``cost_source`` (and parts, provenance) from parsed fields."""
-    return prices.price(fields)
+def ceilings_of(settings: Settings | None) -> Ceilings:
+    if settings is None:
+        return DEFAULT_CEILINGS
+    return Ceilings(settings.token_ceiling, float(settings.cost_ceiling_usd))
+
+
+def resolve_cost(fields: Mapping[str, Any], prices: Pricer, settings: Settings | None = None) -> dict[str, Any]:
+    """``cost_usd``/``cost_source`` (and parts, provenance) from parsed fields, the numbers
+    checked first: when one is bad, the result also holds it set to None, and ``anomalies``."""
+    ceilings = ceilings_of(settings)
+    changes, notes = check_fields(fields, ceilings)
+    if fields.get("anomalies"):
+        notes = {**fields["anomalies"], **notes}
+    checked = {**fields, **changes} if changes else fields
+    if "reported_cost_usd" in notes:  # the upstream reported a cost, and it is not one
+        cost = dict(_UNKNOWN)
+    else:
+        cost = prices.price(checked)
+    if cost.get("cost_usd") is not None and (problem := amount_problem(cost["cost_usd"], ceilings)):
+        notes["cost_usd"] = note(cost["cost_usd"], f"{cost['cost_source']} cost {problem}")
+        cost = {**cost, **_UNKNOWN, "cost_prompt_usd": None, "cost_completion_usd": None}
+    return {**changes, **cost, "anomalies": notes} if notes else cost

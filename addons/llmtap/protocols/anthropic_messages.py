@@ -17,7 +17,7 @@ from typing import Any
 from llmtap.protocols.base import Family, SSEStreamParser
 from llmtap.protocols.content import cap_messages, message, text_of
 from llmtap.protocols.errors import redact
-from llmtap.protocols.values import as_float, as_int, as_str, load_json
+from llmtap.protocols.values import add_counts, as_count, as_float, as_int, as_str, load_json
 
 #: The record's ``error_type`` for an ``error`` event inside a 200 stream.
 STREAM_ERROR = "stream_error"
@@ -144,24 +144,24 @@ def usage_fields(usage: Any) -> dict[str, Any]:
     """Anthropic ``usage`` in llmtap's token meaning (input includes cache reads and writes)."""
     if not isinstance(usage, dict):
         return {}
-    uncached = as_int(usage.get("input_tokens"))
-    reads = as_int(usage.get("cache_read_input_tokens"))
-    writes = as_int(usage.get("cache_creation_input_tokens"))
+    uncached = as_count(usage.get("input_tokens"))
+    reads = as_count(usage.get("cache_read_input_tokens"))
+    writes = as_count(usage.get("cache_creation_input_tokens"))
     split = usage.get("cache_creation")
-    one_hour = as_int(split.get("ephemeral_1h_input_tokens")) if isinstance(split, dict) else None
+    one_hour = as_count(split.get("ephemeral_1h_input_tokens")) if isinstance(split, dict) else None
     if writes is None and isinstance(split, dict):
-        five_minutes = as_int(split.get("ephemeral_5m_input_tokens"))
+        five_minutes = as_count(split.get("ephemeral_5m_input_tokens"))
         if five_minutes is not None or one_hour is not None:
-            writes = (five_minutes or 0) + (one_hour or 0)
-    output = as_int(usage.get("output_tokens"))
-    total_input = None if uncached is None else uncached + (reads or 0) + (writes or 0)
+            writes = add_counts(five_minutes, one_hour)
+    output = as_count(usage.get("output_tokens"))
+    total_input = None if uncached is None else add_counts(uncached, reads, writes)
     fields = {
         "input_tokens": total_input,
         "cached_input_tokens": reads,
         "cache_write_input_tokens": writes,
         "cache_write_1h_input_tokens": one_hour,
         "output_tokens": output,
-        "total_tokens": None if total_input is None or output is None else total_input + output,
+        "total_tokens": None if total_input is None or output is None else add_counts(total_input, output),
     }
     if tier := as_str(usage.get("service_tier")):  # the tier that served; else the one requested stays
         fields["service_tier"] = tier

@@ -43,6 +43,14 @@ class StreamParser:
         """The stream ended: read whatever was left unfinished."""
         return False
 
+    def bound(self, memory_bytes: int) -> None:
+        """Hold at most about ``memory_bytes`` for framing (a partial line, a pending event)."""
+
+    @property
+    def overflows(self) -> int:
+        """Pieces dropped for being larger than the bound."""
+        return 0
+
     def fields(self) -> dict[str, Any]:
         raise NotImplementedError
 
@@ -62,6 +70,13 @@ class SSEStreamParser(StreamParser):
 
     def feed(self, data: bytes) -> bool:
         return self._events(self._sse.feed(data))
+
+    def bound(self, memory_bytes: int) -> None:
+        self._sse.max_line = memory_bytes
+
+    @property
+    def overflows(self) -> int:
+        return self._sse.overflows
 
     def close(self) -> bool:
         return self._events(self._sse.flush())

@@ -12,7 +12,7 @@ from typing import Any
 
 from llmtap.protocols.base import Family, SSEStreamParser
 from llmtap.protocols.content import cap_messages, message, text_of
-from llmtap.protocols.values import as_float, as_int, as_str, load_json
+from llmtap.protocols.values import as_count, as_float, as_int, as_str, load_json
 
 
 def operation_for(method: str, path: str) -> str | None:
@@ -165,13 +165,13 @@ def _envelope(body: dict[str, Any]) -> dict[str, Any]:
         "response_object": as_str(body.get("object")),
         "created_at": _created(body.get("created")),
         "response_model": as_str(body.get("model")),
-        "input_tokens": as_int(usage.get("prompt_tokens")),
-        "output_tokens": as_int(usage.get("completion_tokens")),
-        "total_tokens": as_int(usage.get("total_tokens")),
-        "cached_input_tokens": as_int(prompt_details.get("cached_tokens"))
+        "input_tokens": as_count(usage.get("prompt_tokens")),
+        "output_tokens": as_count(usage.get("completion_tokens")),
+        "total_tokens": as_count(usage.get("total_tokens")),
+        "cached_input_tokens": as_count(prompt_details.get("cached_tokens"))
         if isinstance(prompt_details, dict)
         else None,
-        "reasoning_tokens": as_int(completion_details.get("reasoning_tokens"))
+        "reasoning_tokens": as_count(completion_details.get("reasoning_tokens"))
         if isinstance(completion_details, dict)
         else None,
     }

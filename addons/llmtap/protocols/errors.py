@@ -33,7 +33,7 @@ def _error_text(body: Any, raw: bytes | None) -> str | None:
             return error[:300]
         detail = body.get("detail")
         if isinstance(detail, list):
-            msgs = [f"{'.'.join(map(str, d.get('loc', [])))}: {d.get('msg')}" for d in detail if isinstance(d, dict)]
+            msgs = [f"{_loc(d.get('loc'))}: {_short(d.get('msg'))}" for d in detail[:20] if isinstance(d, dict)]
             return "; ".join(msgs)[:300] or None
         if as_str(detail):
             return detail[:300]
@@ -49,3 +49,19 @@ def _error_text(body: Any, raw: bytes | None) -> str | None:
             return text[start : end if end > 0 else start + 120].strip()[:120] or None
         return text.strip().splitlines()[0][:120] if text.strip() else None
     return None
+
+
+def _loc(loc: Any) -> str:
+    """FastAPI's ``loc`` is a list of names and indexes; any other shape is shown, not trusted."""
+    if isinstance(loc, list):
+        return ".".join(_short(part) for part in loc[:10])
+    return _short(loc)
+
+
+def _short(value: Any) -> str:
+    """A bounded text of any JSON value (``str`` of a huge int raises past 4300 digits)."""
+    if isinstance(value, str):
+        return value[:100]
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return repr(value)[:40] if not isinstance(value, int) or abs(value) < 10**40 else "<huge number>"
+    return "" if value is None else type(value).__name__

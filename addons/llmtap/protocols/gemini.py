@@ -17,7 +17,7 @@ from typing import Any
 
 from llmtap.protocols.base import Family, SSEStreamParser, StreamParser
 from llmtap.protocols.content import cap_messages, message
-from llmtap.protocols.values import as_float, as_int, as_str, load_json
+from llmtap.protocols.values import add_counts, as_count, as_float, as_int, as_str, load_json
 
 _ACTIONS = {":generateContent": False, ":streamGenerateContent": True}
 
@@ -157,17 +157,17 @@ def usage_fields(usage: Any) -> dict[str, Any]:
     """``usageMetadata`` in llmtap's token meaning (output includes the thoughts)."""
     if not isinstance(usage, dict):
         return {}
-    prompt = as_int(usage.get("promptTokenCount"))
-    tool_prompt = as_int(usage.get("toolUsePromptTokenCount"))
-    candidates = as_int(usage.get("candidatesTokenCount"))
-    thoughts = as_int(usage.get("thoughtsTokenCount"))
-    output = None if candidates is None and thoughts is None else (candidates or 0) + (thoughts or 0)
+    prompt = as_count(usage.get("promptTokenCount"))
+    tool_prompt = as_count(usage.get("toolUsePromptTokenCount"))
+    candidates = as_count(usage.get("candidatesTokenCount"))
+    thoughts = as_count(usage.get("thoughtsTokenCount"))
+    output = None if candidates is None and thoughts is None else add_counts(candidates, thoughts)
     return {
-        "input_tokens": None if prompt is None else prompt + (tool_prompt or 0),
-        "cached_input_tokens": as_int(usage.get("cachedContentTokenCount")),
+        "input_tokens": None if prompt is None else add_counts(prompt, tool_prompt),
+        "cached_input_tokens": as_count(usage.get("cachedContentTokenCount")),
         "output_tokens": output,
         "reasoning_tokens": thoughts,
-        "total_tokens": as_int(usage.get("totalTokenCount")),
+        "total_tokens": as_count(usage.get("totalTokenCount")),
     }
 
 
@@ -200,7 +200,17 @@ class ArrayResponses(StreamParser):
     stream); each complete top-level element is parsed as it closes.
     """
 
-    __slots__ = ("_depth", "_element", "_escape_next", "_in_string", "reader")
+    __slots__ = (
+        "_depth",
+        "_dropping",
+        "_element",
+        "_escape_next",
+        "_in_string",
+        "_max",
+        "_overflows",
+        "_size",
+        "reader",
+    )
 
     def __init__(self, content_cap: int | None) -> None:
         super().__init__()
@@ -209,6 +219,27 @@ class ArrayResponses(StreamParser):
         self._in_string = False
         self._escape_next = False  # the previous piece ended on a backslash inside a string
         self._element: list[bytes] = []
+        self._size = 0  # bytes held for the current element
+        self._max = 16 << 20
+        self._dropping = False  # the current element outgrew the bound: skipped to its end
+        self._overflows = 0
+
+    def bound(self, memory_bytes: int) -> None:
+        self._max = memory_bytes
+
+    @property
+    def overflows(self) -> int:
+        return self._overflows
+
+    def _hold(self, piece: bytes) -> None:
+        if self._dropping:
+            return
+        self._size += len(piece)
+        if self._size > self._max:
+            self._element, self._size, self._dropping = [], 0, True
+            self._overflows += 1
+            return
+        self._element.append(piece)
 
     def feed(self, data: bytes) -> bool:
         carried = False
@@ -229,18 +260,19 @@ class ArrayResponses(StreamParser):
             elif char in (0x7B, 0x5B):  # { [
                 self._depth += 1
                 if self._depth == 2:
-                    start, self._element = at, []
+                    start, self._element, self._size, self._dropping = at, [], 0, False
             elif self._depth > 0:  # } ]
                 self._depth -= 1
                 if self._depth == 1:
-                    self._element.append(data[start : at + 1])
-                    carried = self.reader.add(load_json(b"".join(self._element))) or carried
-                    self._element = []
+                    self._hold(data[start : at + 1])
+                    if not self._dropping:
+                        carried = self.reader.add(load_json(b"".join(self._element))) or carried
+                    self._element, self._size = [], 0
                 elif self._depth == 0:
                     self.done = True
         self._escape_next = escaped_at == len(data)
         if self._depth >= 2:
-            self._element.append(data[start:])
+            self._hold(data[start:])
         return carried
 
     def fields(self) -> dict[str, Any]:

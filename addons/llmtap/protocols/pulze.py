@@ -8,11 +8,12 @@ seconds; ``metadata.model.namespace`` is the served model as ``provider/model``.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping
 from typing import Any
 
 from llmtap.protocols.base import Overlay
-from llmtap.protocols.values import as_float, as_int, as_str
+from llmtap.protocols.values import as_float, as_int, as_number, as_str
 
 
 def is_pulze_host(host: str | None) -> bool:
@@ -58,11 +59,11 @@ def metadata_fields(metadata: Any, keep_content: bool) -> dict[str, Any]:
         "served_owner": as_str(model.get("owner")),
         "served_namespace": as_str(model.get("namespace")),
         "served_at": as_str(model.get("at")),
-        "cost_prompt_usd": as_float(costs.get("prompt_tokens")),
-        "cost_completion_usd": as_float(costs.get("completion_tokens")),
+        "cost_prompt_usd": as_number(costs.get("prompt_tokens")),
+        "cost_completion_usd": as_number(costs.get("completion_tokens")),
         "reported_cost_usd": _total(costs),
-        "cost_savings_prompt_usd": as_float(savings.get("prompt_tokens")),
-        "cost_savings_completion_usd": as_float(savings.get("completion_tokens")),
+        "cost_savings_prompt_usd": as_number(savings.get("prompt_tokens")),
+        "cost_savings_completion_usd": as_number(savings.get("completion_tokens")),
         "cost_savings_usd": _total(savings),
         "upstream_latency_s": as_float(metadata.get("latency")),
         "retries": as_int(metadata.get("retries")),
@@ -77,12 +78,18 @@ def metadata_fields(metadata: Any, keep_content: bool) -> dict[str, Any]:
     }
 
 
-def _total(amounts: dict[str, Any]) -> float | None:
-    total = as_float(amounts.get("total_tokens"))
+def _total(amounts: dict[str, Any]) -> float | int | None:
+    """The total as sent, else the sum of the parts; not checked here (``pricing.validity`` does)."""
+    total = as_number(amounts.get("total_tokens"))
     if total is not None:
         return total
-    parts = [as_float(amounts.get(k)) for k in ("prompt_tokens", "completion_tokens")]
-    return None if None in parts else sum(parts)
+    parts = [as_number(amounts.get(k)) for k in ("prompt_tokens", "completion_tokens")]
+    if None in parts:
+        return None
+    try:
+        return parts[0] + parts[1]
+    except OverflowError:  # an int beyond a float's range plus a float
+        return math.inf
 
 
 def _best_model(best_models: Any) -> str | None:

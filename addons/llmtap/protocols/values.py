@@ -18,10 +18,42 @@ def as_int(value: Any) -> int | None:
 
 
 def as_float(value: Any) -> float | None:
+    """A finite float, or None: NaN, infinities and integers beyond a float's range (``10**400``,
+    which ``float()`` refuses with OverflowError) are not numbers llmtap can use."""
+    if type(value) is float:  # the common case, first
+        return value if math.isfinite(value) else None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
-    value = float(value)
+    try:
+        value = float(value)
+    except OverflowError:
+        return None
     return value if math.isfinite(value) else None
+
+
+def as_number(value: Any) -> int | float | None:
+    """An amount as sent (USD): any int or float, non-finite and huge ones included, so that
+    ``llmtap.pricing.validity`` can note what was wrong with it; anything else is None."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return value
+
+
+def as_count(value: Any) -> int | float | None:
+    """A token count as sent: an int (an integral float becomes one), or a non-finite float
+    kept as is for ``llmtap.pricing.validity`` to note; anything else is None."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return value
+    return as_int(value)
+
+
+def add_counts(*parts: int | float | None) -> int | float | None:
+    """The sum of token counts (None parts count 0), except that a negative or non-finite part is
+    returned itself: a sum must not hide it from ``llmtap.pricing.validity``."""
+    for part in parts:
+        if part is not None and (part < 0 or (isinstance(part, float) and not math.isfinite(part))):
+            return part
+    return sum(part for part in parts if part is not None)
 
 
 def as_str(value: Any) -> str | None:

@@ -50,6 +50,7 @@ import time
 from llmtap.audit import control
 from llmtap.audit.control import WriterStatus
 from llmtap.audit.journal import AuditLogInUse, Journal
+from llmtap.audit.store import check_audit_log
 from llmtap.config import Settings
 from llmtap.health import Health
 from llmtap.record import ExchangeRecord
@@ -81,6 +82,7 @@ class AuditSink:
         self.settings = settings
         self.health = health
         self.rotate_bytes = rotate_bytes
+        check_audit_log(settings.db)  # a foreign SQLite file: this sink does not start
         self._journal = Journal(settings.db)
         self._command = control.writer_command(settings, prune_batch=prune_batch, max_backoff=max_backoff)
         self._cond = threading.Condition()  # guards the journal, _memory, _ends and the writer's positions
@@ -321,7 +323,6 @@ class AuditSink:
 
 
 def _writer_env() -> dict[str, str]:
-    """The proxy's environment (OTEL_* included), and llmtap importable from wherever this
-    process loaded it (``mitmdump -s addons/tap.py`` loads it by path)."""
-    here = os.path.dirname(os.path.dirname(os.path.dirname(control.__file__)))
-    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [here, os.environ.get("PYTHONPATH")]))}
+    """The proxy's environment (OTEL_* included). The writer runs in Python's isolated mode,
+    which ignores PYTHONPATH: its import path is set by ``control.writer_command``."""
+    return dict(os.environ)

@@ -10,8 +10,12 @@ through ``LabelCap``. Past ``settings.label_limit`` distinct values per label, n
 folded into ``other`` and counted in ``llmtap_label_overflow_total{label}``.
 
 Failure policy: ``emit`` is in-memory arithmetic on the event loop, with no I/O and no lock
-contention (labelled children are cached). Amounts a Prometheus counter cannot take (negative,
-NaN, infinite) are left out rather than raised. Anything unexpected propagates to the addon,
+contention (labelled children are cached). Spend is added through
+``llmtap.pricing.validity.spend_amount``, the rule the record's numbers were already checked
+against (``resolve_cost``), so ``llmtap_cost_usd_total`` equals the audit log's sum of
+``cost_usd``; each number left out of a record as an anomaly counts once in
+``llmtap_anomalies_total{field}`` (field names are llmtap's own: a bounded set). Negative cost
+savings, which Pulze may report, are in the audit log but cannot go into a counter. Anything unexpected propagates to the addon,
 which counts it as an internal error; the exchange itself is never touched. The HTTP server
 runs in prometheus_client's daemon thread; failing to bind it at startup raises, and the addon
 then serves traffic without the endpoint, logging it and counting ``start_metrics``.
@@ -33,6 +37,7 @@ from prometheus_client.registry import Collector
 from llmtap import __version__
 from llmtap.config import Settings
 from llmtap.health import Health
+from llmtap.pricing.validity import spend_amount
 from llmtap.record import ExchangeRecord
 
 #: gen_ai.client.operation.duration and .time_to_first_chunk (semconv v1.41 explicit buckets).
@@ -109,11 +114,7 @@ class _Children:
         return child
 
 
-def _amount(value: float | int | None) -> float | None:
-    """A value a counter can add, or None (absent, negative, NaN or infinite)."""
-    if value is None or not math.isfinite(value) or value < 0:
-        return None
-    return value
+_amount = spend_amount  # a value a counter can add, or None (absent, negative, NaN or infinite)
 
 
 class Metrics:
@@ -199,6 +200,11 @@ class Metrics:
             ("provider", "response_model"),
             SCORE_BUCKETS,
         )
+        self.anomalies = counter(
+            "llmtap_anomalies_total",
+            "Numbers from upstreams left out of a record (negative, not finite, above a ceiling), by field.",
+            ("field",),
+        )
         self.passthrough = counter(
             "llmtap_passthrough_requests_total",
             "Non-completion requests passed through untouched.",
@@ -252,6 +258,9 @@ class Metrics:
             self.routed(request_model, response_model, provider).inc()
         if r.score is not None and math.isfinite(r.score):
             self.score(*by_model).observe(r.score)
+        if r.anomalies:
+            for name in r.anomalies:
+                self.anomalies(self.cap("anomaly_field", name)).inc()
 
     def count_passthrough(self, method: str) -> None:
         self.passthrough(self.cap("method", method)).inc()

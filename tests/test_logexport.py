@@ -22,18 +22,11 @@ from pathlib import Path
 import openai
 import pytest
 import yaml
+from audit_helpers import db_rows, make_record, new_sink, row_count
 from conftest import API_KEY, LLMTAP, free_port, start_tap, wait_until
 from otlp_receiver import OTLPGRPCReceiver, OTLPHTTPReceiver, ReceivedLog
-from test_audit import (
-    SECRET_ANSWER,
-    SECRET_PROMPT,
-    db_rows,
-    make_record,
-    new_sink,
-    row_count,
-    with_content,
-    writer_pids,
-)
+from test_audit_journal import writer_pids
+from test_audit_store import SECRET_ANSWER, SECRET_PROMPT, with_content
 
 from llmtap.audit.logexport import EVENT_NAME, NOT_EXPORTED, LogExport, NotAcknowledged
 from llmtap.audit.store import AuditStore

@@ -174,6 +174,46 @@ def start_tap(
     return tap
 
 
+#: The official SDKs, as users have them: they need h11 >= 0.16 (httpx2), which mitmproxy 11's
+#: venv cannot hold, so they get a venv of their own, built once and reused across runs.
+CLIENTS_VENV = REPO / ".venv-clients"
+CLIENT_REQUIREMENTS = ("openai>=3", "anthropic>=1", "google-genai>=1")
+
+
+@pytest.fixture(scope="session")
+def sdk_python() -> Path:
+    """The Python of ``.venv-clients`` (the latest SDKs), built on first use."""
+    import fcntl
+
+    python = CLIENTS_VENV / "bin" / "python"
+    stamp = CLIENTS_VENV / ".installed"
+    wanted = "\n".join(CLIENT_REQUIREMENTS)
+    with open(REPO / ".venv-clients.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # one builder at a time, even across pytest processes
+        if not (python.exists() and stamp.exists() and stamp.read_text() == wanted):
+            subprocess.run([sys.executable, "-m", "venv", "--clear", str(CLIENTS_VENV)], check=True, timeout=120)
+            pip = [str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check"]
+            subprocess.run([*pip, "--upgrade", *CLIENT_REQUIREMENTS], check=True, timeout=900)
+            stamp.write_text(wanted)
+    return python
+
+
+def run_sdk(python: Path, call: str, base_url: str) -> dict:
+    """Run one call of ``tests/sdk_client.py`` in the SDK venv; what the SDK handed the app."""
+    import json
+
+    env = {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy")}
+    done = subprocess.run(
+        [str(python), str(REPO / "tests" / "sdk_client.py"), call, base_url],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+    assert done.returncode == 0, f"{call} failed:\n{done.stderr[-3000:]}"
+    return json.loads(done.stdout)
+
+
 @pytest.fixture
 def simulator() -> Iterator[Simulator]:
     sim = Simulator(host="127.0.0.1", port=0, chunk_delay=0.02)

@@ -191,3 +191,35 @@ def test_stream_record_is_emitted_at_done_before_that_chunk_is_released(tap) -> 
     tee(b"")
     tap.response(flow)
     assert len(sink.records) == 1 and tap.health.in_flight == 0
+
+
+def responses_flow(method: bytes, path: bytes, answer: dict, body: bytes = b""):
+    flow = tflow.tflow(
+        req=tutils.treq(method=method, path=path, content=body, headers=((b"authorization", b"Bearer sk-secret"),))
+    )
+    flow.response = tutils.tresp(content=json.dumps(answer).encode(), headers=((b"content-type", b"application/json"),))
+    return flow
+
+
+def test_background_response_billed_by_the_first_finished_poll_only(tap, monkeypatch) -> None:
+    sink = ListSink()
+    tap.sinks = [sink]
+    usage = {"input_tokens": 5, "output_tokens": 7, "total_tokens": 12}
+    queued = {"id": "resp_a", "object": "response", "status": "queued", "background": True, "usage": None}
+    post = json.dumps({"model": "gpt-4o-mini", "input": "x", "background": True}).encode()
+    run_flow(tap, responses_flow(b"POST", b"/v1/responses", queued, post))
+    assert tap.pending == {"resp_a": "gpt-4o-mini"}
+    run_flow(tap, responses_flow(b"GET", b"/v1/responses/resp_a", {**queued, "status": "in_progress"}))
+    run_flow(tap, responses_flow(b"GET", b"/v1/responses/resp_a", {**queued, "status": "completed", "usage": usage}))
+    run_flow(tap, responses_flow(b"GET", b"/v1/responses/resp_a", {**queued, "status": "completed", "usage": usage}))
+    run_flow(tap, responses_flow(b"GET", b"/v1/responses/resp_other", {**queued, "status": "completed"}))
+    assert [(r.method, r.response_status, r.input_tokens, r.cost_source) for r in sink.records] == [
+        ("POST", "queued", None, "deferred"),
+        ("GET", "completed", 5, "database"),
+    ]
+    assert sink.records[1].request_model == "gpt-4o-mini" and not tap.pending
+
+    monkeypatch.setattr("llmtap.capture.addon.PENDING_LIMIT", 3)  # bounded: the oldest id is forgotten
+    for n in range(5):
+        run_flow(tap, responses_flow(b"POST", b"/v1/responses", {**queued, "id": f"resp_{n}"}, post))
+    assert list(tap.pending) == ["resp_2", "resp_3", "resp_4"]

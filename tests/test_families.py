@@ -41,8 +41,94 @@ CHAT_STREAM = (
 )
 
 
+RESPONSES_REQUEST = {
+    "model": "o4-mini",
+    "instructions": "Be brief.",
+    "input": [{"role": "user", "content": [{"type": "input_text", "text": "Hello"}]}],
+    "tools": [{"type": "function", "name": "get_weather", "parameters": {}}, {"type": "web_search"}],
+    "tool_choice": "auto",
+    "max_output_tokens": 256,
+    "temperature": 0.5,
+    "top_p": 0.9,
+    "previous_response_id": "resp_prev",
+    "stream": True,
+}
+RESPONSES_RESPONSE = {
+    "id": "resp_1",
+    "object": "response",
+    "created_at": 1741476542,
+    "status": "completed",
+    "model": "o4-mini-2025-04-16",
+    "output": [{"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "Hi there"}]}],
+    "usage": {
+        "input_tokens": 40,
+        "input_tokens_details": {"cached_tokens": 16, "cache_write_tokens": 0},
+        "output_tokens": 30,
+        "output_tokens_details": {"reasoning_tokens": 20},
+        "total_tokens": 70,
+    },
+}
+
+
+def typed_sse(events: list[dict]) -> bytes:
+    return b"".join(
+        b"event: " + event["type"].encode() + b"\ndata: " + json.dumps(event).encode() + b"\n\n" for event in events
+    )
+
+
+RESPONSES_STREAM = typed_sse(
+    [
+        {
+            "type": "response.created",
+            "sequence_number": 0,
+            "response": {**RESPONSES_RESPONSE, "status": "in_progress", "usage": None},
+        },
+        {"type": "response.output_text.delta", "sequence_number": 1, "delta": "Hi", "item_id": "m", "output_index": 0},
+        {
+            "type": "response.output_text.delta",
+            "sequence_number": 2,
+            "delta": " there",
+            "item_id": "m",
+            "output_index": 0,
+        },
+        {"type": "response.future_event_kind", "sequence_number": 3},
+        {"type": "response.completed", "sequence_number": 4, "response": RESPONSES_RESPONSE},
+    ]
+)
+EMBEDDINGS_REQUEST = {"model": "text-embedding-3-small", "input": ["a", "b c"], "dimensions": 3}
+EMBEDDINGS_RESPONSE = {
+    "object": "list",
+    "data": [{"object": "embedding", "index": i, "embedding": [0.1, 0.2, 0.3]} for i in range(2)],
+    "model": "text-embedding-3-small",
+    "usage": {"prompt_tokens": 3, "total_tokens": 3},
+}
+
 #: family name -> (method, path, request body, response body, error body, stream bytes)
 SAMPLES = {
+    "openai_responses": (
+        "POST",
+        "/v1/responses",
+        RESPONSES_REQUEST,
+        RESPONSES_RESPONSE,
+        {"error": {"message": "Invalid model", "type": "invalid_request_error"}},
+        RESPONSES_STREAM,
+    ),
+    "embeddings": (
+        "POST",
+        "/v1/embeddings",
+        EMBEDDINGS_REQUEST,
+        EMBEDDINGS_RESPONSE,
+        {"error": {"message": "Invalid input", "type": "invalid_request_error"}},
+        b"",
+    ),
+    "azure_openai": (
+        "POST",
+        "/openai/deployments/my-gpt4o/chat/completions",
+        {k: v for k, v in REFERENCE_REQUEST.items() if k != "model"},
+        REFERENCE_RESPONSE,
+        {"error": {"code": "429", "message": "Requests have exceeded the rate limit"}},
+        CHAT_STREAM,
+    ),
     "chat_completions": (
         "POST",
         "/v1/chat/completions",
@@ -70,6 +156,21 @@ SAMPLES = {
 }
 
 
+OPENROUTER_BYOK = {
+    "id": "gen-1",
+    "model": "openai/gpt-4o",
+    "choices": [],
+    "usage": {
+        "prompt_tokens": 5,
+        "completion_tokens": 2,
+        "total_tokens": 7,
+        "cost": 0.001,
+        "is_byok": True,
+        "cost_details": {"upstream_inference_cost": 0.02},
+    },
+}
+
+
 def family_named(name: str) -> Family:
     return next(family for family in registry.FAMILIES if family.name == name)
 
@@ -90,6 +191,7 @@ def test_every_key_a_family_returns_is_a_record_field(name: str, content_cap: in
     parser.close()
     returned = {
         **family.request_fields(request, found[1], path, "", content_cap),
+        **family.header_fields({"anthropic-version": "2023-06-01", "api-key": "k"}),
         **family.response_fields(response, content_cap),
         **family.error_fields(error, json.dumps(error).encode()),
         **parser.fields(),
@@ -97,6 +199,7 @@ def test_every_key_a_family_returns_is_a_record_field(name: str, content_cap: in
     for overlay in registry.OVERLAYS:
         returned |= overlay.request_fields({"pulze-labels": '{"team": "a"}'})
         returned |= overlay.response_fields(response, content_cap is not None)
+        returned |= overlay.response_fields(OPENROUTER_BYOK, content_cap is not None)
     unknown = set(returned) - set(FIELD_NAMES) - INTERMEDIATES
     assert not unknown, f"{name} returns keys that are no record field: {sorted(unknown)}"
 

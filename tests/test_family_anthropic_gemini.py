@@ -102,6 +102,11 @@ def test_anthropic_request_fields() -> None:
     )
 
 
+def test_anthropic_version_header_is_recorded() -> None:
+    assert anthropic_messages.FAMILY.header_fields({"anthropic-version": "2023-06-01"}) == {"api_version": "2023-06-01"}
+    assert anthropic_messages.FAMILY.header_fields({}) == {"api_version": None}
+
+
 def test_anthropic_tokens_take_llmtaps_meaning() -> None:
     fields = anthropic_messages.FAMILY.response_fields(ANTHROPIC_RESPONSE, None)
     # Anthropic's input_tokens (10) excludes cache reads (1000) and writes (200): llmtap's includes them

@@ -351,3 +351,17 @@ def test_regular_mode_tunnels_hosts_it_does_not_meter(tmp_path, simulator) -> No
     finally:
         tap.stop()
         server.shutdown()
+
+
+def test_hosts_mapped_to_a_family_are_decrypted_too() -> None:
+    from types import SimpleNamespace
+
+    from llmtap.capture.intercept import apply_intercept_hosts
+
+    options = SimpleNamespace(mode=["regular"], allow_hosts=[], ignore_hosts=[])
+    options.update = lambda **changes: options.__dict__.update(changes)
+    settings = Settings.from_values({"family_map": ("llm.internal.example=chat_completions", "/gw/=gemini")})
+    assert apply_intercept_hosts(options, settings)
+    assert any("llm\\.internal\\.example" in pattern for pattern in options.allow_hosts)
+    assert not any("gw" in pattern for pattern in options.allow_hosts)  # a path prefix is no host
+    assert any("api\\.anthropic\\.com" in pattern for pattern in options.allow_hosts)

@@ -477,3 +477,84 @@ def test_serve_runs_in_foreground_until_sigterm() -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+# --- the other families' wire formats (their SDKs drive them in test_sdk_families.py) ------------
+
+
+def test_openai_flavoured_chat_streams_carry_usage_only_when_asked(sim: Simulator) -> None:
+    body = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}], "stream": True}
+    headers = {"api-key": KEY}
+    _, plain = post(sim, "/openai/v1/chat/completions", body, headers)
+    _, asked = post(sim, "/openai/v1/chat/completions", {**body, "stream_options": {"include_usage": True}}, headers)
+    assert not any("usage" in e for e in sse_events(plain))
+    *_, last = sse_events(asked)
+    assert last["choices"] == [] and last["usage"]["completion_tokens"] > 0
+    assert b"metadata" not in asked  # no Pulze metadata outside Pulze's routes
+    resp, _ = post(sim, "/openai/deployments/d/chat/completions", body, headers)  # no api-version
+    assert resp.status == 404
+
+
+def test_responses_background_polls_and_typed_stream(sim: Simulator) -> None:
+    _, raw = post(sim, "/v1/responses", {"model": "gpt-4o-mini", "input": "later", "background": True})
+    queued = json.loads(raw)
+    assert (queued["status"], queued["usage"]) == ("queued", None)
+    conn = http.client.HTTPConnection("127.0.0.1", sim.port, timeout=10)
+    statuses = []
+    for _ in range(3):
+        conn.request("GET", f"/v1/responses/{queued['id']}", headers=AUTH)
+        polled = json.loads(conn.getresponse().read())
+        statuses.append((polled["status"], polled["usage"] is not None))
+    conn.close()
+    assert statuses == [("in_progress", False), ("completed", True), ("completed", True)]
+    _, raw = post(sim, "/v1/responses", {"model": "gpt-4o-mini", "input": "now", "stream": True})
+    kinds = [line[7:] for line in raw.split(b"\n") if line.startswith(b"event: ")]
+    assert kinds[0] == b"response.created" and kinds[-1] == b"response.completed" and b"[DONE]" not in raw
+
+
+def test_anthropic_cache_is_written_then_read_and_needs_its_version_header(sim: Simulator) -> None:
+    system = [{"type": "text", "text": "cached " * 50, "cache_control": {"type": "ephemeral", "ttl": "1h"}}]
+    body = {
+        "model": "claude-haiku-4-5",
+        "max_tokens": 30,
+        "system": system,
+        "messages": [{"role": "user", "content": "q"}],
+    }
+    headers = {"x-api-key": KEY, "anthropic-version": "2023-06-01"}
+    first = json.loads(post(sim, "/v1/messages", body, headers)[1])["usage"]
+    second = json.loads(post(sim, "/v1/messages", body, headers)[1])["usage"]
+    assert first["cache_creation"]["ephemeral_1h_input_tokens"] == first["cache_creation_input_tokens"] > 0
+    assert second["cache_read_input_tokens"] == first["cache_creation_input_tokens"]
+    assert second["cache_creation_input_tokens"] == 0 and second["input_tokens"] == first["input_tokens"]
+    resp, raw = post(sim, "/v1/messages", body, {"x-api-key": KEY})
+    assert resp.status == 400 and json.loads(raw)["error"]["type"] == "invalid_request_error"
+
+
+def test_gemini_streams_as_sse_or_as_one_json_array(sim: Simulator) -> None:
+    body = {"contents": [{"role": "user", "parts": [{"text": "hello"}]}]}
+    _, array = post(sim, "/v1beta/models/gemini-2.5-flash:streamGenerateContent?key=k", body, {})
+    chunks = json.loads(array)  # the whole body is one JSON array
+    assert len(chunks) > 1 and chunks[-1]["candidates"][0]["finishReason"] == "STOP"
+    usage = chunks[-1]["usageMetadata"]
+    assert (
+        usage["totalTokenCount"]
+        == usage["promptTokenCount"] + usage["candidatesTokenCount"] + usage["thoughtsTokenCount"]
+    )
+    _, sse = post(sim, "/v1beta/models/gemini-2.5-flash:streamGenerateContent?alt=sse", body, {"x-goog-api-key": "k"})
+    same = [{k: v for k, v in c.items() if k != "responseId"} for c in chunks]
+    assert [{k: v for k, v in c.items() if k != "responseId"} for c in sse_events(sse)] == same
+    assert b"\r\n\r\n" in sse
+    resp, _ = post(sim, "/v1beta/models/gemini-2.5-flash:generateContent", body, {"Authorization": ""})
+    assert resp.status == 401
+
+
+def test_embeddings_base64_and_dimensions(sim: Simulator) -> None:
+    import base64
+    import struct
+
+    body = {"model": "text-embedding-3-small", "input": ["a b", "c"], "dimensions": 5, "encoding_format": "base64"}
+    reply = json.loads(post(sim, "/v1/embeddings", body)[1])
+    vectors = [struct.unpack("<5f", base64.b64decode(d["embedding"])) for d in reply["data"]]
+    assert len(vectors) == 2 and reply["usage"] == {"prompt_tokens": 3, "total_tokens": 3}
+    floats = json.loads(post(sim, "/v1/embeddings", {**body, "encoding_format": "float"})[1])
+    assert [pytest.approx(v, abs=1e-6) for v in vectors[0]] == floats["data"][0]["embedding"]

@@ -102,6 +102,11 @@ class Settings:
     cost_ceiling_usd: int = _option(
         1000, "A cost above this many USD for one exchange is an anomaly: the cost becomes unknown.", minimum=1
     )
+    family_map: tuple[str, ...] = _option(
+        (),
+        "Read a gateway's traffic as one protocol family: HOST=FAMILY or /PATH/PREFIX=FAMILY (families: "
+        "chat_completions, openai_responses, embeddings, azure_openai, anthropic_messages, gemini).",
+    )
 
     @classmethod
     def from_values(cls, values: Mapping[str, Any]) -> Settings:
@@ -109,6 +114,10 @@ class Settings:
         values = dict(values)
         for name in _SEQUENCE_FIELDS:
             values[name] = tuple(values.get(name) or ())
+        for entry in values["family_map"]:
+            key, _, family = entry.partition("=")
+            if not key.strip() or not family.strip():
+                raise SettingsError(f"llmtap_family_map (--family-map): {entry!r} is not HOST=FAMILY or /PREFIX=FAMILY")
         values["key_salt"] = values.get("key_salt") or os.environ.get("LLMTAP_KEY_SALT", "")
         capture_env = os.environ.get("OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT", "")
         values["capture_content"] = bool(values.get("capture_content")) or capture_env.lower() == "true"

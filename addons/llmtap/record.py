@@ -5,6 +5,33 @@ Times are Unix epoch seconds (floats). Money is USD. ``None`` always means "not 
 
 Serialisation is canonical JSON (sorted keys, compact separators, UTF-8): the journal,
 the JSON-lines export and the audit hash chain all depend on ``to_json`` being stable.
+
+Tokens have one meaning whatever the family (record schema 2; each family converts to it):
+
+- ``input_tokens``: every input token, cache reads and cache writes included;
+- ``cached_input_tokens``: the part of ``input_tokens`` read from a prompt cache;
+- ``cache_write_input_tokens``: the part of ``input_tokens`` written to a prompt cache
+  (``cache_write_1h_input_tokens``: of those, the ones kept for an hour);
+- ``output_tokens``: every generated token, reasoning included;
+- ``reasoning_tokens``: the part of ``output_tokens`` spent reasoning (thinking).
+
+Per family (upstream field → record field):
+
+- chat_completions: ``prompt_tokens`` → input; ``prompt_tokens_details.cached_tokens`` /
+  ``.cache_write_tokens`` → cached / cache writes; ``completion_tokens`` → output;
+  ``completion_tokens_details.reasoning_tokens`` → reasoning.
+- openai_responses (and Azure): ``input_tokens``, ``input_tokens_details.cached_tokens`` /
+  ``.cache_write_tokens``, ``output_tokens``, ``output_tokens_details.reasoning_tokens``.
+- embeddings: ``usage.prompt_tokens`` → input; output is 0.
+- anthropic_messages: input = ``input_tokens`` + ``cache_read_input_tokens`` +
+  ``cache_creation_input_tokens`` (Anthropic's ``input_tokens`` excludes the cache);
+  ``cache_creation.ephemeral_1h_input_tokens`` → the 1-hour writes.
+- gemini: ``promptTokenCount`` → input (it includes ``cachedContentTokenCount`` → cached);
+  output = ``candidatesTokenCount`` + ``thoughtsTokenCount`` (Gemini's candidates exclude the
+  thoughts); ``thoughtsTokenCount`` → reasoning.
+
+Rows whose ``record_schema`` is None were written before schemas were numbered (schema 1): for
+Chat Completions the meaning is the same; see CHANGELOG.md.
 """
 
 from __future__ import annotations
@@ -18,13 +45,17 @@ from dataclasses import dataclass, field
 from json.encoder import c_encode_basestring, c_make_encoder
 from typing import Any
 
+#: The version of the record's meaning that this code writes; see CHANGELOG.md for each change.
+#: 1 (rows that carry none): before protocol families; 2: protocol families, one token meaning.
+RECORD_SCHEMA = 2
+
 
 @dataclass(frozen=True, slots=True)
 class ExchangeRecord:
     """Everything llmtap learned about one request/response pair."""
 
     exchange_id: str
-    operation: str  # "chat" | "text_completion"
+    operation: str  # "chat" | "text_completion" | "embeddings"
     method: str
     path: str
 
@@ -78,10 +109,20 @@ class ExchangeRecord:
     response_format: str | None = None
     logit_bias: bool | None = None  # present in the request (values are not kept)
     service_tier: str | None = None  # as the response says (else as requested): flex, priority, …
+    tool_types: tuple[str, ...] | None = None  # each tool's type ("function", "web_search", …)
+    previous_response_id: str | None = None  # OpenAI Responses: the conversation join key
+    conversation_id: str | None = None  # OpenAI Responses ``conversation``
+    background: bool | None = None  # OpenAI Responses background mode (billed by a later GET)
+    api_version: str | None = (
+        None  # the API version the request asked for (Azure ``api-version``, ``anthropic-version``)
+    )
+    input_count: int | None = None  # embeddings: inputs embedded
+    dimensions: int | None = None  # embeddings: length of the vectors returned (else requested)
 
     # --- response ---
     response_id: str | None = None
     response_object: str | None = None
+    response_status: str | None = None  # OpenAI Responses ``status`` (completed, incomplete, queued, …)
     created_at: float | None = None  # Pulze `created` is in milliseconds; converted here
     response_model: str | None = None  # top-level `model`: who actually served
     served_model: str | None = None  # metadata.model.model
@@ -136,6 +177,9 @@ class ExchangeRecord:
     # is capped at llmtap_content_max_chars. Output messages also carry "finish_reason".
     input_messages: tuple[Mapping[str, Any], ...] | None = None
     output_messages: tuple[Mapping[str, Any], ...] | None = None
+
+    # which version of this record's meaning wrote it (``RECORD_SCHEMA``); None: before versioning (1)
+    record_schema: int | None = None
 
     # the canonical JSON, made once on first use: several sinks write the same line
     _json: str | None = field(default=None, init=False, repr=False, compare=False)

@@ -31,6 +31,9 @@ DIMENSIONS = {
     "day": "strftime('%Y-%m-%d', request_start, 'unixepoch')",
     "hour": "strftime('%Y-%m-%dT%H:00Z', request_start, 'unixepoch')",
     "status": "coalesce(CAST(http_status AS TEXT), error_type)",
+    "family": "family",
+    # rows written before record schemas were numbered carry none: they are schema 1
+    "schema": "coalesce(record_schema, 1)",
 }
 METRICS = (
     "requests",
@@ -49,7 +52,7 @@ _SUMS = """count(*) AS requests,
     sum(output_tokens) AS output_tokens,
     sum(cost_usd) AS cost_usd,
     sum(cost_savings_usd) AS cost_savings_usd,
-    sum(cost_usd IS NULL) AS unknown_cost"""
+    sum(cost_usd IS NULL AND coalesce(cost_source, '') != 'deferred') AS unknown_cost"""
 #: Grouping without --by: one row per model (never a lone row repeating the TOTAL).
 DEFAULT_BY = "model"
 MONEY = ("cost_usd", "cost_savings_usd")

@@ -50,6 +50,7 @@ JSON_COLUMNS = frozenset(
         "policies",
         "stop",
         "tool_names",
+        "tool_types",
         "finish_reasons",
         "response_labels",
         "metadata_json",
@@ -222,6 +223,29 @@ def _add_parse_problem(db: Database) -> None:
     db["exchanges"].add_column("parse_problem", str)
 
 
+def _add_family_columns(db: Database) -> None:
+    """Record schema 2: OpenAI Responses, embeddings, and which record schema wrote each row.
+
+    Rows written before have NULL here, which keeps their hashes; a NULL ``record_schema``
+    reads as schema 1.
+    """
+    table = db["exchanges"]
+    for name, kind in (
+        ("tool_types", str),
+        ("previous_response_id", str),
+        ("conversation_id", str),
+        ("background", int),
+        ("api_version", str),
+        ("input_count", int),
+        ("dimensions", int),
+        ("response_status", str),
+        ("record_schema", int),
+    ):
+        table.add_column(name, kind)
+    table.create_index(["previous_response_id"])
+    table.create_index(["response_id"])
+
+
 def _create_log_export(db: Database) -> None:
     """The OTLP log export's cursor, per instance: the last row id the collector acknowledged."""
     db["log_export"].create({"instance": str, "last_id": int, "acked_at": float}, pk="instance", not_null={"last_id"})
@@ -236,6 +260,7 @@ MIGRATIONS: tuple[Callable[[Database], None], ...] = (
     _add_pricing_columns,
     _add_anomalies,
     _add_parse_problem,
+    _add_family_columns,
     _create_log_export,
 )
 

@@ -35,12 +35,15 @@ from llmtap.protocols.chat_completions import with_stream_usage
 from llmtap.protocols.errors import redact
 from llmtap.protocols.secrets import credentials, scrub_record
 from llmtap.protocols.values import load_json
-from llmtap.record import ExchangeRecord
+from llmtap.record import RECORD_SCHEMA, ExchangeRecord
 from llmtap.sinks import Sink
 
 log = logging.getLogger("llmtap")
 
 _METADATA_KEY = "llmtap"
+#: Background responses awaiting the poll that bills them (ids; oldest forgotten first). A poll
+#: for an id not here passes through: so each is billed once, by this process (see README).
+PENDING_LIMIT = 10_000
 
 
 class StreamTee:
@@ -125,6 +128,7 @@ class Exchange:
         "operation",
         "parse_problem",
         "path",
+        "poll_id",
         "stream",
     )
 
@@ -138,6 +142,7 @@ class Exchange:
         self.parse_problem: str | None = None
         self.body: Body | None = None  # a non-streamed body read off the loop
         self.finished = False
+        self.poll_id: str | None = None  # a poll for a pending background exchange's result
 
 
 class LLMTap:
@@ -148,6 +153,8 @@ class LLMTap:
         self.health = Health()
         self.prices = Pricer.load()
         self.sinks: list[Sink] = []
+        self.family_map: registry.FamilyMap = ()
+        self.pending: dict[str, str | None] = {}  # background response id -> its request model
         self.sink_problems: dict[str, str] = {}  # sinks that could not start: why (for the banner)
         self.open_flows: dict[str, http.HTTPFlow] = {}  # exchanges started and not yet recorded
         self._running = False
@@ -167,6 +174,10 @@ class LLMTap:
         except SettingsError as exc:
             raise OptionsError(str(exc)) from exc
         try:
+            family_map = registry.family_map(settings.family_map)
+        except ValueError as exc:
+            raise OptionsError(str(exc)) from exc
+        try:
             prices = Pricer.load(settings.prices or None, settings.price_data or None)
         except PricesFileError as exc:  # names the file, the model and the field
             raise OptionsError(f"llmtap_prices (--prices): {exc}") from exc
@@ -176,7 +187,7 @@ class LLMTap:
                 "own data file (its prices/data.json)"
             ) from exc
         changed = settings != self.settings
-        self.settings, self.prices = settings, prices
+        self.settings, self.prices, self.family_map = settings, prices, family_map
         if self._running and changed:
             # An operator changed llmtap options at runtime (e.g. ``:set`` in mitmproxy's console).
             # The old sinks are flushed and closed first, on the loop: the audit journal is locked
@@ -284,17 +295,24 @@ class LLMTap:
     def request(self, flow: http.HTTPFlow) -> None:
         method, target = flow.request.method, flow.request.path  # each read decodes the bytes anew
         path, _, query = target.partition("?")  # a query string may hold a key: never recorded
-        found = registry.find(method, path.rstrip("/"), flow.request.host)
+        found = registry.find(method, path.rstrip("/"), flow.request.host, self.family_map)
         if found is None:
             self._passthrough(method)
             return
         family, operation = found
+        poll_id = family.poll_id(method, path.rstrip("/")) if method == "GET" else None
+        if poll_id is not None and poll_id not in self.pending:
+            self._passthrough(method)  # nothing pending under this id: billed already, or never ours
+            return
         try:
             exchange = Exchange(family, operation, path, self._request_fields(flow, family, operation, path, query))
         except Exception as exc:  # fail open: the exchange goes on, recorded from what we can
             self.health.error("parse_request", exc, path)
             exchange = Exchange(family, operation, path, {"request_start": flow.request.timestamp_start})
             exchange.parse_problem = f"request parse failed: {type(exc).__name__}"
+        if poll_id is not None:
+            exchange.poll_id = poll_id
+            exchange.fields["request_model"] = self.pending[poll_id]  # a GET has no body to say it
         flow.metadata[_METADATA_KEY] = exchange
         self.open_flows[flow.id] = flow
         self.health.in_flight += 1
@@ -400,6 +418,7 @@ class LLMTap:
         else:
             parsed = load_json(content)
         fields = family.request_fields(parsed, operation, path, query, self.settings.content_cap)
+        fields.update(family.header_fields(headers))
         fields.update(registry.request_header_fields(headers))
         traceparent = headers.get("traceparent")
         incoming_trace = trace_id_of(traceparent)
@@ -440,13 +459,34 @@ class LLMTap:
                 http_status=flow.response.status_code if flow.response else None,
                 error_type="llmtap_parse_error",
                 error_message=f"{type(exc).__name__}: {exc}"[:300],
+                record_schema=RECORD_SCHEMA,
             )
         record = scrub_record(record, exchange.fields.get("_secrets"))
+        if not self._background(exchange, record):
+            self._passthrough(record.method)
+            return
         for sink in self.sinks:
             try:
                 sink.emit(record)
             except Exception as exc:  # fail open: one sink's fault touches neither the flow nor other sinks
                 self.health.error(sink.name, exc, exchange.path)
+
+    def _background(self, exchange: Exchange, record: ExchangeRecord) -> bool:
+        """Track background responses; False for a poll that bills nothing (it passes through).
+
+        A record saying a response is still queued or in progress makes its id pending; the
+        first poll that finds it finished is recorded (it holds the usage) and clears the id.
+        """
+        if exchange.poll_id is not None:
+            if record.response_status in (None, "queued", "in_progress") or exchange.poll_id not in self.pending:
+                return False
+            del self.pending[exchange.poll_id]
+            return True
+        if record.background and record.response_status in ("queued", "in_progress") and record.response_id:
+            if len(self.pending) >= PENDING_LIMIT:
+                del self.pending[next(iter(self.pending))]
+            self.pending[record.response_id] = record.request_model
+        return True
 
     def _build_record(self, flow: http.HTTPFlow, exchange: Exchange) -> ExchangeRecord:
         fields = exchange.fields  # finished exactly once: built up in place, no copy
@@ -460,6 +500,8 @@ class LLMTap:
             body = exchange.stream.overlay_body()
             if exchange.stream.overflows and exchange.parse_problem is None:
                 exchange.parse_problem = "stream line or event above --parse-memory-bytes dropped"
+            if exchange.stream.problem and exchange.parse_problem is None:
+                exchange.parse_problem = exchange.stream.problem
         elif response is not None and response.raw_content is not None:
             read = exchange.body or read_body(
                 response.raw_content,
@@ -494,11 +536,14 @@ class LLMTap:
         fields["parse_problem"] = exchange.parse_problem
         registry.finish(fields, family, body, capture is not None)
         fields.update(resolve_cost(fields, self.prices, self.settings))
+        if fields.get("background") and fields.get("response_status") in ("queued", "in_progress"):
+            fields["cost_source"] = "deferred"  # billed by the poll that finds it finished
         fields.update(
             exchange_id=flow.id,
             operation=exchange.operation,
             family=family.name,
             method=flow.request.method,
             path=exchange.path,
+            record_schema=RECORD_SCHEMA,
         )
         return ExchangeRecord.from_fields(fields)  # leaves out parsers' intermediates (reported_cost_usd)

@@ -1,4 +1,5 @@
-"""Regular and transparent mode decrypt only the LLM APIs llmtap meters (``llmtap.protocols.hosts``).
+"""Regular and transparent mode decrypt only the LLM APIs llmtap meters (``llmtap.protocols.hosts``,
+``--intercept-host``, and the hosts a user maps to a family with ``--family-map``).
 
 ``apply_intercept_hosts`` sets mitmproxy's ``allow_hosts`` once, before traffic flows (``llmtap
 run`` calls it before the proxy starts; the addon's ``running`` hook covers ``mitmdump -s``).
@@ -11,7 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from llmtap.config import Settings
-from llmtap.protocols.hosts import allow_patterns, intercepted
+from llmtap.protocols.hosts import allow_patterns, intercepted, mapped_hosts
 
 #: The modes in which the app's own TLS connections reach llmtap.
 FILTERED_MODES = ("regular", "transparent", "local", "wireguard")
@@ -26,7 +27,7 @@ def apply_intercept_hosts(options: Any, settings: Settings) -> bool:
     """Set ``allow_hosts`` to the metered hosts when llmtap should; True if it did."""
     if not filtered_mode(options) or options.allow_hosts or options.ignore_hosts:
         return False
-    hosts = intercepted(settings.intercept_hosts)
+    hosts = intercepted([*settings.intercept_hosts, *mapped_hosts(settings.family_map)])
     if hosts is None:
         return False
     options.update(allow_hosts=allow_patterns(hosts))

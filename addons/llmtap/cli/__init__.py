@@ -118,7 +118,7 @@ def run(
     "--fault-rate", default=0.0, show_default=True, type=float, help="Share of requests given a random fault."
 )
 def simulate(host: str, port: int, chunk_delay: float, first_byte_delay: float, fault_rate: float) -> None:
-    """Run the simulated Pulze API (for demos, tests and benchmarks)."""
+    """Run the simulated upstream APIs: Pulze, OpenAI, Azure, OpenRouter, Anthropic, Gemini."""
     from llmtap.devtools.simulator import run_simulator
 
     run_simulator(host, port, chunk_delay, first_byte_delay, fault_rate=fault_rate)

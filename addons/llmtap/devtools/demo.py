@@ -72,7 +72,7 @@ def run_demo(
             print(f"llmtap demo: {exc}", file=sys.stderr)
             return 1
         base_url = f"http://127.0.0.1:{listen_port}/v1"
-        print(f"simulated Pulze upstream  {simulator.url}")
+        print(f"simulated upstream        {simulator.url}   (Pulze, OpenAI, Azure, OpenRouter, Anthropic, Gemini)")
         print(f"llmtap proxy              {base_url}   (log: {log_path})")
         summary = _traffic(base_url, count)
         if exit_after:

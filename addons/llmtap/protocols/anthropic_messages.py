@@ -12,6 +12,7 @@ Stream events: ``message_start`` (the message, usage so far), ``content_block_de
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from llmtap.protocols.base import Family, SSEStreamParser
@@ -54,6 +55,9 @@ class AnthropicMessages(Family):
         if content_cap is not None:
             fields["input_messages"] = _input_messages(body, content_cap)
         return fields
+
+    def header_fields(self, headers: Mapping[str, str]) -> dict[str, Any]:
+        return {"api_version": headers.get("anthropic-version")}
 
     def response_fields(self, body: Any, content_cap: int | None) -> dict[str, Any]:
         if not isinstance(body, dict):

@@ -33,6 +33,11 @@ class StreamParser:
 
     __slots__ = ("done",)
 
+    #: Set (as an instance attribute, by parsers that can tell) when the stream was not what
+    #: the family's shape says: truncated, or an event of the wrong type. The record is kept;
+    #: the capture side counts the problem.
+    problem: str | None = None
+
     def __init__(self) -> None:
         self.done = False
 
@@ -103,6 +108,8 @@ class Overlay:
 
     #: The record's ``router`` when this overlay applies.
     router = "router"
+    #: Names of the families whose exchanges it may apply to; None: any.
+    families: frozenset[str] | None = None
 
     def applies(self, host: str | None, body: dict[str, Any]) -> bool:
         raise NotImplementedError
@@ -134,6 +141,10 @@ class Family:
     ) -> dict[str, Any]:
         raise NotImplementedError
 
+    def header_fields(self, headers: Mapping[str, str]) -> dict[str, Any]:
+        """Fields of the request headers this family defines (lower-case names), such as a version."""
+        return {}
+
     def response_fields(self, body: Any, content_cap: int | None) -> dict[str, Any]:
         raise NotImplementedError
 
@@ -146,3 +157,11 @@ class Family:
 
     def stream_parser(self, content_cap: int | None, content_type: str) -> StreamParser:
         raise NotImplementedError
+
+    def poll_id(self, method: str, path: str) -> str | None:
+        """The id of an earlier exchange this request polls for its result, else None.
+
+        Such a request is recorded only while that exchange is pending, and only once it
+        answers with a final result (see ``openai_responses``); otherwise it passes through.
+        """
+        return None

@@ -175,6 +175,8 @@ def _envelope(body: dict[str, Any]) -> dict[str, Any]:
         if isinstance(completion_details, dict)
         else None,
     }
+    if isinstance(prompt_details, dict) and "cache_write_tokens" in prompt_details:  # OpenAI, since 2026
+        fields["cache_write_input_tokens"] = as_int(prompt_details["cache_write_tokens"])
     if (tier := as_str(body.get("service_tier"))) is not None:  # the tier that ran, over the one asked for
         fields["service_tier"] = tier
     return fields

@@ -41,6 +41,12 @@ def intercepted(extra: Iterable[str]) -> tuple[str, ...] | None:
     return tuple(dict.fromkeys([*KNOWN, *extra]))
 
 
+def mapped_hosts(family_map: Iterable[str]) -> list[str]:
+    """The hosts of ``family_map`` entries (``HOST=FAMILY``): llmtap meters them, so it decrypts them."""
+    hosts = (entry.partition("=")[0].strip() for entry in family_map)
+    return [host for host in hosts if host and not host.startswith("/")]
+
+
 def allow_patterns(hosts: Iterable[str]) -> list[str]:
     """mitmproxy ``allow_hosts`` regexes (matched against ``host:port``) for ``hosts`` and their
     subdomains."""

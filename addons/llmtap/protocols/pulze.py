@@ -125,6 +125,7 @@ class PulzeOverlay(Overlay):
     """Pulze answers in the OpenAI shape plus ``metadata``; its request headers carry labels."""
 
     router = "pulze"
+    families = frozenset({"chat_completions"})
 
     def applies(self, host: str | None, body: dict[str, Any]) -> bool:
         return is_pulze_host(host) or bool(_mapping(body.get("metadata")))

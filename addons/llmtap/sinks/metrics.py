@@ -234,6 +234,7 @@ class Metrics:
             ("input", r.input_tokens),
             ("output", r.output_tokens),
             ("cached_input", r.cached_input_tokens),
+            ("cache_write", r.cache_write_input_tokens),
             ("reasoning", r.reasoning_tokens),
         ):
             if (count := _amount(count)) is None:

@@ -24,11 +24,7 @@ from audit_helpers import (
 )
 from conftest import wait_until
 
-from llmtap.audit.store import (
-    AuditStore,
-    connect,
-    verify_chain,
-)
+from llmtap.audit.sqlite import AuditStore, connect, verify_chain
 from llmtap.health import Health
 from llmtap.sinks.audit import AuditLogInUse
 

@@ -25,16 +25,8 @@ from audit_helpers import (
 )
 from conftest import wait_until
 
-from llmtap.audit.store import (
-    GENESIS,
-    MIGRATIONS,
-    PAGE_SIZE,
-    AuditStore,
-    chain_hash,
-    connect,
-    row_builder,
-    verify_chain,
-)
+from llmtap.audit.rows import chain_hash, row_builder
+from llmtap.audit.sqlite import GENESIS, MIGRATIONS, PAGE_SIZE, AuditStore, connect, verify_chain
 from llmtap.health import Health
 from llmtap.protocols.content import cap_messages
 from llmtap.record import FIELD_NAMES, ExchangeRecord, canonical_json

@@ -258,7 +258,7 @@ def test_a_sidecar_role_with_only_insert_and_select_works_after_the_owner_migrat
         pg_cluster.psql(f"REVOKE ALL ON DATABASE {database} FROM PUBLIC")
         pg_cluster.psql(f"GRANT CONNECT ON DATABASE {database} TO sidecar")
         migrated = llmtap("audit", "migrate", "--db", pg_url, "--grant", "sidecar")
-        assert "applied migration(s) 1, 2" in migrated.stdout and "granted to sidecar" in migrated.stdout
+        assert "applied migration(s) 1, 2, 3" in migrated.stdout and "granted to sidecar" in migrated.stdout
         assert "schema already current" in llmtap("audit", "migrate", "--db", pg_url).stdout
         sidecar_url = pg_url.replace("postgres@", "sidecar@")
         privileges = set(

@@ -22,7 +22,7 @@ from click.testing import CliRunner
 from conftest import free_port, start_tap, wait_until
 
 from llmtap.audit.report import report
-from llmtap.audit.store import NotAnAuditLog, check_audit_log, connect
+from llmtap.audit.sqlite import NotAnAuditLog, check_audit_log, connect
 from llmtap.config import Settings
 from llmtap.health import Health
 from llmtap.pricing.cost import Pricer, resolve_cost

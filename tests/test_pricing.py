@@ -20,7 +20,7 @@ from genai_prices import Usage, calc_price
 from mitmproxy.test import taddons
 
 from llmtap.audit.report import report, spend
-from llmtap.audit.store import connect_readonly, verify_chain
+from llmtap.audit.sqlite import connect_readonly, verify_chain
 from llmtap.capture.addon import LLMTap
 from llmtap.cli.prices import prices
 from llmtap.config import Settings
@@ -677,7 +677,7 @@ def test_a_gemini_body_is_priced_with_its_thinking_tokens_once() -> None:
 def test_an_audit_log_of_an_older_llmtap_still_reports_and_reprices(tmp_path) -> None:
     from sqlite_utils import Database
 
-    from llmtap.audit.store import MIGRATIONS
+    from llmtap.audit.sqlite import MIGRATIONS
 
     path = tmp_path / "old.db"
     db = Database(sqlite3.connect(path))

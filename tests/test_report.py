@@ -20,7 +20,7 @@ import pytest
 from click.testing import CliRunner
 
 from llmtap.audit.report import parse_when, report, spend
-from llmtap.audit.store import connect_readonly
+from llmtap.audit.sqlite import connect_readonly
 from llmtap.config import Settings
 from llmtap.health import Health
 from llmtap.record import ExchangeRecord

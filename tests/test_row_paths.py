@@ -13,7 +13,8 @@ import typing
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from llmtap.audit.store import AuditStore, RowBuilder
+from llmtap.audit.rows import RowBuilder
+from llmtap.audit.sqlite import AuditStore
 from llmtap.record import ExchangeRecord
 
 PROPERTY = settings(

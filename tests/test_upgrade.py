@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from conftest import API_KEY, LLMTAP, start_tap
 
-from llmtap.audit.store import MIGRATIONS
+from llmtap.audit.sqlite import MIGRATIONS
 from llmtap.devtools.simulator import Simulator
 from llmtap.record import RECORD_SCHEMA
 

@@ -48,6 +48,10 @@ class Settings:
     otlp_endpoint: str = _option(
         "", "OTLP endpoint for spans (else OTEL_EXPORTER_OTLP_[TRACES_]ENDPOINT); none = tracing off."
     )
+    otlp_logs: bool = _option(
+        False,
+        "Also send each audit row as an OTLP log record, at least once (OTEL_EXPORTER_OTLP_[LOGS_]* configure it; needs the audit log).",
+    )
     propagate: bool = _option(False, "Inject llmtap's span context upstream as traceparent (changes the request).")
     capture_content: bool = _option(
         False, "Capture prompt and completion text (audit content table, JSON lines, spans). Off by default."
@@ -130,6 +134,8 @@ class Settings:
         settings = cls(**values)
         if settings.db_is_server and not settings.journal_dir:
             raise SettingsError("llmtap_journal_dir (--journal-dir) is required with a PostgreSQL --db")
+        if settings.otlp_logs and not settings.db:
+            raise SettingsError("llmtap_otlp_logs (--otlp-logs): the log records come from the audit log; set --db")
         for option in OPTIONS:
             value = getattr(settings, option.field)
             if option.choices and value not in option.choices:

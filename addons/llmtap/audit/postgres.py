@@ -150,9 +150,22 @@ def _add_columns(cur: Any) -> None:
         cur.execute(f"CREATE INDEX IF NOT EXISTS exchanges_{column} ON exchanges ({column})")
 
 
-#: Numbered steps; ``llmtap_schema`` holds how many were applied. The last re-runs whenever a
-#: column is missing (``_add_columns`` is idempotent).
-MIGRATIONS = (lambda cur: cur.execute(_BASE), _add_columns)
+def _create_log_export(cur: Any) -> None:
+    """The OTLP log export's cursor, per instance: the last row id the collector acknowledged.
+
+    Append-only, like ``journal_positions``: a sidecar needs only INSERT and SELECT; the
+    cursor is the largest ``last_id`` of its instance.
+    """
+    cur.execute(
+        "CREATE TABLE IF NOT EXISTS log_export (instance_id text NOT NULL, last_id bigint NOT NULL, "
+        "acked_at timestamptz NOT NULL DEFAULT now())"
+    )
+    cur.execute("CREATE INDEX IF NOT EXISTS log_export_instance_last ON log_export (instance_id, last_id)")
+
+
+#: Numbered steps; ``llmtap_schema`` holds how many were applied. ``_add_columns`` re-runs
+#: whenever a column is missing (it is idempotent).
+MIGRATIONS = (lambda cur: cur.execute(_BASE), _add_columns, _create_log_export)
 
 
 def _columns(conn: Any) -> set[str]:
@@ -180,7 +193,7 @@ def migrate(conn: Any, grant: Iterable[str] = ()) -> list[int]:
         conn.execute("CREATE TABLE IF NOT EXISTS llmtap_schema (version integer PRIMARY KEY, applied_at timestamptz)")
         version = conn.execute("SELECT coalesce(max(version), 0) FROM llmtap_schema").fetchone()[0]
         for number, step in enumerate(MIGRATIONS, start=1):
-            if number > version or (number == len(MIGRATIONS) and not set(sqlite_types()) <= _columns(conn)):
+            if number > version or (step is _add_columns and not set(sqlite_types()) <= _columns(conn)):
                 with conn.transaction():  # a savepoint: one step, all or nothing
                     with conn.cursor() as cur:
                         step(cur)
@@ -192,7 +205,10 @@ def migrate(conn: Any, grant: Iterable[str] = ()) -> list[int]:
             ident = psycopg().sql.Identifier(role)
             conn.execute(
                 psycopg()
-                .sql.SQL("GRANT SELECT, INSERT ON exchanges, content, journal_positions, pruned, llmtap_schema TO {}")
+                .sql.SQL(
+                    "GRANT SELECT, INSERT ON exchanges, content, journal_positions, pruned, llmtap_schema, log_export "
+                    "TO {}"
+                )
                 .format(ident)
             )
     return applied
@@ -486,14 +502,17 @@ class PostgresStore:
                     self._may_delete = False  # INSERT and SELECT only: one row per batch stays
         self.offsets.pop(gen, None)
 
-    def prune(self, cutoff: float, batch: int) -> int:
+    def prune(self, cutoff: float, batch: int, *, hold_for_export: bool = False) -> int:
         """Delete up to ``batch`` of this chain's oldest rows started before ``cutoff``; ledger
-        the anchor (the chain then verifies from it)."""
+        the anchor (the chain then verifies from it). With ``hold_for_export``, no row the OTLP
+        log collector has not acknowledged (ids are never reused here)."""
         if not self._may_prune:
             return 0
+        last = self.log_export_position(count=False)[0] if hold_for_export else 2**63 - 1
         rows = self.conn.execute(
-            "SELECT id, request_start, row_hash FROM exchanges WHERE instance_id = %s ORDER BY id LIMIT %s",
-            (self.instance, batch),
+            "SELECT id, request_start, row_hash FROM exchanges WHERE instance_id = %s AND id <= %s "
+            "ORDER BY id LIMIT %s",
+            (self.instance, last, batch),
         ).fetchall()
         old = []
         for row in rows:
@@ -524,6 +543,50 @@ class PostgresStore:
                 "VALUES (%s, %s, %s, %s, %s, %s)",
                 (self.instance, cutoff, len(old), old[0][0], last_id, old[-1][2]),
             )
+
+    # --- the OTLP log export's cursor (llmtap.audit.logexport): this instance's rows after it ---
+
+    def log_export_position(self, *, count: bool = True) -> tuple[int, int]:
+        """The id of this instance's last row acknowledged (0: none yet) and how many of its rows follow."""
+        row = self.conn.execute(
+            "SELECT max(last_id) FROM log_export WHERE instance_id = %s", (self.instance,)
+        ).fetchone()
+        cursor = row[0] or 0
+        if not count:
+            return cursor, 0
+        pending = self.conn.execute(
+            "SELECT count(*) FROM exchanges WHERE instance_id = %s AND id > %s", (self.instance, cursor)
+        ).fetchone()[0]
+        return cursor, pending
+
+    def rows_after(
+        self, row_id: int, limit: int, *, content: bool
+    ) -> list[tuple[dict[str, Any], dict[str, Any] | None]]:
+        """Up to ``limit`` of this instance's rows after ``row_id``, oldest first, each with its
+        ``content`` row when asked for and there is one. (One writer per instance commits its
+        rows in id order, so no row of it can appear later below the cursor.)"""
+        join = "LEFT JOIN content c ON c.exchange_id = e.exchange_id" if content else ""
+        extra = ", c.input_messages, c.output_messages, c.truncated" if content else ""
+        cursor = self.conn.execute(
+            f"SELECT e.*{extra} FROM exchanges e {join} WHERE e.instance_id = %s AND e.id > %s ORDER BY e.id LIMIT %s",
+            (self.instance, row_id, limit),
+        )
+        names = [d.name for d in cursor.description]
+        split = len(names) - 3 if content else len(names)
+        found = []
+        for values in cursor.fetchall():
+            text = dict(zip(names[split:], values[split:]))
+            has_text = text.get("input_messages") is not None or text.get("output_messages") is not None
+            found.append((dict(zip(names[:split], values[:split])), text if has_text else None))
+        return found
+
+    def advance_log_export(self, last_id: int) -> None:
+        """Record that the collector acknowledged this instance's rows up to ``last_id`` (a
+        smaller one than the cursor changes nothing: the cursor is the largest)."""
+        self.conn.execute(
+            "INSERT INTO log_export (instance_id, last_id) VALUES (%s, %s)",
+            (self.instance, last_id),
+        )
 
     def close(self) -> None:
         try:

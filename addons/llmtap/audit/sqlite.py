@@ -249,6 +249,11 @@ def _create_pruned(db: Database) -> None:
     )
 
 
+def _create_log_export(db: Database) -> None:
+    """The OTLP log export's cursor, per instance: the last row id the collector acknowledged."""
+    db["log_export"].create({"instance": str, "last_id": int, "acked_at": float}, pk="instance", not_null={"last_id"})
+
+
 MIGRATIONS: tuple[Callable[[Database], None], ...] = (
     _create_exchanges,
     _create_content,
@@ -260,6 +265,7 @@ MIGRATIONS: tuple[Callable[[Database], None], ...] = (
     _add_parse_problem,
     _add_family_columns,
     _add_instance,
+    _create_log_export,
 )
 
 
@@ -531,16 +537,24 @@ class AuditStore:
             self.conn.execute("DELETE FROM journal_offsets WHERE gen = ?", (gen,))
         self.offsets.pop(gen, None)
 
-    def prune(self, cutoff: float, batch: int) -> int:
+    def prune(self, cutoff: float, batch: int, *, hold_for_export: bool = False) -> int:
         """Delete up to ``batch`` of the oldest rows started before ``cutoff``; ledger the anchor.
 
         Called every writer cycle: when the oldest row is recent it costs one primary-key lookup.
+        Once an OTLP log export cursor exists, the newest row is never deleted (SQLite would
+        reuse its id, below the cursor); with ``hold_for_export`` no row the collector has not
+        acknowledged is deleted either.
         """
         first = self.conn.execute("SELECT request_start FROM exchanges ORDER BY id LIMIT 1").fetchone()
         if first is None or (first[0] or 0.0) >= cutoff:
             return 0
+        last = 2**63 - 1  # the largest row id
+        if self.conn.execute("SELECT 1 FROM log_export LIMIT 1").fetchone() or hold_for_export:
+            newest = self.conn.execute("SELECT max(id) FROM exchanges").fetchone()[0]
+            acked = self.conn.execute("SELECT min(last_id) FROM log_export").fetchone()[0] or 0
+            last = min(newest - 1, acked) if hold_for_export else newest - 1
         rows = self.conn.execute(
-            "SELECT id, request_start, row_hash FROM exchanges ORDER BY id LIMIT ?", (batch,)
+            "SELECT id, request_start, row_hash FROM exchanges WHERE id <= ? ORDER BY id LIMIT ?", (last, batch)
         ).fetchall()
         old = list(takewhile(lambda r: (r[1] or 0.0) < cutoff, rows))  # a prefix keeps the chain whole
         if not old:
@@ -558,6 +572,45 @@ class AuditStore:
                 (time.time(), cutoff, len(old), old[0][0], last_id, old[-1][2]),
             )
         return len(old)
+
+    # --- the OTLP log export's cursor (llmtap.audit.logexport): rows after it await acknowledgement ---
+
+    #: The cursor's key: a SQLite file holds one llmtap's rows (``instance`` stays that of the chain head).
+    export_key = "local"
+
+    def log_export_position(self) -> tuple[int, int]:
+        """The id of the last row acknowledged (0: none yet) and how many rows follow it."""
+        row = self.conn.execute("SELECT last_id FROM log_export WHERE instance = ?", (self.export_key,)).fetchone()
+        cursor = row[0] if row else 0
+        return cursor, self.conn.execute("SELECT count(*) FROM exchanges WHERE id > ?", (cursor,)).fetchone()[0]
+
+    def rows_after(
+        self, row_id: int, limit: int, *, content: bool
+    ) -> list[tuple[dict[str, Any], dict[str, Any] | None]]:
+        """Up to ``limit`` rows after ``row_id``, oldest first, each with its ``content`` row when
+        ``content`` is asked for and there is one."""
+        join = "LEFT JOIN content c ON c.exchange_id = e.exchange_id" if content else ""
+        extra = ", c.input_messages, c.output_messages, c.truncated" if content else ""
+        cursor = self.conn.execute(
+            f"SELECT e.*{extra} FROM exchanges e {join} WHERE e.id > ? ORDER BY e.id LIMIT ?", (row_id, limit)
+        )
+        names = [d[0] for d in cursor.description]
+        split = len(names) - 3 if content else len(names)
+        found = []
+        for values in cursor:
+            text = dict(zip(names[split:], values[split:]))
+            has_text = text.get("input_messages") is not None or text.get("output_messages") is not None
+            found.append((dict(zip(names[:split], values[:split])), text if has_text else None))
+        return found
+
+    def advance_log_export(self, last_id: int) -> None:
+        """Record that the collector acknowledged every row up to ``last_id`` (never backwards)."""
+        with self.db.atomic():
+            self.conn.execute(
+                "INSERT INTO log_export (instance, last_id, acked_at) VALUES (?, ?, ?) ON CONFLICT (instance) "
+                "DO UPDATE SET last_id = max(last_id, excluded.last_id), acked_at = excluded.acked_at",
+                (self.export_key, last_id, time.time()),
+            )
 
     def close(self) -> None:
         self.conn.close()

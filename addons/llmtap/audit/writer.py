@@ -22,6 +22,10 @@ Talking to the proxy, one line at a time:
 Spans follow the audit log: a span is queued once its row is committed, so a crash between the
 two can repeat a span (same ids) but never lose one that was journaled; while SQLite cannot be
 written, spans wait with the rows.
+
+OTLP log records (``--otlp-logs``) follow the store, not the batches: a thread of this process
+(``llmtap.audit.logexport``) reads the committed rows after its cursor back from the store and
+moves the cursor only once the collector acknowledged them; this loop only wakes it.
 """
 
 from __future__ import annotations
@@ -55,7 +59,7 @@ HEAD_EVERY_SECONDS = 60.0  # how often the chain head is published (a log line; 
 class Writer:
     """One pass at a time over the journal: ``cycle`` applies what is there."""
 
-    def __init__(self, settings: Settings, health: Health, *, prune_batch: int = 500) -> None:
+    def __init__(self, settings: Settings, health: Health, *, prune_batch: int = 500, max_backoff: float = 5.0) -> None:
         self.settings = settings
         self.health = health
         self.prune_batch = prune_batch
@@ -75,6 +79,14 @@ class Writer:
                 self.spans = RecordSpans(settings, health)
             except Exception as exc:
                 health.error("start_spans", exc, "spans disabled")
+        self.logs = None
+        if settings.otlp_logs:
+            try:
+                from llmtap.audit.logexport import LogExport
+
+                self.logs = LogExport(settings, health, lambda: open_store(settings), max_backoff=max_backoff)
+            except Exception as exc:
+                health.error("start_log_export", exc, "OTLP log export disabled")
 
     def positions(self) -> dict[int, int]:
         if self.store is not None:
@@ -101,6 +113,8 @@ class Writer:
                 fsync_path(os.path.dirname(db) or ".")
         if self.store is None:
             self.store = open_store(self.settings)
+            if self.logs is not None:
+                self.logs.notify()  # rows committed by an earlier run may still await their export
         caught_up = True
         for gen in gens:
             if final or gen != gens[-1]:
@@ -109,7 +123,8 @@ class Writer:
                 caught_up = self._apply(gen, batches=1)  # appends may never pause: one batch, then report
         self.on_disk = gens[-1:] if gens and not final else []  # the sealed ones were retired, in order
         days = self.settings.retention_days
-        if days > 0 and self.store.prune(time.time() - days * 86400, self.prune_batch) == self.prune_batch:
+        cutoff, held = time.time() - days * 86400, self.logs is not None
+        if days > 0 and self.store.prune(cutoff, self.prune_batch, hold_for_export=held) == self.prune_batch:
             caught_up = False  # more to delete: come straight back
         if time.monotonic() - self._head_at > HEAD_EVERY_SECONDS or final:
             self.publish_head()
@@ -166,6 +181,8 @@ class Writer:
                 len(conflicts),
                 ", ".join(conflicts[:5]),
             )
+        if self.logs is not None and batch.records:
+            self.logs.notify()  # committed: the export thread reads them back from the store
         if self.spans is not None:
             for data in batch.records:
                 try:
@@ -191,6 +208,8 @@ class Writer:
         )
 
     def close(self) -> None:
+        if self.logs is not None:
+            self.logs.close()
         if self.spans is not None:
             self.spans.close()
         if self.store is not None:
@@ -255,7 +274,7 @@ def main(argv: list[str] | None = None) -> None:
         os.nice(NICENESS)
     logging.basicConfig(level=logging.INFO, format="llmtap writer: %(message)s", stream=sys.stderr)
     settings = writer_settings(settings_json, os.environ)
-    writer = Writer(settings, Health(), prune_batch=args["prune_batch"])
+    writer = Writer(settings, Health(), prune_batch=args["prune_batch"], max_backoff=args["max_backoff"])
     try:
         run_loop(writer, sys.stdin.fileno(), Reporter(sys.stdout), max_backoff=args["max_backoff"])
     finally:

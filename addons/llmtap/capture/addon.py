@@ -276,6 +276,8 @@ class LLMTap:
         if not mode.startswith("reverse:"):
             lines.append(f"  decrypts {intercept_summary(ctx.options)}")
         lines.append(f"  spans    {'OTLP on' if self.settings.otlp_configured else 'off (no OTLP endpoint)'}")
+        if self.settings.otlp_logs:
+            lines.append("  logs     OTLP log record per audit row (at least once)")
         lines.append(f"  content  {'CAPTURED (opt-in)' if self.settings.capture_content else 'not captured'}")
         print("\n".join(lines), file=sys.stderr, flush=True)
 

@@ -19,7 +19,7 @@ import urllib.request
 from datetime import UTC, datetime
 from pathlib import Path
 
-from llmtap.audit.store import connect_readonly
+from llmtap.audit.sqlite import connect_readonly
 from llmtap.devtools.ports import free_port, listens_on
 from llmtap.devtools.simulator import Simulator
 from llmtap.devtools.traffic import drive

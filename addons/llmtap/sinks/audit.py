@@ -32,7 +32,7 @@ queue that this sink retries; a record that does not fit, or a row SQLite reject
 counted in ``Health.audit_dropped`` (``llmtap_audit_dropped_total``) and logged.
 ``health.gauges["audit_queue_depth"]`` is the number of records emitted but not yet in SQLite.
 
-The database itself (schema, migrations, rows, the hash chain, retention) is ``llmtap.audit.store``.
+The database itself (schema, migrations, rows, the hash chain, retention) is ``llmtap.audit.sqlite``.
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ import time
 from llmtap.audit import control
 from llmtap.audit.control import WriterStatus
 from llmtap.audit.journal import AuditLogInUse, Journal, generation_path, generations
-from llmtap.audit.store import check_audit_log
+from llmtap.audit.sqlite import check_audit_log
 from llmtap.config import Settings
 from llmtap.health import Health
 from llmtap.record import ExchangeRecord

@@ -54,7 +54,10 @@ test: $(STAMP) debs
 	$(VENV)/bin/lint-imports
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+# The benchmarks drive the proxies with wrk (Debian's).
 bench: $(STAMP)
+	@command -v wrk >/dev/null || { SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends wrk; }
 	$(PY) bench/run.py $(BENCH_ARGS)
 
 clean:

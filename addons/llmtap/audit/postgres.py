@@ -40,7 +40,7 @@ from llmtap.audit.rows import (
     RowBuilder,
     body_json,
     insert_columns,
-    parse_line,
+    read_record,
     row_hash,
     to_text,
 )
@@ -443,20 +443,11 @@ class PostgresStore:
         """The rows of ``lines``, as they are built; the lines that are not a record go to
         ``corrupt``, the records that make no row to ``rejected``."""
         for line in lines:
-            text = None
-            if line[:2] == b'{"':
-                try:
-                    text = line.decode()
-                except UnicodeDecodeError:
-                    pass
             try:
-                data = parse_line(line, text)
-                if not isinstance(data, dict) or not isinstance(data.get("exchange_id"), str):
-                    raise ValueError("not a journaled record")
+                data, clean = read_record(line)
             except ValueError as exc:
                 corrupt.append(exc)
                 continue
-            clean = text is not None and ("\\" not in text or "\\u" not in text)
             try:
                 if b"\\u0000" in line:  # JSON escapes every NUL; PostgreSQL text holds none
                     data = _without_nul(data)  # U+FFFD instead, before hashing: the row is what was hashed

@@ -295,13 +295,25 @@ class ChainCheck(NamedTuple):
         return self.broken_id is None
 
 
-def parse_line(line: bytes, text: str | None) -> Any:
-    """orjson when it can (most lines; 2-3x faster); json.loads for what orjson refuses and
-    the journal may hold: NaN, integers beyond 64 bits, escaped lone surrogates."""
-    try:
-        return orjson.loads(line)
+def read_record(line: bytes) -> tuple[dict[str, Any], bool]:
+    """A journal line's record, and whether it is clean: no string in it can hold a lone
+    surrogate (``RowBuilder``'s fast path needs that). ``ValueError`` if the line is no record."""
+    text = None  # the line as UTF-8 text (json.loads reads such bytes so too), when it is
+    if line[:2] == b'{"':
+        try:
+            text = line.decode()
+        except UnicodeDecodeError:
+            pass
+    try:  # orjson when it can (most lines; 2-3x faster); json.loads for what orjson refuses and
+        # the journal may hold: NaN, integers beyond 64 bits, escaped lone surrogates
+        data = orjson.loads(line)
     except ValueError:
-        return json.loads(line if text is None else text)
+        data = json.loads(line if text is None else text)
+    if not isinstance(data, dict) or not isinstance(data.get("exchange_id"), str):
+        raise ValueError("not a journaled record")
+    # no raw surrogate in valid UTF-8, and none escaped without a \u (a backslash is rare, and
+    # far quicker to look for)
+    return data, text is not None and ("\\" not in text or "\\u" not in text)
 
 
 @functools.lru_cache(maxsize=256)

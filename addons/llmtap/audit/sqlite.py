@@ -28,7 +28,7 @@ from llmtap.audit.rows import (
     ChainCheck,
     RowBuilder,
     chain_hash,
-    parse_line,
+    read_record,
     row_builder,
     row_hash,
     to_text,
@@ -448,22 +448,11 @@ class AuditStore:
         """The rows of ``lines``, the lines that are not a record, the records that are no row."""
         rows, corrupt, rejected = [], [], []
         for line in lines:
-            text = None  # the line as UTF-8 text (json.loads reads such bytes so too), when it is
-            if line[:2] == b'{"':
-                try:
-                    text = line.decode()
-                except UnicodeDecodeError:
-                    pass
             try:
-                data = parse_line(line, text)
-                if not isinstance(data, dict) or not isinstance(data.get("exchange_id"), str):
-                    raise ValueError("not a journaled record")
+                data, clean = read_record(line)
             except ValueError as exc:
                 corrupt.append(exc)
                 continue
-            # no raw surrogate in valid UTF-8, and none escaped without a \u (a backslash is rare,
-            # and far quicker to look for)
-            clean = text is not None and ("\\" not in text or "\\u" not in text)
             try:
                 rows.append(_Row(*self._row(data, clean=clean), self._content(data), data))
             except Exception as exc:  # a record that cannot become a row must not block the rest

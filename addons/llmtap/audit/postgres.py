@@ -29,7 +29,7 @@ import logging
 import operator
 import os
 import secrets
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator
 from typing import Any, NamedTuple
 
 from llmtap.audit.rows import (
@@ -39,10 +39,10 @@ from llmtap.audit.rows import (
     ChainCheck,
     RowBuilder,
     body_json,
+    content_row,
     insert_columns,
     read_record,
     row_hash,
-    to_text,
 )
 from llmtap.config import Settings
 from llmtap.record import canonical_json
@@ -461,19 +461,11 @@ class PostgresStore:
                         if values[i] is not None and ("e+" in values[i] or "-0.0" in values[i])
                     }
                     values[-3] = json.dumps(exact, ensure_ascii=False) if exact else None
-                row = _Row(values, body, self._content(data), data)
+                row = _Row(values, body, content_row(data, self.capture_content), data)
             except Exception as exc:
                 rejected.append(exc)
                 continue
             yield row
-
-    def _content(self, data: Mapping[str, Any]) -> tuple[str, str | None, str | None, int] | None:
-        inputs, outputs = data.get("input_messages"), data.get("output_messages")
-        if not self.capture_content or not (inputs or outputs):
-            return None
-        truncated = any(isinstance(m, Mapping) and m.get("truncated") for m in [*(inputs or ()), *(outputs or ())])
-        texts = [None if messages is None else to_text(canonical_json(messages)) for messages in (inputs, outputs)]
-        return data["exchange_id"], texts[0], texts[1], int(truncated)
 
     def forget(self, gen: int) -> None:
         """A retired generation starts again from 0 should its number come back (a replay is a

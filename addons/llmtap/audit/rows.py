@@ -333,4 +333,17 @@ def insert_columns(sql: str) -> tuple[str, ...]:
 #: Public names of the chain primitives the stores use.
 row_hash = _row_hash
 body_json = _body_json
-to_text = _text
+
+
+def content_row(data: Mapping[str, Any], capture_content: bool) -> tuple[str, str | None, str | None, int] | None:
+    """The ``content`` row of a journaled record, only when capture is on and it carries text.
+
+    The parser already capped it (``llmtap_content_max_chars`` per direction) and marked each
+    cut message ``truncated``.
+    """
+    inputs, outputs = data.get("input_messages"), data.get("output_messages")
+    if not capture_content or not (inputs or outputs):
+        return None
+    truncated = any(isinstance(m, Mapping) and m.get("truncated") for m in [*(inputs or ()), *(outputs or ())])
+    texts = [None if messages is None else _text(canonical_json(messages)) for messages in (inputs, outputs)]
+    return data["exchange_id"], texts[0], texts[1], int(truncated)

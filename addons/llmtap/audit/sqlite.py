@@ -15,7 +15,7 @@ import operator
 import os
 import sqlite3
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from itertools import takewhile
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -28,13 +28,12 @@ from llmtap.audit.rows import (
     ChainCheck,
     RowBuilder,
     chain_hash,
+    content_row,
     read_record,
     row_builder,
     row_hash,
-    to_text,
 )
 from llmtap.config import Settings
-from llmtap.record import canonical_json
 
 __all__ = [
     "GENESIS",
@@ -454,7 +453,7 @@ class AuditStore:
                 corrupt.append(exc)
                 continue
             try:
-                rows.append(_Row(*self._row(data, clean=clean), self._content(data), data))
+                rows.append(_Row(*self._row(data, clean=clean), content_row(data, self.capture_content), data))
             except Exception as exc:  # a record that cannot become a row must not block the rest
                 rejected.append(exc)
         return rows, corrupt, rejected
@@ -506,19 +505,6 @@ class AuditStore:
             if row.content is not None:
                 self.conn.execute(_INSERT_CONTENT, row.content)
         return head
-
-    def _content(self, data: Mapping[str, Any]) -> tuple[str, str | None, str | None, int] | None:
-        """The ``content`` row, only when capture is on and the record carries text.
-
-        The parser already capped it (``llmtap_content_max_chars`` per direction) and marked
-        each cut message ``truncated``.
-        """
-        inputs, outputs = data.get("input_messages"), data.get("output_messages")
-        if not self.capture_content or not (inputs or outputs):
-            return None
-        truncated = any(isinstance(m, Mapping) and m.get("truncated") for m in [*(inputs or ()), *(outputs or ())])
-        texts = [None if messages is None else to_text(canonical_json(messages)) for messages in (inputs, outputs)]
-        return data["exchange_id"], texts[0], texts[1], int(truncated)
 
     def forget(self, gen: int) -> None:
         """Drop a retired generation's offset (before its file goes: a replay is deduplicated)."""

@@ -41,43 +41,34 @@ def bomb(encoding: str, size: int, stream: bool) -> bytes:
     else:
         head = b'{"id":"b","object":"chat.completion","model":"m","choices":[{"index":0,"message":{"role":"assistant","content":"'
         tail = b'"}}],"usage":{"prompt_tokens":1,"completion_tokens":2,"total_tokens":3}}'
-    filler = b"a" * _CHUNK
-    pieces = [head]
     remaining = max(0, size - len(head) - len(tail))
+    if encoding not in ("gzip", "br", "zstd"):  # sent as it is
+        return head + b"a" * remaining + tail
+    compress, finish = _compressor(encoding)
+    filler = b"a" * _CHUNK
+    out = [compress(head)]
+    while remaining > 0:  # the bomb is built a megabyte at a time, never held decoded
+        n = min(remaining, _CHUNK)
+        out.append(compress(filler[:n]))
+        remaining -= n
+    out.append(compress(tail) + finish())
+    return b"".join(out)
+
+
+def _compressor(encoding: str) -> tuple[Any, Any]:
+    """``(compress, finish)`` of a fast streaming compressor for ``encoding``."""
     if encoding == "gzip":
         enc = zlib.compressobj(1, zlib.DEFLATED, zlib.MAX_WBITS | 16)
-        out = [enc.compress(head)]
-        while remaining > 0:
-            n = min(remaining, _CHUNK)
-            out.append(enc.compress(filler[:n]))
-            remaining -= n
-        out.append(enc.compress(tail) + enc.flush())
-        return b"".join(out)
+        return enc.compress, enc.flush
     if encoding == "br":
         import brotli
 
         enc = brotli.Compressor(quality=1)
-        out = [enc.process(head)]
-        while remaining > 0:
-            n = min(remaining, _CHUNK)
-            out.append(enc.process(filler[:n]))
-            remaining -= n
-        out.append(enc.process(tail) + enc.finish())
-        return b"".join(out)
-    if encoding == "zstd":
-        import zstandard
+        return enc.process, enc.finish
+    import zstandard
 
-        enc = zstandard.ZstdCompressor(level=1).compressobj()
-        out = [enc.compress(head)]
-        while remaining > 0:
-            n = min(remaining, _CHUNK)
-            out.append(enc.compress(filler[:n]))
-            remaining -= n
-        out.append(enc.compress(tail) + enc.flush())
-        return b"".join(out)
-    pieces.append(b"a" * remaining)
-    pieces.append(tail)
-    return b"".join(pieces)
+    enc = zstandard.ZstdCompressor(level=1).compressobj()
+    return enc.compress, enc.flush
 
 
 @functools.lru_cache(maxsize=4)

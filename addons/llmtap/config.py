@@ -67,8 +67,16 @@ class Settings:
         choices=("never", "batch"),
     )
     retention_days: int = _option(0, "Delete audit rows older than this many days; 0 keeps forever.", minimum=0)
+    rollup_retention_days: int = _option(
+        0,
+        "Delete hourly rollups (what reports read) older than this many days; 0 keeps forever. "
+        "At least retention_days: reports keep answering after the rows are gone.",
+        minimum=0,
+    )
     metric_labels: tuple[str, ...] = _option(
-        (), "Extra metric labels: Pulze-Labels keys, or 'key' for the key fingerprint."
+        (),
+        "Extra metric labels: Pulze-Labels keys, or 'key' for the key fingerprint. The audit log's hourly "
+        "rollups keep the same labels.",
     )
     label_limit: int = _option(50, "Distinct values per metric label before new values fold into 'other'.", minimum=1)
     key_salt: str = _option("", "Secret for API-key fingerprints (else LLMTAP_KEY_SALT, else a fixed public salt).")
@@ -134,6 +142,12 @@ class Settings:
         settings = cls(**values)
         if settings.db_is_server and not settings.journal_dir:
             raise SettingsError("llmtap_journal_dir (--journal-dir) is required with a PostgreSQL --db")
+        rollup_days, row_days = settings.rollup_retention_days, settings.retention_days
+        if rollup_days and not (row_days and rollup_days >= row_days):
+            raise SettingsError(
+                f"llmtap_rollup_retention_days (--rollup-retention-days): {rollup_days} would delete rollups of "
+                f"rows still kept (retention_days {row_days or 'forever'}); use 0 or at least retention_days"
+            )
         if settings.otlp_logs and not settings.db:
             raise SettingsError("llmtap_otlp_logs (--otlp-logs): the log records come from the audit log; set --db")
         for option in OPTIONS:

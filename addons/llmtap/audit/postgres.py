@@ -16,14 +16,16 @@ hashed as), ``jsonb`` for the structured columns, the epoch seconds that are has
 ``double precision`` plus ``timestamptz`` columns generated from them (``request_at``,
 ``response_at``) for SQL and dashboards. Migrations (``migrate``) are numbered, transactional
 and run under an advisory lock by an owner role; the columns follow the SQLite schema (a new
-record field is a new nullable column in both). Sidecars need only INSERT and SELECT (and
-DELETE on ``exchanges``/``content`` when retention is on).
+record field is a new nullable column in both). Sidecars need only INSERT and SELECT on the
+rows (and DELETE on ``exchanges``/``content`` when retention is on), plus UPDATE on
+``rollups``: each adds its batches into its own instance's hourly rollup rows.
 """
 
 from __future__ import annotations
 
 import functools
 import gc
+import itertools
 import json
 import logging
 import operator
@@ -32,6 +34,7 @@ import secrets
 from collections.abc import Iterable, Iterator
 from typing import Any, NamedTuple
 
+from llmtap.audit import rollups
 from llmtap.audit.rows import (
     GENESIS,
     JSON_COLUMNS,
@@ -163,9 +166,50 @@ def _create_log_export(cur: Any) -> None:
     cur.execute("CREATE INDEX IF NOT EXISTS log_export_instance_last ON log_export (instance_id, last_id)")
 
 
+_ROLLUP_TYPES = {
+    "text": "text",
+    "real": "double precision",
+    "integer": "bigint",
+    "count": "integer NOT NULL",
+    "decimal": "numeric",
+    "labels": "jsonb",
+}
+_UPSERT_ROLLUP = rollups.upsert_sql(("instance_id",), add_decimals=True, placeholder="%s")
+
+
+def _create_rollups(cur: Any) -> None:
+    """Hourly rollups per instance (``llmtap.audit.rollups``), backfilled from the rows here."""
+    if cur.execute("SELECT to_regclass('rollups')").fetchone()[0] is None:
+        cur.execute(rollups.table_sql(("instance_id",), _ROLLUP_TYPES))
+        cur.execute("CREATE INDEX rollups_hour ON rollups (hour)")
+        backfill(cur.connection)
+
+
+def backfill(conn: Any, instance: str | None = None) -> None:
+    """Add the rollups of the stored rows (of one instance, or all) into the rollup table."""
+    wanted = [*rollups.SOURCE_TYPES, "labels"]
+    where = "WHERE instance_id = %s" if instance else ""
+    with conn.cursor(name=f"backfill_{secrets.token_hex(4)}") as cur:
+        cur.execute(
+            f"SELECT instance_id, {', '.join(wanted)} FROM exchanges {where} ORDER BY instance_id",
+            (instance,) if instance else (),
+        )
+        for owner, rows in itertools.groupby(cur, operator.itemgetter(0)):
+            records = (dict(zip(wanted, row[1:])) for row in rows)
+            add_rollups(conn, owner, rollups.aggregate(records, (), rollups.postgres_decimal))
+
+
+def add_rollups(conn: Any, instance: str, totals: dict[rollups.Key, rollups.Values]) -> None:
+    """Add ``totals`` into an instance's rollups, keys sorted (inside the caller's transaction)."""
+    keys = sorted(totals, key=rollups.storable_key)
+    if keys:
+        with conn.cursor() as cur:
+            cur.executemany(_UPSERT_ROLLUP, [[instance, *rollups.parameters(k, totals[k], False)] for k in keys])
+
+
 #: Numbered steps; ``llmtap_schema`` holds how many were applied. ``_add_columns`` re-runs
 #: whenever a column is missing (it is idempotent).
-MIGRATIONS = (lambda cur: cur.execute(_BASE), _add_columns, _create_log_export)
+MIGRATIONS = (lambda cur: cur.execute(_BASE), _add_columns, _create_log_export, _create_rollups)
 
 
 def _columns(conn: Any) -> set[str]:
@@ -211,6 +255,8 @@ def migrate(conn: Any, grant: Iterable[str] = ()) -> list[int]:
                 )
                 .format(ident)
             )
+            # rollups are added to (UPDATE); the rows themselves stay INSERT-only
+            conn.execute(psycopg().sql.SQL("GRANT SELECT, INSERT, UPDATE ON rollups TO {}").format(ident))
     return applied
 
 
@@ -289,9 +335,10 @@ class _Row(NamedTuple):
 class PostgresStore:
     """The audit database as one instance's writer sees it: applies journal batches, prunes."""
 
-    def __init__(self, url: str, instance: str, *, capture_content: bool) -> None:
+    def __init__(self, url: str, instance: str, *, capture_content: bool, rollup_labels: tuple[str, ...] = ()) -> None:
         self.instance = instance
         self.capture_content = capture_content
+        self.rollup_labels = rollup_labels
         self.conn = connect_migrated(url)
         try:
             self.types = {name: kind for name, kind in sqlite_types().items()}
@@ -315,7 +362,12 @@ class PostgresStore:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> PostgresStore:
-        return cls(settings.db, instance_id(settings.journal_dir), capture_content=settings.capture_content)
+        return cls(
+            settings.db,
+            instance_id(settings.journal_dir),
+            capture_content=settings.capture_content,
+            rollup_labels=settings.metric_labels,
+        )
 
     def _arrange(self, insert: str) -> Any:
         """A function from ``[instance, *values of the INSERT's columns, prev_hash, row_hash]``
@@ -375,7 +427,10 @@ class PostgresStore:
         return head, kept
 
     def _finish(self, gen: int, end: int, kept: list[_Row]) -> None:
-        """The batch's content rows and its journal position (inside its transaction)."""
+        """The batch's content rows, its rollups and its journal position (inside its transaction)."""
+        records = (row.data for row in kept)
+        totals = rollups.aggregate(records, self.rollup_labels, rollups.postgres_decimal, records=True)
+        add_rollups(self.conn, self.instance, totals)
         contents = [row.content for row in kept if row.content is not None]
         if contents:
             with self.conn.cursor() as cur:
@@ -526,6 +581,21 @@ class PostgresStore:
                 "VALUES (%s, %s, %s, %s, %s, %s)",
                 (self.instance, cutoff, len(old), old[0][0], last_id, old[-1][2]),
             )
+
+    def prune_rollups(self, cutoff: float) -> int:
+        """Delete this instance's rollups of hours that ended before ``cutoff`` (none when the
+        role may not DELETE: retention is off for it, as for the rows)."""
+        if not self._may_prune:
+            return 0
+        try:
+            with self.conn.transaction():
+                return self.conn.execute(
+                    "DELETE FROM rollups WHERE instance_id = %s AND hour <= %s", (self.instance, cutoff - 3600)
+                ).rowcount
+        except psycopg().errors.InsufficientPrivilege as exc:
+            self._may_prune = False
+            log.error("retention is off for this instance: its role may not DELETE (%s)", exc)
+            return 0
 
     # --- the OTLP log export's cursor (llmtap.audit.logexport): this instance's rows after it ---
 
@@ -738,6 +808,7 @@ def import_sqlite(sqlite_path: str, url: str, instance: str | None = None) -> tu
             contents = source.execute("SELECT exchange_id, input_messages, output_messages, truncated FROM content")
             with conn.cursor() as cur:
                 cur.executemany("INSERT INTO content VALUES (%s, %s, %s, %s)", [tuple(r) for r in contents])
+            backfill(conn, instance)
     finally:
         source.close()
         conn.close()

@@ -21,6 +21,7 @@ from typing import Any, NamedTuple
 
 import click
 
+from llmtap.audit import rollups
 from llmtap.audit.rows import GENESIS
 from llmtap.audit.sqlite import connect_readonly, verify_chain
 from llmtap.config import is_server_url, redact_url
@@ -46,6 +47,23 @@ PG_DIMENSIONS = {
     "hour": "to_char(request_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:00\"Z\"')",
     "instance": "coalesce(instance, instance_id)",
 }
+#: The same dimensions over the hourly rollups (``llmtap.audit.rollups``), which hold each
+#: row's value of every one but the day and hour, read from the hour's start.
+ROLLUP_DIMENSIONS = {
+    **{name: name for name in ("model", "provider", "app_id", "key_fingerprint", "status", "instance", "family")},
+    "app": "app_id",
+    "key": "key_fingerprint",
+    "day": "strftime('%Y-%m-%d', hour, 'unixepoch')",
+    "hour": "strftime('%Y-%m-%dT%H:00Z', hour, 'unixepoch')",
+    "schema": "record_schema",
+}
+_PG_HOUR = "(CASE WHEN hour BETWEEN -2.0e11 AND 9.2e12 THEN to_timestamp(hour) END AT TIME ZONE 'UTC')"
+PG_ROLLUP_DIMENSIONS = {
+    **ROLLUP_DIMENSIONS,
+    "day": f"to_char({_PG_HOUR}, 'YYYY-MM-DD')",
+    "hour": f'to_char({_PG_HOUR}, \'YYYY-MM-DD"T"HH24:00"Z"\')',
+    "instance": "coalesce(instance, instance_id)",
+}
 METRICS = (
     "requests",
     "errors",
@@ -55,6 +73,7 @@ METRICS = (
     "cost_savings_usd",
     "p50_s",
     "p95_s",
+    "p99_s",
     "unknown_cost",
 )
 _SUMS = """count(*) AS requests,
@@ -71,6 +90,7 @@ _PG_SUMS = """count(*) AS requests,
     sum(cost_usd) AS cost_usd,
     sum(cost_savings_usd) AS cost_savings_usd,
     count(*) FILTER (WHERE cost_usd IS NULL AND coalesce(cost_source, '') != 'deferred') AS unknown_cost"""
+PERCENTILES = (50, 95, 99)
 #: Grouping without --by: one row per model (never a lone row repeating the TOTAL).
 DEFAULT_BY = "model"
 MONEY = ("cost_usd", "cost_savings_usd")
@@ -133,9 +153,13 @@ class Grouping(NamedTuple):
     params: list[str]  # bound parameters of the expressions (label JSON paths)
 
 
-def grouping(by: Sequence[str], postgres: bool = False) -> Grouping:
+def grouping(by: Sequence[str], postgres: bool = False, *, rollups: bool = False) -> Grouping:
+    """``rollups``: the expressions over the rollup table instead of ``exchanges``."""
     names, exprs, params = [], [], []
-    dimensions = PG_DIMENSIONS if postgres else DIMENSIONS
+    if rollups:
+        dimensions = PG_ROLLUP_DIMENSIONS if postgres else ROLLUP_DIMENSIONS
+    else:
+        dimensions = PG_DIMENSIONS if postgres else DIMENSIONS
     for dimension in by:
         if dimension.startswith("label:") and len(dimension) > 6 and '"' not in dimension:
             if postgres:
@@ -200,14 +224,85 @@ def _nano(amount: Decimal | None) -> int | None:
     return None if amount is None else round(amount.scaleb(9))
 
 
+class Source(NamedTuple):
+    """Where a report reads from: whole hours from the rollups, the rest from rows."""
+
+    hours: tuple[float | None, float | None] | None  # rollups of the hours starting in [start, end)
+    edges: tuple[tuple[float | None, float | None], ...]  # row ranges [since, until)
+    text: str  # said in the table's title and as JSON's "source"
+
+
+def plan(
+    conn: Any, by: Sequence[str], since: float | None, until: float | None, *, exact: bool = False, why: str = ""
+) -> Source:
+    """Rollups for the whole hours of the range when the grouping allows (a label only where
+    every rollup of those hours holds it), rows for the partial hours at its edges; rows alone
+    with ``exact`` (``why`` says why)."""
+    reader = _Reader(conn)
+    everything = Source(None, ((since, until),), f"rows{why}")
+    if exact or not _has_rollups(reader):
+        return everything
+    start = None if since is None else math.ceil(since / 3600) * 3600.0
+    end = None if until is None else math.floor(until / 3600) * 3600.0
+    if start is not None and end is not None and start >= end:
+        return Source(None, ((since, until),), "rows (less than one whole hour)")
+    where, params = _hours(start, end)
+    labels = {name[6:] for name in by if name.startswith("label:")}
+    if labels:
+        found = reader.rows(f"SELECT DISTINCT label_names FROM rollups WHERE {where}", params)
+        if any(not labels <= set(json.loads(row["label_names"])) for row in found):
+            return Source(None, ((since, until),), "rows (the label is not rolled up for every hour)")
+    edges = tuple(edge for edge in ((since, start), (end, until)) if edge[0] is not None and edge[0] != edge[1])
+    partial = f" + {len(edges)} partial hour{'s' if len(edges) > 1 else ''} from rows" if edges else ""
+    return Source((start, end), edges, f"hourly rollups{partial}")
+
+
+def _has_rollups(reader: _Reader) -> bool:
+    if reader.postgres:
+        return reader.rows("SELECT to_regclass('rollups') IS NOT NULL AS found", [])[0]["found"]
+    return bool(reader.rows("SELECT count(*) AS n FROM sqlite_master WHERE name = 'rollups'", [])[0]["n"])
+
+
+def _hours(start: float | None, end: float | None) -> tuple[str, list[float]]:
+    where, params = ["1 = 1"], []
+    if start is not None:
+        where.append("hour >= ?")
+        params.append(start)
+    if end is not None:
+        where.append("hour < ?")
+        params.append(end)
+    return " AND ".join(where), params
+
+
+def _rows_where(since: float | None, until: float | None) -> tuple[str, list[float]]:
+    where, params = ["1 = 1"], []
+    if since is not None:
+        where.append("request_start >= ?")
+        params.append(since)
+    if until is not None:
+        where.append("request_start < ?")
+        params.append(until)
+    return " AND ".join(where), params
+
+
+def pruned_before(conn: Any) -> float | None:
+    """The latest retention cutoff: rows that started before it are gone (their rollups stay)."""
+    return _Reader(conn).rows("SELECT max(cutoff) AS cutoff FROM pruned", [])[0]["cutoff"]
+
+
 def spend(
     conn: Any,
     by: Sequence[str],
     since: float | None,
     until: float | None,
     reprice: Any = None,
+    source: Source | None = None,
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Rows per group and the totals row, as plain dicts (group names first, then METRICS).
+
+    ``source``: where to read (``plan``); rows alone when None. From rollups, a percentile is
+    the upper bound of its histogram bucket (``llmtap.audit.rollups``), at most 19% above the
+    exact value; every other number is the same as from rows.
 
     Money is summed exactly: a row's ``cost_nanousd`` (integer nano-dollars) where it has one,
     else its float ``cost_usd`` as a decimal (rows of an older llmtap). Each row and the totals
@@ -217,17 +312,12 @@ def spend(
     (its rows' tokens priced by it, at each row's own time) and ``reprice_unknown``.
     """
     reader = _Reader(conn)
+    if source is not None and source.hours is not None:
+        return _spend_rollups(reader, by, source)
     group = grouping(by, reader.postgres)
     sums_sql = _PG_SUMS if reader.postgres else _SUMS
     columns = _columns(reader)
-    where, where_params = ["1 = 1"], []
-    if since is not None:
-        where.append("request_start >= ?")
-        where_params.append(since)
-    if until is not None:
-        where.append("request_start < ?")
-        where_params.append(until)
-    where_sql = " AND ".join(where)
+    where_sql, where_params = _rows_where(since, until)
     keys = [f"g{i}" for i in range(len(group.exprs))]
     select = "".join(f"{expr} AS {key}, " for expr, key in zip(group.exprs, keys))
     order = f"GROUP BY {', '.join(keys)} ORDER BY {', '.join(keys)}" if keys else ""
@@ -258,7 +348,7 @@ def spend(
                 exact = amount if isinstance(amount, Decimal) else _decimal(amount)
                 money[key][name] = money[key].get(name, Decimal(0)) + exact
     everything = sorted(v for values in latencies.values() for v in values)
-    totals.update(p50_s=percentile(everything, 0.5), p95_s=percentile(everything, 0.95))
+    totals.update({f"p{p}_s": percentile(everything, p / 100) for p in PERCENTILES})
     for name in MONEY:
         parts = [sums[name] for sums in money.values() if name in sums]
         totals[name] = float(sum(parts, Decimal(0))) if parts else None
@@ -274,8 +364,7 @@ def spend(
                 **{m: row[m] for m in METRICS if m in row},
                 **{name: float(money[key][name]) if name in money[key] else None for name in MONEY},
                 "cost_nanousd": _nano(money[key].get("cost_usd")),
-                "p50_s": percentile(values, 0.5),
-                "p95_s": percentile(values, 0.95),
+                **{f"p{p}_s": percentile(values, p / 100) for p in PERCENTILES},
             }
         )
     total_row = {
@@ -286,6 +375,76 @@ def spend(
     if reprice is not None:
         _reprice(reader, group, keys, select, where_sql, where_params, columns, reprice, rows, total_row)
     return rows, total_row
+
+
+def _spend_rollups(reader: _Reader, by: Sequence[str], source: Source) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """``spend`` from the rollups of whole hours plus the rows of the partial ones, each row
+    counted by the same ``rollups.add_row`` the writer uses."""
+    groups: dict[tuple, rollups.Values] = defaultdict(rollups.empty)
+    group = grouping(by, reader.postgres, rollups=True)
+    keys = [f"g{i}" for i in range(len(group.exprs))]
+    select = "".join(f"{expr} AS {key}, " for expr, key in zip(group.exprs, keys))
+    where, params = _hours(*source.hours)
+    by_sql = f"GROUP BY {', '.join(str(i + 1) for i in range(len(keys)))}" if keys else ""
+    cast = "::bigint" if reader.postgres else ""
+    summed = [c for c in rollups.VALUE_COLUMNS if c not in rollups.DECIMALS]
+    sums = ", ".join(f"sum({c}){cast} AS {c}" for c in summed)
+    for row in reader.rows(f"SELECT {select}{sums} FROM rollups WHERE {where} {by_sql}", [*group.params, *params]):
+        values = list(row.values())
+        if row["requests"]:
+            found = dict(zip(summed, values[len(keys) :]))
+            rollups.merge(groups[tuple(values[: len(keys)])], [found.get(c) for c in rollups.VALUE_COLUMNS])
+    decimals = ", ".join(rollups.DECIMALS)
+    for row in reader.rows(
+        f"SELECT {select}{decimals} FROM rollups WHERE {where} AND "
+        f"({' OR '.join(f'{d} IS NOT NULL' for d in rollups.DECIMALS)})",
+        [*group.params, *params],
+        exact=True,
+    ):
+        values = list(row.values())
+        amounts = [None if a is None else Decimal(a) for a in values[len(keys) :]]
+        rollups.add_decimals(groups[tuple(values[: len(keys)])], amounts)
+    rows_group = grouping(by, reader.postgres)
+    columns = _columns(reader)
+    wanted = [c if c in columns else f"NULL AS {c}" for c in rollups.SOURCE_TYPES]
+    decimal = rollups.postgres_decimal if reader.postgres else rollups.sqlite_decimal
+    row_select = "".join(f"{expr} AS {key}, " for expr, key in zip(rows_group.exprs, keys))
+    for since, until in source.edges:
+        where, params = _rows_where(since, until)
+        sql = f"SELECT {row_select}{', '.join(wanted)} FROM exchanges WHERE {where}"
+        for row in reader.rows(sql, [*rows_group.params, *params], exact=True):
+            values = list(row.values())
+            rollups.add_row(groups[tuple(values[: len(keys)])], row, decimal)
+    total = rollups.empty()
+    for values in groups.values():
+        rollups.merge(total, values)
+    order = sorted(groups, key=lambda key: tuple(_order(v, reader.postgres) for v in key))
+    rows = [{**dict(zip(by, key)), **_metrics(groups[key])} for key in order]
+    return rows, {**dict.fromkeys(by), **_metrics(total)}
+
+
+def _order(value: Any, postgres: bool) -> tuple:
+    """The engine's ORDER BY of one group value: SQLite's NULLs first, then numbers, then
+    text; PostgreSQL's NULLs last."""
+    if value is None:
+        return (3,) if postgres else (0,)
+    return (1, value) if isinstance(value, (int, float)) else (2, value)
+
+
+def _metrics(values: rollups.Values) -> dict[str, Any]:
+    """A group's METRICS (and ``cost_nanousd``) from its rollup values."""
+    found = dict(zip(rollups.VALUE_COLUMNS, values))
+    nano, older = found["cost_nanousd"], found["cost_decimal_usd"]
+    cost = None if nano is None and older is None else Decimal(nano or 0).scaleb(-9) + (older or Decimal(0))
+    savings = found["cost_savings_usd"]
+    durations = rollups.histogram(values, "duration")
+    return {
+        **{m: found[m] for m in ("requests", "errors", "input_tokens", "output_tokens", "unknown_cost")},
+        "cost_usd": None if cost is None else float(cost),
+        "cost_savings_usd": None if savings is None else float(savings),
+        **{f"p{p}_s": rollups.percentile(durations, p / 100) for p in PERCENTILES},
+        "cost_nanousd": _nano(cost),
+    }
 
 
 def _reprice(
@@ -322,23 +481,30 @@ def _reprice(
     totals.update(reprice_usd=nano / 1e9, reprice_nanousd=nano, reprice_unknown=unknown)
 
 
-def unpriced(conn: Any, since: float | None, until: float | None) -> list[dict[str, Any]]:
+def unpriced(conn: Any, since: float | None, until: float | None, source: Source | None = None) -> list[dict[str, Any]]:
     """Successful exchanges whose cost is unknown, per model and provider, most first."""
-    where, params = ["cost_usd IS NULL", "error_type IS NULL"], []
-    if since is not None:
-        where.append("request_start >= ?")
-        params.append(since)
-    if until is not None:
-        where.append("request_start < ?")
-        params.append(until)
-    return [
-        {"model": row["model"], "provider": row["provider"], "requests": row["requests"]}
-        for row in _Reader(conn).rows(
-            "SELECT coalesce(response_model, request_model) AS model, provider, count(*) AS requests FROM exchanges "
-            f"WHERE {' AND '.join(where)} GROUP BY 1, 2 ORDER BY 3 DESC, 1, 2",
+    reader = _Reader(conn)
+    source = source or Source(None, ((since, until),), "rows")
+    counts: dict[tuple, int] = defaultdict(int)
+    if source.hours is not None:
+        where, params = _hours(*source.hours)
+        for row in reader.rows(
+            f"SELECT model, provider, sum(unpriced) AS n FROM rollups WHERE {where} GROUP BY 1, 2", params
+        ):
+            counts[row["model"], row["provider"]] += int(row["n"])
+    for edge in source.edges:
+        where, params = _rows_where(*edge)
+        for row in reader.rows(
+            "SELECT coalesce(response_model, request_model) AS model, provider, count(*) AS n FROM exchanges "
+            f"WHERE cost_usd IS NULL AND error_type IS NULL AND {where} GROUP BY 1, 2",
             params,
-        )
-    ]
+        ):
+            counts[row["model"], row["provider"]] += row["n"]
+    found = [{"model": model, "provider": provider, "requests": n} for (model, provider), n in counts.items() if n]
+    return sorted(
+        found,
+        key=lambda m: (-m["requests"], _order(m["model"], reader.postgres), _order(m["provider"], reader.postgres)),
+    )
 
 
 def _open(db: str) -> Any:
@@ -381,6 +547,11 @@ def _open(db: str) -> Any:
     help="Also show what each group's tokens cost under the current price data, at each exchange's own time "
     "(rows are never modified).",
 )
+@click.option(
+    "--exact",
+    is_flag=True,
+    help="Scan the rows (exact percentiles) instead of reading whole hours from the hourly rollups.",
+)
 @click.option("--prices", "prices_file", default="", help="With --reprice: your own prices file (YAML or JSON).")
 @click.option("--price-data", default="", help="With --reprice: a genai-prices data file instead of the bundled data.")
 def report(
@@ -390,6 +561,7 @@ def report(
     by: tuple[str, ...],
     fmt: str,
     reprice: bool,
+    exact: bool,
     prices_file: str,
     price_data: str,
 ) -> None:
@@ -397,21 +569,28 @@ def report(
 
     A cost sum that leaves out exchanges of unknown cost says so (``0.12 + 3 unknown`` in the
     table; the ``unknown_cost`` column in every format). Money is summed as exact decimals.
-    The models whose cost is unknown are listed (JSON: ``unpriced``).
+    The models whose cost is unknown are listed (JSON: ``unpriced``). Whole hours are read
+    from the hourly rollups the writer keeps, the partial hours at the range's edges from rows
+    (the title and JSON's ``source`` say which); ``--exact`` and ``--reprice`` scan the rows.
     """
     group = grouping(by or (DEFAULT_BY,), is_server_url(db))  # validate before opening anything
     pricer = _pricer(prices_file, price_data) if reprice else None
     conn = _open(db)
     try:
-        rows, totals = spend(conn, group.names, since, until, pricer)
-        missing = unpriced(conn, since, until)
+        why = " (--reprice prices each row)" if reprice else ""
+        source = plan(conn, group.names, since, until, exact=exact or reprice, why=why)
+        if source.hours is None and (gone := pruned_before(conn)) is not None and (since is None or since < gone):
+            source = source._replace(text=f"{source.text}; rows before {_when(gone)} were deleted by retention")
+        rows, totals = spend(conn, group.names, since, until, pricer, source)
+        missing = unpriced(conn, since, until, source)
     finally:
         conn.close()
     metrics = [*METRICS, *REPRICE_METRICS] if reprice else list(METRICS)
     if not rows and fmt != "table":
         click.echo(f"llmtap report: no exchanges {_range(since, until)} in {redact_url(db)}", err=True)
     if fmt == "json":
-        document = {"since": since, "until": until, "by": group.names, "rows": rows, "totals": totals}
+        document = {"since": since, "until": until, "by": group.names, "source": source.text}
+        document.update(rows=rows, totals=totals)
         document["unpriced"] = missing
         if pricer is not None:
             document["price_version"] = pricer.version
@@ -426,7 +605,7 @@ def report(
     elif not rows:
         click.echo(f"No exchanges {_range(since, until)} in {redact_url(db)}.")
     else:
-        _print_table(group.names, rows, totals, since, until, pricer.version if pricer else None)
+        _print_table(group.names, rows, totals, since, until, source.text, pricer.version if pricer else None)
         if missing:
             listed = ", ".join(
                 f"{m['model'] or '(no model)'} ({m['provider'] or '?'}) ×{m['requests']:,}" for m in missing[:20]
@@ -502,16 +681,17 @@ def _print_table(
     totals: dict[str, Any],
     since: float | None,
     until: float | None,
+    source: str,
     reprice_version: str | None = None,
 ) -> None:
     from rich.console import Console
     from rich.table import Table
 
     def when(ts: float | None, default: str) -> str:
-        return default if ts is None else datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M UTC")
+        return default if ts is None else _when(ts)
 
     table = Table(
-        title=f"llmtap spend by {', '.join(names)}, {when(since, 'start')} to {when(until, 'now')}",
+        title=f"llmtap spend by {', '.join(names)}, {when(since, 'start')} to {when(until, 'now')} (from {source})",
         title_justify="left",
     )
     for name in names:
@@ -525,6 +705,7 @@ def _print_table(
         "saved USD",
         "p50",
         "p95",
+        "p99",
         "unknown_cost",
         *((f"repriced USD ({reprice_version})", "no reprice") if reprice_version is not None else ()),
     ):
@@ -541,6 +722,10 @@ def _print_table(
     Console(width=None if sys.stdout.isatty() else 200).print(table)  # piped: don't cut columns
 
 
+def _when(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M UTC")
+
+
 def _metric_cells(row: dict[str, Any]) -> list[str]:
     return [
         f"{row['requests']:,}",
@@ -551,6 +736,7 @@ def _metric_cells(row: dict[str, Any]) -> list[str]:
         _usd(row["cost_savings_usd"]),
         _seconds(row["p50_s"]),
         _seconds(row["p95_s"]),
+        _seconds(row["p99_s"]),
         f"{row['unknown_cost'] or 0:,}",
     ]
 
@@ -726,7 +912,10 @@ def head(db: str) -> None:
 @audit.command()
 @click.option("--db", required=True, envvar="LLMTAP_DB", help="The PostgreSQL URL to migrate (an owner role).")
 @click.option(
-    "--grant", multiple=True, metavar="ROLE", help="Give ROLE what a sidecar needs (SELECT, INSERT). Repeatable."
+    "--grant",
+    multiple=True,
+    metavar="ROLE",
+    help="Give ROLE what a sidecar needs (SELECT, INSERT; UPDATE on rollups). Repeatable.",
 )
 def migrate(db: str, grant: tuple[str, ...]) -> None:
     """Create or upgrade the PostgreSQL audit schema (numbered, transactional, under an advisory lock)."""

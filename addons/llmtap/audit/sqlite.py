@@ -16,12 +16,14 @@ import os
 import sqlite3
 import time
 from collections.abc import Callable
+from decimal import Decimal
 from itertools import takewhile
 from pathlib import Path
 from typing import Any, NamedTuple
 
 from sqlite_utils import Database
 
+from llmtap.audit import rollups
 from llmtap.audit.rows import (
     GENESIS,
     JSON_COLUMNS,
@@ -253,6 +255,36 @@ def _create_log_export(db: Database) -> None:
     db["log_export"].create({"instance": str, "last_id": int, "acked_at": float}, pk="instance", not_null={"last_id"})
 
 
+_ROLLUP_TYPES = {"text": "TEXT", "real": "REAL", "integer": "INTEGER", "count": "INTEGER NOT NULL", "decimal": "TEXT"}
+_ROLLUP_TYPES["labels"] = "TEXT"
+_UPSERT_ROLLUP = rollups.upsert_sql((), add_decimals=False)
+
+
+def _create_rollups(db: Database) -> None:
+    """Hourly rollups (``llmtap.audit.rollups``) for reports, backfilled from the rows here."""
+    db.execute(rollups.table_sql((), _ROLLUP_TYPES))
+    db.execute("CREATE INDEX rollups_hour ON rollups (hour)")
+    present = {row[1] for row in db.execute("PRAGMA table_info(exchanges)")}
+    wanted = [*rollups.SOURCE_TYPES, "labels"]
+    cursor = db.execute(f"SELECT {', '.join(c if c in present else f'NULL AS {c}' for c in wanted)} FROM exchanges")
+    add_rollups(db.conn, rollups.aggregate((dict(zip(wanted, row)) for row in cursor), (), rollups.sqlite_decimal))
+
+
+def add_rollups(conn: sqlite3.Connection, totals: dict[rollups.Key, rollups.Values]) -> None:
+    """Add ``totals`` into the rollup table (inside the caller's transaction). Decimal sums are
+    text here: the stored ones are read and added first (only for keys that carry one)."""
+    decimal = [key for key, values in totals.items() if any(rollups.decimal_of(values, d) for d in rollups.DECIMALS)]
+    for start in range(0, len(decimal), 500):
+        chunk = {rollups.storable_key(key): key for key in decimal[start : start + 500]}
+        found = conn.execute(
+            f"SELECT key, {', '.join(rollups.DECIMALS)} FROM rollups WHERE key IN ({', '.join('?' * len(chunk))})",
+            list(chunk),
+        )
+        for stored, *amounts in found:
+            rollups.add_decimals(totals[chunk[stored]], [None if a is None else Decimal(a) for a in amounts])
+    conn.executemany(_UPSERT_ROLLUP, [rollups.parameters(key, values, True) for key, values in totals.items()])
+
+
 MIGRATIONS: tuple[Callable[[Database], None], ...] = (
     _create_exchanges,
     _create_content,
@@ -265,6 +297,7 @@ MIGRATIONS: tuple[Callable[[Database], None], ...] = (
     _add_family_columns,
     _add_instance,
     _create_log_export,
+    _create_rollups,
 )
 
 
@@ -395,10 +428,13 @@ class Batch(NamedTuple):
 class AuditStore:
     """The audit database as the writer process sees it: applies journal batches, prunes."""
 
-    def __init__(self, path: str, *, fsync_batch: bool, capture_content: bool) -> None:
+    def __init__(
+        self, path: str, *, fsync_batch: bool, capture_content: bool, rollup_labels: tuple[str, ...] = ()
+    ) -> None:
         self.db = connect(path, fsync_batch=fsync_batch)
         self.conn = self.db.conn
         self.capture_content = capture_content
+        self.rollup_labels = rollup_labels
         try:
             self.types = {c.name: c.type.upper() for c in self.db["exchanges"].columns if c.name != "id"}
             self.offsets: dict[int, int] = dict(self.conn.execute("SELECT gen, offset FROM journal_offsets"))
@@ -409,7 +445,6 @@ class AuditStore:
                 self.conn.execute("SELECT count(*) FROM exchanges").fetchone()[0]
                 + self.conn.execute("SELECT coalesce(sum(rows), 0) FROM pruned").fetchone()[0]
             )
-            self._chained = 0
         except BaseException:
             self.conn.close()
             raise
@@ -417,7 +452,12 @@ class AuditStore:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> AuditStore:
-        return cls(settings.db, fsync_batch=settings.fsync == "batch", capture_content=settings.capture_content)
+        return cls(
+            settings.db,
+            fsync_batch=settings.fsync == "batch",
+            capture_content=settings.capture_content,
+            rollup_labels=settings.metric_labels,
+        )
 
     def apply(self, gen: int, lines: list[bytes], end: int) -> Batch:
         """Insert the records of ``lines`` and record ``end`` as gen's offset, atomically.
@@ -430,17 +470,21 @@ class AuditStore:
         try:
             rows, corrupt, rejected = self._build(lines)
             with self.db.atomic():
-                self._chained = len(rows)
+                inserted = rows
                 head = self._insert_batch(rows)
                 if head is None:
-                    self._chained = 0
-                    head = self._insert_each(rows, rejected)
+                    inserted = []
+                    head = self._insert_each(rows, rejected, inserted)
+                records = (row.data for row in inserted)
+                add_rollups(
+                    self.conn, rollups.aggregate(records, self.rollup_labels, rollups.sqlite_decimal, records=True)
+                )
                 self.conn.execute("INSERT OR REPLACE INTO journal_offsets (gen, offset) VALUES (?, ?)", (gen, end))
         finally:
             if collecting:
                 gc.enable()
         self.head, self.offsets[gen] = head, end
-        self.rows += self._chained
+        self.rows += len(inserted)
         return Batch(corrupt, rejected, [row.data for row in rows])
 
     def _build(self, lines: list[bytes]) -> tuple[list[_Row], list[Exception], list[Exception]]:
@@ -484,8 +528,8 @@ class AuditStore:
         self.conn.executemany(_INSERT_CONTENT, [row.content for row in rows if row.content is not None])
         return head
 
-    def _insert_each(self, rows: list[_Row], rejected: list[Exception]) -> str:
-        """Insert ``rows`` one by one, chaining only those inserted; the new head."""
+    def _insert_each(self, rows: list[_Row], rejected: list[Exception], inserted: list[_Row]) -> str:
+        """Insert ``rows`` one by one, chaining only those inserted (added to ``inserted``); the new head."""
         head = self.head
         for row in rows:
             row.params[-2:] = head, row_hash(head, row.body)
@@ -501,7 +545,7 @@ class AuditStore:
                 rejected.append(exc)
                 continue
             head = row.params[-1]
-            self._chained += 1
+            inserted.append(row)
             if row.content is not None:
                 self.conn.execute(_INSERT_CONTENT, row.content)
         return head
@@ -547,6 +591,13 @@ class AuditStore:
                 (time.time(), cutoff, len(old), old[0][0], last_id, old[-1][2]),
             )
         return len(old)
+
+    def prune_rollups(self, cutoff: float) -> int:
+        """Delete the rollups of hours that ended before ``cutoff``."""
+        if not self.conn.execute("SELECT 1 FROM rollups WHERE hour <= ? LIMIT 1", (cutoff - 3600,)).fetchone():
+            return 0  # the common case, every writer cycle: one index look-up
+        with self.db.atomic():
+            return self.conn.execute("DELETE FROM rollups WHERE hour <= ?", (cutoff - 3600,)).rowcount
 
     # --- the OTLP log export's cursor (llmtap.audit.logexport): rows after it await acknowledgement ---
 

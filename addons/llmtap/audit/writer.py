@@ -126,6 +126,8 @@ class Writer:
         cutoff, held = time.time() - days * 86400, self.logs is not None
         if days > 0 and self.store.prune(cutoff, self.prune_batch, hold_for_export=held) == self.prune_batch:
             caught_up = False  # more to delete: come straight back
+        if self.settings.rollup_retention_days:
+            self.store.prune_rollups(time.time() - self.settings.rollup_retention_days * 86400)
         if time.monotonic() - self._head_at > HEAD_EVERY_SECONDS or final:
             self.publish_head()
         return caught_up

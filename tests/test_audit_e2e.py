@@ -21,6 +21,7 @@ from audit_helpers import (
     run_verify,
 )
 from conftest import API_KEY, start_tap, wait_until
+from test_rollups import assert_rollups_equal_rows
 
 from llmtap.config import Settings
 from llmtap.health import Health
@@ -210,3 +211,6 @@ def test_kill_9_under_load_loses_no_received_response_and_duplicates_none(tmp_pa
     assert [rid for rid, n in counts.items() if n > 1] == []
     assert journal_files(tmp_path) == []
     assert run_verify(db).exit_code == 0
+    conn = sqlite3.connect(db)
+    assert_rollups_equal_rows(conn, labelled=False)  # every batch's rollups committed with its rows
+    conn.close()

@@ -469,7 +469,7 @@ class PostgresStore:
                 if each:
                     try:
                         with self.conn.transaction():
-                            self.conn.execute(self._insert_one, row.values)
+                            self.conn.execute(self._insert_one, self._exact_numerics(row.values))
                     except (psycopg().DataError, psycopg().IntegrityError) as exc:
                         rejected.append(exc)
                         continue
@@ -481,6 +481,20 @@ class PostgresStore:
                         copy.write_row(row.values)
             self._finish(gen, end, kept)
         return head, kept
+
+    def _exact_numerics(self, values: list[Any]) -> list[Any]:
+        """A float bound to a numeric column would pass through float8 and keep 15 digits
+        (3.4000000000000005e-06 stored as 0.0000034, no longer the value hashed); as its repr
+        text it is stored exactly, as COPY stores it."""
+        return [repr(v) if i in self._numeric_positions and isinstance(v, float) else v for i, v in enumerate(values)]
+
+    @functools.cached_property
+    def _numeric_positions(self) -> frozenset[int]:
+        return frozenset(
+            i
+            for i, name in enumerate(self.columns)
+            if name in self.types and pg_type(name, self.types[name]) == "numeric"
+        )
 
     @functools.cached_property
     def _insert_one(self) -> str:

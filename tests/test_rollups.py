@@ -1,0 +1,422 @@
+"""Hourly rollups: equal to their rows for random traffic (SQLite and PostgreSQL), read by the
+report exactly as a row scan would (percentiles within one bucket), backfilled on upgrade,
+kept by retention, untouched by replays and kill -9."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import shutil
+import sqlite3
+import uuid
+from collections import defaultdict
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+from audit_helpers import NOW, make_record
+from click.testing import CliRunner
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from test_report import traffic
+
+from llmtap.audit import rollups
+from llmtap.audit.report import DIMENSIONS, report
+from llmtap.audit.sqlite import MIGRATIONS, AuditStore, migrate
+from llmtap.config import Settings, SettingsError
+from llmtap.health import Health
+from llmtap.sinks.audit import AuditSink
+
+HOUR0 = math.floor(NOW / 3600) * 3600 - 5 * 3600
+FIXTURE = Path(__file__).parent / "fixtures" / "v1_audit"
+
+
+def _decimal(value) -> Decimal:
+    return value if isinstance(value, Decimal) else Decimal(format(value, ".15g"))
+
+
+@st.composite
+def records(draw) -> list[str]:
+    """Journal lines: odd hours, unknown and deferred costs, errors, float-only (older) costs,
+    labels, and replays of the same exchange."""
+    lines = []
+    for i in range(draw(st.integers(1, 25))):
+        cost = draw(st.sampled_from([None, 0.0, 0.1, 0.2, 17 * 0.2 / 1e6, 0.00066]))
+        status, error = draw(st.sampled_from([(200, None), (429, "http_429"), (None, "client_disconnected")]))
+        start = HOUR0 + draw(st.sampled_from([0.0, 0.5, 3599.999, 3600.0, 7300.25, 4 * 3600 + 1]))
+        record = make_record(
+            i,
+            exchange_id=f"ex-{uuid.uuid4().hex}",
+            request_start=start,
+            first_token_at=draw(st.sampled_from([None, start + 0.0004, start + 0.3])),
+            response_end=start + draw(st.sampled_from([0.0005, 0.05, 1.7, 2.0, 3000.0])),
+            http_status=status,
+            error_type=error,
+            response_model=draw(st.sampled_from([None, "m-a", "m-b"])),
+            labels=draw(st.sampled_from([None, {"team": "search"}, {"team": "ads", "env": "prod"}, {"env": "x"}])),
+            input_tokens=draw(st.sampled_from([None, 0, 7, 1000])),
+            cached_input_tokens=draw(st.sampled_from([None, 3])),
+            cost_usd=cost,
+            cost_nanousd=None if cost is None or draw(st.booleans()) else round(Decimal(repr(cost)).scaleb(9)),
+            cost_source=draw(st.sampled_from(["reported", "unknown", "deferred", "database"])),
+            cost_savings_usd=draw(st.sampled_from([None, 0.01, 0.1])),
+        )
+        line = record.to_json()
+        lines.append(line)
+        if draw(st.booleans()):
+            lines.append(line)  # replayed
+    return lines
+
+
+#: The rollup key, in SQL over the rows (hour as the start of the UTC hour).
+ROW_KEY = """CAST(request_start / 3600 AS INTEGER) * 3600.0, coalesce(response_model, request_model), provider,
+    app_id, key_fingerprint, coalesce(CAST(http_status AS TEXT), error_type), operation, family,
+    coalesce(record_schema, 1), instance, cost_source, {team}"""
+ROW_SUMS = """count(*), sum(CASE WHEN error_type IS NOT NULL THEN 1 ELSE 0 END),
+    sum(CASE WHEN cost_usd IS NULL AND coalesce(cost_source, '') != 'deferred' THEN 1 ELSE 0 END),
+    sum(CASE WHEN cost_usd IS NULL AND error_type IS NULL THEN 1 ELSE 0 END), sum(input_tokens), sum(output_tokens), sum(total_tokens),
+    sum(cached_input_tokens), sum(reasoning_tokens), sum(CASE WHEN cost_usd IS NOT NULL THEN cost_nanousd END)"""
+ROLLUP_KEY = """hour, model, provider, app_id, key_fingerprint, status, operation, family, record_schema, instance,
+    cost_source, {team}"""
+ROLLUP_SUMS = ", ".join(f"sum({c})" for c in rollups.COUNTS + rollups.SUMS)
+
+
+def row_aggregates(rows: list[dict], team) -> dict[tuple, dict]:
+    """Decimal money and exact durations per key, from the rows (not through rollups.add_row)."""
+    out: dict[tuple, dict] = defaultdict(lambda: {"cost": None, "savings": None, "durations": [], "ttfts": []})
+    for row in rows:
+        acc = out[row["key"]]
+        if row["cost_usd"] is not None and row["cost_nanousd"] is None:
+            acc["cost"] = (acc["cost"] or 0) + _decimal(row["cost_usd"])
+        if row["cost_savings_usd"] is not None:
+            acc["savings"] = (acc["savings"] or 0) + _decimal(row["cost_savings_usd"])
+        if row["duration_s"] is not None:
+            acc["durations"].append(row["duration_s"])
+        if row["ttft_s"] is not None:
+            acc["ttfts"].append(row["ttft_s"])
+    return out
+
+
+def nearest_rank(values: list[float], p: float) -> float:
+    values = sorted(values)
+    return values[max(1, math.ceil(p * len(values))) - 1]
+
+
+def assert_within_one_bucket(got: float, exact: float) -> None:
+    lower, upper = rollups.bucket_bounds(rollups.bucket(exact))
+    assert lower <= exact < upper
+    assert got == (upper if math.isfinite(upper) else lower), (got, exact)
+
+
+def assert_rollups_equal_rows(conn, *, postgres: bool = False, labelled: bool = True) -> None:
+    """Every rollup sum equals the same aggregate over the rows, per key (with ``labelled``,
+    the team label too)."""
+    q = (lambda sql: sql.replace("?", "%s")) if postgres else (lambda sql: sql)
+    team_rows = "labels ->> 'team'" if postgres else "json_extract(labels, '$.team')"
+    if not labelled:
+        team_rows = "NULL"
+    row_key = ROW_KEY.format(team=team_rows)
+    if postgres:
+        row_key = row_key.replace(
+            "CAST(request_start / 3600 AS INTEGER) * 3600.0", "floor(request_start / 3600) * 3600"
+        )
+    n = 12
+    want = {
+        tuple(r[:n]): tuple(int(v) if v is not None else None for v in r[n:])
+        for r in conn.execute(
+            q(f"SELECT {row_key}, {ROW_SUMS} FROM exchanges GROUP BY {', '.join(map(str, range(1, n + 1)))}")
+        )
+    }
+    rollup_key = ROLLUP_KEY.format(team=team_rows)
+    got = {
+        tuple(r[:n]): tuple(int(v) if v is not None else None for v in r[n:])
+        for r in conn.execute(
+            f"SELECT {rollup_key}, {ROLLUP_SUMS} FROM rollups GROUP BY {', '.join(map(str, range(1, n + 1)))}"
+        )
+    }
+    norm = lambda d: {(float(k[0]) if k[0] is not None else None, *k[1:]): v for k, v in d.items()}  # noqa: E731
+    assert norm(got) == norm(want)
+    # money (exact decimals) and histograms, per key
+    money_cols = "cost_usd, cost_nanousd, cost_savings_usd, duration_s, ttft_s"
+    rows = [
+        {
+            "key": tuple(r[:n]),
+            **dict(zip(["cost_usd", "cost_nanousd", "cost_savings_usd", "duration_s", "ttft_s"], r[n:])),
+        }
+        for r in conn.execute(f"SELECT {row_key}, {money_cols} FROM exchanges")
+    ]
+    exact = row_aggregates(rows, team_rows)
+    stored: dict[tuple, rollups.Values] = defaultdict(rollups.empty)
+    cols = ", ".join(rollups.VALUE_COLUMNS)
+    for r in conn.execute(f"SELECT {rollup_key}, {cols} FROM rollups"):
+        values = list(r[n:])
+        values = [Decimal(v) if isinstance(v, str) else v for v in values]
+        rollups.merge(stored[tuple(r[:n])], values)
+    assert {(float(k[0]) if k[0] is not None else None, *k[1:]) for k in stored} == set(norm(want))
+    stored = {(float(k[0]) if k[0] is not None else None, *k[1:]): v for k, v in stored.items()}
+    for key, acc in exact.items():
+        key = (float(key[0]) if key[0] is not None else None, *key[1:])
+        values = stored[key]
+        assert rollups.decimal_of(values, "cost_decimal_usd") == acc["cost"]
+        assert rollups.decimal_of(values, "cost_savings_usd") == acc["savings"]
+        for name, seconds in (("duration", acc["durations"]), ("ttft", acc["ttfts"])):
+            counts = rollups.histogram(values, name)
+            assert sum(counts) == len(seconds)
+            for p in (0.5, 0.95, 0.99):
+                if seconds:
+                    assert_within_one_bucket(rollups.percentile(counts, p), nearest_rank(seconds, p))
+
+
+def apply_in_batches(store, lines: list[str], cuts: list[int]) -> None:
+    encoded = [line.encode() for line in lines]
+    offset, start = 0, 0
+    for cut in [*sorted(set(c % (len(encoded) + 1) for c in cuts)), len(encoded)]:
+        if cut <= start:
+            continue
+        batch = encoded[start:cut]
+        offset += sum(len(line) + 1 for line in batch)
+        store.apply(1, batch, offset)
+        start = cut
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(lines=records(), cuts=st.lists(st.integers(0, 60), max_size=4))
+def test_sqlite_rollups_equal_their_rows(tmp_path_factory, lines, cuts):
+    path = tmp_path_factory.mktemp("roll") / "llmtap.db"
+    store = AuditStore(str(path), fsync_batch=False, capture_content=False, rollup_labels=("team", "key"))
+    try:
+        apply_in_batches(store, lines, cuts)
+        apply_in_batches(store, lines, [])  # the whole journal replayed: no rollup changes
+        assert_rollups_equal_rows(store.conn)
+    finally:
+        store.close()
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(lines=records(), cuts=st.lists(st.integers(0, 60), max_size=3))
+def test_postgres_rollups_equal_their_rows(pg_cluster, monkeypatch, lines, cuts):
+    from pg import PASSWORD
+
+    from llmtap.audit.postgres import PostgresStore
+
+    monkeypatch.setenv("PGPASSWORD", PASSWORD)
+    url = pg_cluster.create_database(f"r_{uuid.uuid4().hex[:12]}")
+    stores = [PostgresStore(url, name, capture_content=False, rollup_labels=("team",)) for name in ("i-a", "i-b")]
+    try:
+        apply_in_batches(stores[0], lines, cuts)
+        apply_in_batches(stores[1], lines[: len(lines) // 2], [])  # another sidecar's replays conflict, add nothing
+        apply_in_batches(stores[0], lines, [])
+        assert_rollups_equal_rows(stores[0].conn, postgres=True)
+    finally:
+        for store in stores:
+            store.close()
+
+
+def test_a_row_refused_one_by_one_adds_nothing(tmp_path):
+    store = AuditStore(str(tmp_path / "llmtap.db"), fsync_batch=False, capture_content=False, rollup_labels=("team",))
+    good = [make_record(i).to_json().encode() for i in range(3)]
+    store.conn.execute(
+        "CREATE TRIGGER refuse BEFORE INSERT ON exchanges WHEN NEW.exchange_id = 'ex-00001' "
+        "BEGIN SELECT RAISE(ABORT, 'refused'); END"
+    )
+    batch = store.apply(1, good, 10)
+    assert len(batch.rejected) == 1
+    assert store.conn.execute("SELECT sum(requests) FROM rollups").fetchone()[0] == 2
+    assert_rollups_equal_rows(store.conn)
+    store.close()
+
+
+# --- the report from rollups equals the row scan ----------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def rolled_db(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("rolled") / "llmtap.db"
+    sink = AuditSink(Settings(db=str(path), metric_labels=("team",)), Health())
+    for record in traffic(300, seed=11):
+        sink.emit(record)
+    sink.close()
+    return path
+
+
+def invoke(*args: str) -> str:
+    result = CliRunner().invoke(report, list(args))
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+PERCENTILE_COLUMNS = ("p50_s", "p95_s", "p99_s")
+
+
+def assert_same_report(fast: dict, exact: dict, *, from_rollups: bool = True) -> None:
+    assert [r.get(n) for r in fast["rows"] for n in fast["by"]] == [
+        r.get(n) for r in exact["rows"] for n in exact["by"]
+    ]
+    for got, want in [*zip(fast["rows"], exact["rows"]), (fast["totals"], exact["totals"])]:
+        assert {k: v for k, v in got.items() if k not in PERCENTILE_COLUMNS} == {
+            k: v for k, v in want.items() if k not in PERCENTILE_COLUMNS
+        }
+        for column in PERCENTILE_COLUMNS:
+            if want[column] is None or not from_rollups:
+                assert got[column] == want[column]
+            else:
+                assert_within_one_bucket(got[column], want[column])
+    assert fast["unpriced"] == exact["unpriced"]
+
+
+HOUR = 3600
+ALIGNED = (
+    "--since",
+    str(math.floor(NOW / HOUR) * HOUR - 40 * HOUR),
+    "--until",
+    str(math.floor(NOW / HOUR) * HOUR - 2 * HOUR),
+)
+
+
+@pytest.mark.parametrize("dimension", [*DIMENSIONS, "label:team"])
+@pytest.mark.parametrize("window", [(), ("--since", "30h"), ("--since", "50h", "--until", "3h")])
+def test_report_from_rollups_equals_the_row_scan(rolled_db, dimension, window):
+    window = tuple(_iso(v) if v.replace(".", "").isdigit() else v for v in window)
+    args = ("--db", str(rolled_db), "--by", dimension, "--by", "provider", *window)
+    fast = json.loads(invoke(*args, "--format", "json"))
+    exact = json.loads(invoke(*args, "--format", "json", "--exact"))
+    assert fast["source"].startswith("hourly rollups") and exact["source"] == "rows"
+    assert ("partial" in fast["source"]) == bool(window)
+    assert_same_report(fast, exact)
+    fast_csv = list(csv.reader(io.StringIO(invoke(*args, "--format", "csv"))))
+    exact_csv = list(csv.reader(io.StringIO(invoke(*args, "--format", "csv", "--exact"))))
+    keep = [i for i, name in enumerate(exact_csv[0]) if name not in PERCENTILE_COLUMNS]
+    assert [[line[i] for i in keep] for line in fast_csv] == [[line[i] for i in keep] for line in exact_csv]
+    table = invoke(*args)
+    assert "from hourly rollups" in table and "TOTAL" in table
+
+
+def _iso(value: str) -> str:
+    from datetime import UTC, datetime
+
+    return datetime.fromtimestamp(float(value), UTC).isoformat()
+
+
+def test_hour_aligned_range_reads_only_rollups(rolled_db):
+    window = tuple(_iso(v) if v[0].isdigit() else v for v in ALIGNED)
+    fast = json.loads(invoke("--db", str(rolled_db), "--by", "hour", *window, "--format", "json"))
+    exact = json.loads(invoke("--db", str(rolled_db), "--by", "hour", *window, "--format", "json", "--exact"))
+    assert fast["source"] == "hourly rollups" and len(fast["rows"]) > 10
+    assert_same_report(fast, exact)
+
+
+def test_a_label_not_rolled_up_and_reprice_read_rows(tmp_path):
+    sink = AuditSink(Settings(db=str(tmp_path / "llmtap.db")), Health())  # no metric_labels
+    for record in traffic(20, seed=2):
+        sink.emit(record)
+    sink.close()
+    out = json.loads(invoke("--db", str(tmp_path / "llmtap.db"), "--by", "label:team", "--format", "json"))
+    assert out["source"].startswith("rows (the label")
+    out = json.loads(invoke("--db", str(tmp_path / "llmtap.db"), "--reprice", "--format", "json"))
+    assert out["source"] == "rows (--reprice prices each row)"
+
+
+def test_report_from_rollups_on_postgres_equals_the_row_scan(rolled_db, pg_url):
+    from llmtap.audit import postgres
+
+    postgres.import_sqlite(str(rolled_db), pg_url)
+    conn = postgres.connect(pg_url)
+    assert_rollups_equal_rows(conn, postgres=True, labelled=False)  # imported: rolled up without labels
+    conn.close()
+    for by in (("model", "instance"), ("day", "status"), ("label:team", "key"), ("hour", "schema", "family")):
+        for window in ((), ("--since", "30h")):
+            args = ["--db", pg_url, *(a for d in by for a in ("--by", d)), *window, "--format", "json"]
+            fast, exact = json.loads(invoke(*args)), json.loads(invoke(*args, "--exact"))
+            labelled = "label:team" in by  # imported: rolled up without labels, read from rows
+            assert fast["source"].startswith("rows (the label" if labelled else "hourly rollups")
+            exact_by_key = {tuple(r[n] for n in by): r for r in exact["rows"]}
+            fast_by_key = {tuple(r[n] for n in by): r for r in fast["rows"]}
+            assert set(fast_by_key) == set(exact_by_key)
+            for key, row in fast_by_key.items():
+                assert_same_report(
+                    {"by": list(by), "rows": [row], "totals": fast["totals"], "unpriced": fast["unpriced"]},
+                    {
+                        "by": list(by),
+                        "rows": [exact_by_key[key]],
+                        "totals": exact["totals"],
+                        "unpriced": exact["unpriced"],
+                    },
+                    from_rollups=not labelled,
+                )
+
+
+# --- upgrades, retention, replays, kill -9 ------------------------------------------------------
+
+
+def test_the_v1_fixture_is_backfilled_and_its_money_reads_the_same(tmp_path):
+    shutil.copytree(FIXTURE, tmp_path / "audit")
+    db = tmp_path / "audit" / "llmtap.db"
+    AuditStore(str(db), fsync_batch=False, capture_content=False).close()  # migrates
+    conn = sqlite3.connect(db)
+    assert conn.execute("SELECT sum(requests) FROM rollups").fetchone()[0] == 4
+    assert conn.execute("SELECT count(*) FROM rollups WHERE cost_decimal_usd IS NOT NULL").fetchone()[0] > 0
+    assert_rollups_equal_rows(conn, labelled=False)
+    conn.close()
+    fast = json.loads(invoke("--db", str(db), "--by", "model", "--format", "json"))
+    exact = json.loads(invoke("--db", str(db), "--by", "model", "--format", "json", "--exact"))
+    assert fast["source"] == "hourly rollups"
+    assert_same_report(fast, exact)
+
+
+def test_a_schema_before_rollups_upgrades_with_its_rows_rolled_up(tmp_path):
+    path = tmp_path / "llmtap.db"
+    from sqlite_utils import Database
+
+    db = Database(path)
+    migrate_to = MIGRATIONS.index(next(m for m in MIGRATIONS if m.__name__ == "_create_rollups"))
+    for number, step in enumerate(MIGRATIONS[:migrate_to], start=1):
+        step(db)
+        db.execute(f"PRAGMA user_version = {number}")
+    from llmtap.audit.rows import RowBuilder, row_hash
+
+    types = {c.name: c.type.upper() for c in db["exchanges"].columns if c.name != "id"}
+    build, head = RowBuilder(types), "sha256:" + "0" * 64
+    for i in range(30):
+        record = make_record(i, request_start=HOUR0 + i * 500, cost_nanousd=660_000 + i if i % 2 else None)
+        insert, params, body = build(json.loads(record.to_json()), clean=True)
+        params[-2:] = head, row_hash(head, body)
+        head = params[-1]
+        db.execute(insert, params)
+    db.conn.commit()
+    migrate(db)
+    assert_rollups_equal_rows(db.conn, labelled=False)
+    db.close()
+
+
+def test_retention_prunes_rows_keeps_rollups_and_exact_says_what_is_gone(tmp_path):
+    path = tmp_path / "llmtap.db"
+    store = AuditStore(str(path), fsync_batch=False, capture_content=False)
+    lines = [
+        make_record(i, request_start=HOUR0 + i * 600, response_end=HOUR0 + i * 600 + 1).to_json().encode()
+        for i in range(24)
+    ]
+    store.apply(1, lines, 100)
+    before = store.conn.execute(f"SELECT {', '.join(rollups.VALUE_COLUMNS)} FROM rollups ORDER BY key").fetchall()
+    assert store.prune(HOUR0 + 3 * 3600, 500) == 18
+    assert (
+        store.conn.execute(f"SELECT {', '.join(rollups.VALUE_COLUMNS)} FROM rollups ORDER BY key").fetchall() == before
+    )
+    store.close()
+    out = json.loads(invoke("--db", str(path), "--format", "json"))
+    assert out["totals"]["requests"] == 24
+    exact = json.loads(invoke("--db", str(path), "--format", "json", "--exact"))
+    assert exact["totals"]["requests"] == 6 and "deleted by retention" in exact["source"]
+    store = AuditStore(str(path), fsync_batch=False, capture_content=False)
+    assert store.prune_rollups(HOUR0 + 2 * 3600 + 1) == 2  # the hours that ended before the cutoff
+    store.close()
+
+
+def test_rollup_retention_may_not_be_shorter_than_row_retention():
+    Settings(retention_days=30, rollup_retention_days=400)
+    Settings.from_values({"retention_days": 30, "rollup_retention_days": 0})
+    with pytest.raises(SettingsError, match="rollup_retention_days"):
+        Settings.from_values({"retention_days": 30, "rollup_retention_days": 7})
+    with pytest.raises(SettingsError, match="rollup_retention_days"):
+        Settings.from_values({"retention_days": 0, "rollup_retention_days": 7})

@@ -261,14 +261,13 @@ def test_a_sidecar_role_with_only_insert_and_select_works_after_the_owner_migrat
         assert "applied migration(s) 1, 2, 3" in migrated.stdout and "granted to sidecar" in migrated.stdout
         assert "schema already current" in llmtap("audit", "migrate", "--db", pg_url).stdout
         sidecar_url = pg_url.replace("postgres@", "sidecar@")
-        privileges = set(
-            r[0]
-            for r in rows(
-                pg_url,
-                "SELECT privilege_type FROM information_schema.role_table_grants WHERE grantee = 'sidecar'",
-            )
+        grants = rows(
+            pg_url,
+            "SELECT table_name, privilege_type FROM information_schema.role_table_grants WHERE grantee = 'sidecar'",
         )
-        assert privileges == {"SELECT", "INSERT"}
+        privileges = set(r[1] for r in grants if r[0] != "rollups")
+        assert privileges == {"SELECT", "INSERT"}  # the rows: insert-only
+        assert {r[1] for r in grants if r[0] == "rollups"} == {"SELECT", "INSERT", "UPDATE"}  # added to
         tap = fleet_tap(tmp_path, simulator.url, sidecar_url, "restricted", env={"PGPASSWORD": "sidecar-pw"})
         client = tap.client()
         ids = [

@@ -171,6 +171,7 @@ _ROLLUP_TYPES = {
     "real": "double precision",
     "integer": "bigint",
     "count": "integer NOT NULL",
+    "sum": "numeric",  # a sum of bigints may not fit one
     "decimal": "numeric",
     "labels": "jsonb",
 }

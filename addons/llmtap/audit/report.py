@@ -386,11 +386,12 @@ def _spend_rollups(reader: _Reader, by: Sequence[str], source: Source) -> tuple[
     select = "".join(f"{expr} AS {key}, " for expr, key in zip(group.exprs, keys))
     where, params = _hours(*source.hours)
     by_sql = f"GROUP BY {', '.join(str(i + 1) for i in range(len(keys)))}" if keys else ""
-    cast = "::bigint" if reader.postgres else ""
     summed = [c for c in rollups.VALUE_COLUMNS if c not in rollups.DECIMALS]
-    sums = ", ".join(f"sum({c}){cast} AS {c}" for c in summed)
-    for row in reader.rows(f"SELECT {select}{sums} FROM rollups WHERE {where} {by_sql}", [*group.params, *params]):
-        values = list(row.values())
+    sums = ", ".join(f"sum({c}) AS {c}" for c in summed)
+    for row in reader.rows(
+        f"SELECT {select}{sums} FROM rollups WHERE {where} {by_sql}", [*group.params, *params], exact=True
+    ):
+        values = [int(v) if isinstance(v, Decimal) else v for v in row.values()]  # PostgreSQL's numeric sums
         if row["requests"]:
             found = dict(zip(summed, values[len(keys) :]))
             rollups.merge(groups[tuple(values[: len(keys)])], [found.get(c) for c in rollups.VALUE_COLUMNS])

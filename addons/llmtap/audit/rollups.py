@@ -137,15 +137,13 @@ def label_names(allowed: Iterable[str]) -> str:
 
 
 def key_of(row: Mapping[str, Any], names: list[str], names_text: str) -> Key:
-    """The rollup key of a row (a dict of its columns; labels as a dict or JSON text)."""
+    """The rollup key of a row (a dict of its columns; labels as their parsed JSON value)."""
     start = row["request_start"]
     status = row["http_status"]
     labels = row.get("labels")
-    if isinstance(labels, str):
-        labels = json.loads(labels)
     kept = {name: labels[name] for name in names if name in labels} if isinstance(labels, dict) else None
     return (
-        None if start is None else float(math.floor(start / 3600) * 3600),
+        None if start is None else start // 3600 * 3600,  # float arithmetic: any finite start
         row["response_model"] if row["response_model"] is not None else row["request_model"],
         row["provider"],
         row["app_id"],
@@ -214,8 +212,8 @@ def aggregate(
     *,
     records: bool = False,
 ) -> dict[Key, Values]:
-    """The rollups of ``rows`` (dicts of their columns), or with ``records`` of journaled
-    records (read as their rows would be), by key."""
+    """The rollups of ``rows`` (dicts of their columns, labels parsed), or with ``records`` of
+    journaled records (read as their rows would be), by key."""
     names_text = label_names(allowed)
     names = json.loads(names_text)
     totals: dict[Key, Values] = {}
@@ -255,13 +253,13 @@ def storable_key(key: Key) -> str:
 
 def table_sql(table_key: tuple[str, ...], types: Mapping[str, str]) -> str:
     """The rollup table's DDL; ``types``: the engine's type of each kind (text, real, integer,
-    count, decimal, labels); ``table_key``: the columns before ``key`` in the primary key."""
+    count, sum, decimal, labels); ``table_key``: the columns before ``key`` in the primary key."""
     kinds = {
         "hour": "real",
         "record_schema": "integer",
         "labels": "labels",
         **dict.fromkeys(COUNTS + BUCKET_COLUMNS, "count"),
-        **dict.fromkeys(SUMS, "integer"),
+        **dict.fromkeys(SUMS, "sum"),
         **dict.fromkeys(DECIMALS, "decimal"),
     }
     columns = [f"{name} {types['text']} NOT NULL" for name in table_key]
@@ -286,8 +284,16 @@ def upsert_sql(table_key: tuple[str, ...], *, add_decimals: bool, placeholder: s
     )
 
 
-def parameters(key: Key, values: Values, decimal_text: bool) -> list[Any]:
-    """An upsert's parameters after its table-key columns (decimals as plain text for SQLite)."""
-    if decimal_text:
-        values = [format(v, "f") if isinstance(v, Decimal) else v for v in values]
+_INT64 = 2**63
+
+
+def parameters(key: Key, values: Values, sqlite: bool) -> list[Any]:
+    """An upsert's parameters after its table-key columns. SQLite: decimals as plain text,
+    and a sum beyond 64 bits (absurd journal values only) as a float, as SQLite's own ``+``
+    makes it: a rollup never costs a batch."""
+    if sqlite:
+        values = [
+            format(v, "f") if isinstance(v, Decimal) else float(v) if isinstance(v, int) and abs(v) >= _INT64 else v
+            for v in values
+        ]
     return [storable_key(key), *key, *values]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import gc
 import itertools
+import json
 import operator
 import os
 import sqlite3
@@ -255,8 +256,15 @@ def _create_log_export(db: Database) -> None:
     db["log_export"].create({"instance": str, "last_id": int, "acked_at": float}, pk="instance", not_null={"last_id"})
 
 
-_ROLLUP_TYPES = {"text": "TEXT", "real": "REAL", "integer": "INTEGER", "count": "INTEGER NOT NULL", "decimal": "TEXT"}
-_ROLLUP_TYPES["labels"] = "TEXT"
+_ROLLUP_TYPES = {
+    "text": "TEXT",
+    "real": "REAL",
+    "integer": "INTEGER",
+    "count": "INTEGER NOT NULL",
+    "sum": "INTEGER",
+    "decimal": "TEXT",  # exact decimal text, added in Python (add_rollups)
+    "labels": "TEXT",
+}
 _UPSERT_ROLLUP = rollups.upsert_sql((), add_decimals=False)
 
 
@@ -267,7 +275,8 @@ def _create_rollups(db: Database) -> None:
     present = {row[1] for row in db.execute("PRAGMA table_info(exchanges)")}
     wanted = [*rollups.SOURCE_TYPES, "labels"]
     cursor = db.execute(f"SELECT {', '.join(c if c in present else f'NULL AS {c}' for c in wanted)} FROM exchanges")
-    add_rollups(db.conn, rollups.aggregate((dict(zip(wanted, row)) for row in cursor), (), rollups.sqlite_decimal))
+    rows = ({**dict(zip(wanted, row)), "labels": row[-1] and json.loads(row[-1])} for row in cursor)
+    add_rollups(db.conn, rollups.aggregate(rows, (), rollups.sqlite_decimal))
 
 
 def add_rollups(conn: sqlite3.Connection, totals: dict[rollups.Key, rollups.Values]) -> None:

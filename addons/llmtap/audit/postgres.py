@@ -188,7 +188,7 @@ def _create_rollups(cur: Any) -> None:
 
 def backfill(conn: Any, instance: str | None = None) -> None:
     """Add the rollups of the stored rows (of one instance, or all) into the rollup table."""
-    wanted = [*rollups.SOURCE_TYPES, "labels"]
+    wanted = [*rollups.SOURCE_COLUMNS, "labels"]
     where = "WHERE instance_id = %s" if instance else ""
     with conn.cursor(name=f"backfill_{secrets.token_hex(4)}") as cur:
         cur.execute(
@@ -196,8 +196,8 @@ def backfill(conn: Any, instance: str | None = None) -> None:
             (instance,) if instance else (),
         )
         for owner, rows in itertools.groupby(cur, operator.itemgetter(0)):
-            records = (dict(zip(wanted, row[1:])) for row in rows)
-            add_rollups(conn, owner, rollups.aggregate(records, (), rollups.postgres_decimal))
+            counted = ((row[1:-1], row[-1]) for row in rows)
+            add_rollups(conn, owner, rollups.aggregate(counted, (), rollups.postgres_decimal))
 
 
 def add_rollups(conn: Any, instance: str, totals: dict[rollups.Key, rollups.Values]) -> None:
@@ -429,8 +429,9 @@ class PostgresStore:
 
     def _finish(self, gen: int, end: int, kept: list[_Row]) -> None:
         """The batch's content rows, its rollups and its journal position (inside its transaction)."""
-        records = (row.data for row in kept)
-        totals = rollups.aggregate(records, self.rollup_labels, rollups.postgres_decimal, records=True)
+        source = rollups.picker(tuple(self.columns))
+        counted = [(source(row.values), row.data.get("labels")) for row in kept]
+        totals = rollups.aggregate(counted, self.rollup_labels, rollups.postgres_decimal)
         add_rollups(self.conn, self.instance, totals)
         contents = [row.content for row in kept if row.content is not None]
         if contents:

@@ -50,11 +50,15 @@ PG_DIMENSIONS = {
 #: The same dimensions over the hourly rollups (``llmtap.audit.rollups``), which hold each
 #: row's value of every one but the day and hour, read from the hour's start.
 ROLLUP_DIMENSIONS = {
-    **{name: name for name in ("model", "provider", "app_id", "key_fingerprint", "status", "instance", "family")},
+    "model": "model",
+    "provider": "provider",
     "app": "app_id",
     "key": "key_fingerprint",
     "day": "strftime('%Y-%m-%d', hour, 'unixepoch')",
     "hour": "strftime('%Y-%m-%dT%H:00Z', hour, 'unixepoch')",
+    "status": "status",
+    "instance": "instance",
+    "family": "family",
     "schema": "record_schema",
 }
 _PG_HOUR = "(CASE WHEN hour BETWEEN -2.0e11 AND 9.2e12 THEN to_timestamp(hour) END AT TIME ZONE 'UTC')"
@@ -378,8 +382,8 @@ def spend(
 
 
 def _spend_rollups(reader: _Reader, by: Sequence[str], source: Source) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """``spend`` from the rollups of whole hours plus the rows of the partial ones, each row
-    counted by the same ``rollups.add_row`` the writer uses."""
+    """``spend`` from the rollups of whole hours plus the rows of the partial ones, counted by
+    the same ``rollups.values_of`` the writer uses."""
     groups: dict[tuple, rollups.Values] = defaultdict(rollups.empty)
     group = grouping(by, reader.postgres, rollups=True)
     keys = [f"g{i}" for i in range(len(group.exprs))]
@@ -407,15 +411,18 @@ def _spend_rollups(reader: _Reader, by: Sequence[str], source: Source) -> tuple[
         rollups.add_decimals(groups[tuple(values[: len(keys)])], amounts)
     rows_group = grouping(by, reader.postgres)
     columns = _columns(reader)
-    wanted = [c if c in columns else f"NULL AS {c}" for c in rollups.SOURCE_TYPES]
+    wanted = [c if c in columns else f"NULL AS {c}" for c in rollups.SOURCE_COLUMNS]
     decimal = rollups.postgres_decimal if reader.postgres else rollups.sqlite_decimal
     row_select = "".join(f"{expr} AS {key}, " for expr, key in zip(rows_group.exprs, keys))
-    for since, until in source.edges:
-        where, params = _rows_where(since, until)
-        sql = f"SELECT {row_select}{', '.join(wanted)} FROM exchanges WHERE {where}"
-        for row in reader.rows(sql, [*rows_group.params, *params], exact=True):
-            values = list(row.values())
-            rollups.add_row(groups[tuple(values[: len(keys)])], row, decimal)
+    edge_rows: dict[tuple, list] = defaultdict(list)
+    for edge in source.edges:
+        edge_where, edge_params = _rows_where(*edge)
+        sql = f"SELECT {row_select}{', '.join(wanted)} FROM exchanges WHERE {edge_where}"
+        for row in reader.rows(sql, [*rows_group.params, *edge_params], exact=True):
+            values = tuple(row.values())
+            edge_rows[values[: len(keys)]].append(values[len(keys) :])
+    for key, sources in edge_rows.items():
+        rollups.merge(groups[key], rollups.values_of(sources, decimal))
     total = rollups.empty()
     for values in groups.values():
         rollups.merge(total, values)
@@ -580,7 +587,8 @@ def report(
     try:
         why = " (--reprice prices each row)" if reprice else ""
         source = plan(conn, group.names, since, until, exact=exact or reprice, why=why)
-        if source.hours is None and (gone := pruned_before(conn)) is not None and (since is None or since < gone):
+        gone = pruned_before(conn)
+        if gone is not None and any(start is None or start < gone for start, _ in source.edges):
             source = source._replace(text=f"{source.text}; rows before {_when(gone)} were deleted by retention")
         rows, totals = spend(conn, group.names, since, until, pricer, source)
         missing = unpriced(conn, since, until, source)

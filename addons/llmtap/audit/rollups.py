@@ -22,13 +22,16 @@ most 19% above it.
 
 from __future__ import annotations
 
+import bisect
+import functools
 import json
 import math
-from collections.abc import Callable, Iterable, Mapping
+import operator
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from decimal import Decimal
 from typing import Any
 
-from llmtap.audit.rows import row_builder
 from llmtap.record import canonical_json
 
 KEY_COLUMNS = (
@@ -59,60 +62,65 @@ _SUM_AT = len(COUNTS)
 _DECIMAL_AT = _SUM_AT + len(SUMS)
 _BUCKET_AT = _DECIMAL_AT + len(DECIMALS)
 
-#: The row columns a rollup reads, with their declared types (a journaled record is read
-#: through ``row_builder`` with these, so it counts exactly as its row does).
-SOURCE_TYPES = {
-    "request_start": "REAL",
-    "response_model": "TEXT",
-    "request_model": "TEXT",
-    "provider": "TEXT",
-    "app_id": "TEXT",
-    "key_fingerprint": "TEXT",
-    "http_status": "INTEGER",
-    "error_type": "TEXT",
-    "operation": "TEXT",
-    "family": "TEXT",
-    "record_schema": "INTEGER",
-    "instance": "TEXT",
-    "cost_source": "TEXT",
-    "input_tokens": "INTEGER",
-    "output_tokens": "INTEGER",
-    "total_tokens": "INTEGER",
-    "cached_input_tokens": "INTEGER",
-    "reasoning_tokens": "INTEGER",
-    "cost_usd": "REAL",
-    "cost_nanousd": "INTEGER",
-    "cost_savings_usd": "REAL",
-    "duration_s": "REAL",
-    "ttft_s": "REAL",
-}
-_as_row = row_builder(SOURCE_TYPES)
+#: The row columns a rollup reads: a row is counted from these values, as stored (the stores
+#: pass the values of the rows they insert, so a rollup counts exactly what its row holds).
+SOURCE_COLUMNS = (
+    "request_start",
+    "response_model",
+    "request_model",
+    "provider",
+    "app_id",
+    "key_fingerprint",
+    "http_status",
+    "error_type",
+    "operation",
+    "family",
+    "record_schema",
+    "instance",
+    "cost_source",
+    "input_tokens",
+    "output_tokens",
+    "total_tokens",
+    "cached_input_tokens",
+    "reasoning_tokens",
+    "cost_nanousd",
+    "cost_usd",
+    "cost_savings_usd",
+    "duration_s",
+    "ttft_s",
+)
+#: A row dict's source values.
+source_of = operator.itemgetter(*SOURCE_COLUMNS)
+#: Positions in the source values: the token sums then cost_nanousd, the money, the timings.
+_TOKENS = tuple(range(SOURCE_COLUMNS.index("input_tokens"), SOURCE_COLUMNS.index("cost_nanousd") + 1))
+_COST, _SAVINGS = SOURCE_COLUMNS.index("cost_usd"), SOURCE_COLUMNS.index("cost_savings_usd")
+_DURATION, _TTFT = SOURCE_COLUMNS.index("duration_s"), SOURCE_COLUMNS.index("ttft_s")
 
 Key = tuple
 Values = list  # aligned with VALUE_COLUMNS
 
 
-def sqlite_decimal(value: float) -> Decimal:
+def sqlite_decimal(value: float | Decimal) -> Decimal:
     """A REAL amount as the SQLite report sums it: 15 significant digits (every float holds
     them exactly, so 17 x 0.2 / 1e6 counts as 0.0000034)."""
-    return Decimal(format(value, ".15g"))
+    return value if isinstance(value, Decimal) else Decimal(format(value, ".15g"))
 
 
-def postgres_decimal(value: float) -> Decimal:
-    """A float amount as PostgreSQL's ``numeric`` column stores it (its shortest repr)."""
-    return Decimal(repr(value))
+def postgres_decimal(value: float | Decimal) -> Decimal:
+    """A float amount as PostgreSQL's ``numeric`` column stores it (its shortest repr); a
+    ``numeric`` read back as it is."""
+    return value if isinstance(value, Decimal) else Decimal(repr(value))
 
 
-def bucket(seconds: float) -> int:
-    if seconds < _FIRST:
-        return 0
-    return min(BUCKETS - 1, 1 + math.floor(_PER_DOUBLING * math.log2(seconds / _FIRST)))
+#: The upper bounds of the buckets but the last (the last is open).
+_UPPER = tuple(_FIRST * 2 ** (i / _PER_DOUBLING) for i in range(BUCKETS - 1))
+bucket = functools.partial(bisect.bisect_right, _UPPER)  # seconds -> its bucket (C speed)
 
 
 def bucket_bounds(index: int) -> tuple[float, float]:
     """[lower, upper) of a bucket, in seconds."""
-    lower = 0.0 if index == 0 else _FIRST * 2 ** ((index - 1) / _PER_DOUBLING)
-    upper = math.inf if index == BUCKETS - 1 else _FIRST * 2 ** (index / _PER_DOUBLING)
+    lower = 0.0 if index == 0 else _UPPER[index - 1]
+    upper = math.inf if index == BUCKETS - 1 else _UPPER[index]
     return lower, upper
 
 
@@ -136,66 +144,53 @@ def label_names(allowed: Iterable[str]) -> str:
     return canonical_json(sorted({name for name in allowed if name != "key"}))
 
 
-def key_of(row: Mapping[str, Any], names: list[str], names_text: str) -> Key:
-    """The rollup key of a row (a dict of its columns; labels as their parsed JSON value)."""
-    start = row["request_start"]
-    status = row["http_status"]
-    labels = row.get("labels")
-    kept = {name: labels[name] for name in names if name in labels} if isinstance(labels, dict) else None
-    return (
-        None if start is None else start // 3600 * 3600,  # float arithmetic: any finite start
-        row["response_model"] if row["response_model"] is not None else row["request_model"],
-        row["provider"],
-        row["app_id"],
-        row["key_fingerprint"],
-        str(status) if status is not None else row["error_type"],
-        row["operation"],
-        row["family"],
-        1 if row["record_schema"] is None else row["record_schema"],  # rows before schemas were numbered
-        row["instance"],
-        row["cost_source"],
-        # a lone surrogate made "?", as in the row's own labels text
-        canonical_json(kept).encode("utf-8", "replace").decode("utf-8") if kept else None,
-        names_text,
-    )
+@functools.lru_cache(maxsize=256)
+def picker(columns: tuple[str, ...]) -> Callable[[Sequence[Any]], tuple]:
+    """From a row's values in ``columns`` order (more may follow) to its source values (None
+    for a column not among them)."""
+    absent = len(columns)
+    getter = operator.itemgetter(*[columns.index(c) if c in columns else absent for c in SOURCE_COLUMNS])
+    if all(c in columns for c in SOURCE_COLUMNS):
+        return getter
+    return lambda values: getter([*values[:absent], None])
 
 
 def empty() -> Values:
     return [0] * len(COUNTS) + [None] * (len(SUMS) + len(DECIMALS)) + [0] * len(BUCKET_COLUMNS)
 
 
-def add_row(values: Values, row: Mapping[str, Any], decimal: Callable[[float], Decimal]) -> None:
-    """Count one row into ``values``. ``decimal``: how the store sums a float amount exactly
-    (``sqlite_decimal`` or ``postgres_decimal``; a ``Decimal`` read from PostgreSQL is taken as is)."""
-    cost, cost_source, error = row["cost_usd"], row["cost_source"], row["error_type"]
-    values[0] += 1
-    if error is not None:
-        values[1] += 1
-    if cost is None:
-        values[2] += cost_source != "deferred"  # as the report counts unknown_cost
-        values[3] += error is None  # what the report lists as unpriced
-    for offset, name in enumerate(SUMS[:-1]):
-        amount = row[name]
-        if amount is not None:
-            i = _SUM_AT + offset
-            values[i] = amount if values[i] is None else values[i] + amount
-    if cost is not None:
-        nano = row["cost_nanousd"]
-        if nano is not None:
-            i = _SUM_AT + len(SUMS) - 1
-            values[i] = nano if values[i] is None else values[i] + nano
-        else:
-            amount = cost if isinstance(cost, Decimal) else decimal(cost)
-            values[_DECIMAL_AT] = amount if values[_DECIMAL_AT] is None else values[_DECIMAL_AT] + amount
-    savings = row["cost_savings_usd"]
-    if savings is not None:
-        amount = savings if isinstance(savings, Decimal) else decimal(savings)
-        i = _DECIMAL_AT + 1
-        values[i] = amount if values[i] is None else values[i] + amount
-    for offset, name in enumerate(("duration_s", "ttft_s")):
-        seconds = row[name]
-        if seconds is not None:
-            values[_BUCKET_AT + offset * BUCKETS + bucket(seconds)] += 1
+_known = functools.partial(operator.is_not, None)
+
+
+def _sum(column: tuple) -> int | None:
+    """SQL's ``sum``: None when every value is."""
+    return None if column.count(None) == len(column) else sum(filter(None, column))
+
+
+def values_of(sources: Sequence[Sequence[Any]], decimal: Callable[[Any], Decimal]) -> Values:
+    """The rollup values of rows (each its source values), column by column at C speed.
+    ``decimal``: how the store sums a float amount exactly (``sqlite_decimal``, ``postgres_decimal``)."""
+    columns = list(zip(*sources))
+    error, cost_source, cost, nano = columns[7], columns[12], columns[_COST], columns[_TOKENS[-1]]
+    unknown = deferred = unpriced = 0
+    if None in cost:
+        unknown = cost.count(None)
+        deferred = list(zip(cost, cost_source)).count((None, "deferred"))  # as the report counts unknown_cost
+        unpriced = list(zip(cost, error)).count((None, None))  # what the report lists as unpriced
+        nano = tuple(n for c, n in zip(cost, nano) if c is not None)  # a cost counts only with cost_usd
+    values = [len(sources), len(error) - error.count(None), unknown - deferred, unpriced]
+    values += [_sum(columns[position]) for position in _TOKENS[:-1]]
+    values.append(_sum(nano) if nano else None)
+    older = [c for c, n in zip(cost, columns[_TOKENS[-1]]) if c is not None and n is None]  # an older llmtap's
+    saved = [v for v in columns[_SAVINGS] if v is not None]
+    values.append(sum(map(decimal, older)) if older else None)
+    values.append(sum(map(decimal, saved)) if saved else None)
+    for position in (_DURATION, _TTFT):
+        counts = [0] * BUCKETS
+        for index, count in Counter(map(bucket, filter(_known, columns[position]))).items():
+            counts[index] = count
+        values += counts
+    return values
 
 
 def merge(into: Values, other: Values) -> None:
@@ -206,27 +201,62 @@ def merge(into: Values, other: Values) -> None:
 
 
 def aggregate(
-    rows: Iterable[Mapping[str, Any]],
-    allowed: Iterable[str],
-    decimal: Callable[[float], Decimal],
-    *,
-    records: bool = False,
+    rows: Iterable[tuple[Sequence[Any], Any]], allowed: Iterable[str], decimal: Callable[[Any], Decimal]
 ) -> dict[Key, Values]:
-    """The rollups of ``rows`` (dicts of their columns, labels parsed), or with ``records`` of
-    journaled records (read as their rows would be), by key."""
+    """The rollups of ``rows`` (each its source values and its labels' parsed JSON value), by key.
+
+    Rows are grouped by their raw values first (a tuple slice per row), each group's values
+    summed column by column, and only then each group's key made (a model from the response
+    or else the request, the status as the report's, ...): keys that come out equal merge.
+    """
     names_text = label_names(allowed)
     names = json.loads(names_text)
+    groups: dict[tuple, list] = defaultdict(list)
+    for source, labels in rows:
+        start = source[0]
+        raw = (None if start is None else start // 3600, source[1:13], _labels(labels, names) if names else None)
+        groups[raw].append(source)
     totals: dict[Key, Values] = {}
-    for item in rows:
-        row = _as_row(item) if records else item
-        if records:
-            row["labels"] = item.get("labels")
-        key = key_of(row, names, names_text)
-        values = totals.get(key)
-        if values is None:
-            values = totals[key] = empty()
-        add_row(values, row, decimal)
+    for (hour, kept, labels), sources in groups.items():
+        model, requested, provider, app, key, status, error, operation, family, schema, instance, cost_source = kept
+        if isinstance(labels, tuple):
+            labels = canonical_json({name: value for name, _, value in labels})
+        key = (
+            None if hour is None else hour * 3600,
+            model if model is not None else requested,
+            provider,
+            app,
+            key,
+            str(status) if status is not None else error,  # as the report's status
+            operation,
+            family,
+            1 if schema is None else schema,  # rows before schemas were numbered
+            instance,
+            cost_source,
+            None if labels is None else labels.encode("utf-8", "replace").decode("utf-8"),  # as the row's labels text
+            names_text,
+        )
+        values = values_of(sources, decimal)
+        if key in totals:
+            merge(totals[key], values)
+        else:
+            totals[key] = values
     return totals
+
+
+def _labels(labels: Any, names: list[str]) -> tuple | str | None:
+    """The allow-listed labels of a row, hashable: (name, type, value) triples (the type keeps
+    1 and true apart), or their canonical JSON when a value is no scalar."""
+    if not isinstance(labels, dict):
+        return None
+    kept = tuple((name, type(labels[name]), labels[name]) for name in names if name in labels)
+    if not kept:
+        return None
+    try:
+        hash(kept)
+    except TypeError:
+        return canonical_json({name: value for name, _, value in kept})
+    return kept
 
 
 def add_decimals(values: Values, amounts: list[Decimal | None]) -> None:

@@ -32,6 +32,7 @@ from llmtap.audit.rows import (
     RowBuilder,
     chain_hash,
     content_row,
+    insert_columns,
     read_record,
     row_builder,
     row_hash,
@@ -273,9 +274,9 @@ def _create_rollups(db: Database) -> None:
     db.execute(rollups.table_sql((), _ROLLUP_TYPES))
     db.execute("CREATE INDEX rollups_hour ON rollups (hour)")
     present = {row[1] for row in db.execute("PRAGMA table_info(exchanges)")}
-    wanted = [*rollups.SOURCE_TYPES, "labels"]
+    wanted = [*rollups.SOURCE_COLUMNS, "labels"]
     cursor = db.execute(f"SELECT {', '.join(c if c in present else f'NULL AS {c}' for c in wanted)} FROM exchanges")
-    rows = ({**dict(zip(wanted, row)), "labels": row[-1] and json.loads(row[-1])} for row in cursor)
+    rows = ((row[:-1], row[-1] and json.loads(row[-1])) for row in cursor)
     add_rollups(db.conn, rollups.aggregate(rows, (), rollups.sqlite_decimal))
 
 
@@ -484,10 +485,8 @@ class AuditStore:
                 if head is None:
                     inserted = []
                     head = self._insert_each(rows, rejected, inserted)
-                records = (row.data for row in inserted)
-                add_rollups(
-                    self.conn, rollups.aggregate(records, self.rollup_labels, rollups.sqlite_decimal, records=True)
-                )
+                counted = [(rollups.picker(insert_columns(r.insert))(r.params), r.data.get("labels")) for r in inserted]
+                add_rollups(self.conn, rollups.aggregate(counted, self.rollup_labels, rollups.sqlite_decimal))
                 self.conn.execute("INSERT OR REPLACE INTO journal_offsets (gen, offset) VALUES (?, ?)", (gen, end))
         finally:
             if collecting:

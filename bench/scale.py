@@ -81,14 +81,21 @@ def templates(workdir: Path, count: int) -> list[dict]:
 
 
 def month(samples: list[dict], rows: int, end: float, days: float, seed: int = 7):
-    """``rows`` journal lines from ``samples``, evenly spread over the ``days`` before ``end``."""
+    """``rows`` journal lines from ``samples``, evenly spread over the ``days`` before ``end``.
+
+    40 API keys, each belonging to one of 12 apps, as in a real deployment; each sample (a
+    model, a family, an outcome) is sent by 3 of the keys, so that keys and models mix.
+    """
     rng = random.Random(seed)
     keys = [f"fp-{rng.getrandbits(64):016x}" for _ in range(40)]
     apps = [f"app-{rng.getrandbits(32):08x}" for _ in range(12)]
+    app_of = {key: apps[i % len(apps)] for i, key in enumerate(keys)}
+    senders = [rng.sample(keys, 3) for _ in samples]
     step = days * 86400 / rows
     start = end - days * 86400
     for i in range(rows):
-        record = dict(samples[i % len(samples)])
+        j = i % len(samples)
+        record = dict(samples[j])
         t0 = record["request_start"]
         t = start + i * step
         for name, value in record.items():
@@ -99,9 +106,10 @@ def month(samples: list[dict], rows: int, end: float, days: float, seed: int = 7
         record["span_id"] = f"{rng.getrandbits(64):016x}"
         if record.get("response_id"):
             record["response_id"] = f"{record['response_id'][:12]}{i:x}"
-        record["key_fingerprint"] = keys[rng.randrange(len(keys))]
+        key = senders[j][rng.randrange(3)]
+        record["key_fingerprint"] = key
         if record.get("app_id"):
-            record["app_id"] = apps[rng.randrange(len(apps))]
+            record["app_id"] = app_of[key]
         yield (json.dumps(record, separators=(",", ":")) + "\n").encode()
 
 

@@ -4,8 +4,9 @@ One rollup row per UTC hour x model x provider x app x key fingerprint x status 
 family x record schema x instance x cost source x allow-listed labels (and, in PostgreSQL,
 x instance_id: each sidecar upserts only its own rollup rows). The stores add a batch's
 rollups in the transaction of the rows it inserted, so rollups equal their rows exactly; a
-replayed or refused record adds nothing. This module is pure: the key and contribution of a
-row (or of a journaled record, read as its row would be), merging, and the histograms.
+replayed or refused record adds nothing. This module is pure: the key and values of rows
+(from the values the stores insert, or read back for a backfill or a report), merging, the
+histograms, and the table's SQL for both engines.
 
 Values: counts (requests, errors, ``unknown_cost`` as the report counts it, ``unpriced``:
 cost unknown and no error), token sums and ``cost_nanousd`` (integer, NULL until a row had
@@ -89,8 +90,6 @@ SOURCE_COLUMNS = (
     "duration_s",
     "ttft_s",
 )
-#: A row dict's source values.
-source_of = operator.itemgetter(*SOURCE_COLUMNS)
 #: Positions in the source values: the token sums then cost_nanousd, the money, the timings.
 _TOKENS = tuple(range(SOURCE_COLUMNS.index("input_tokens"), SOURCE_COLUMNS.index("cost_nanousd") + 1))
 _COST, _SAVINGS = SOURCE_COLUMNS.index("cost_usd"), SOURCE_COLUMNS.index("cost_savings_usd")

@@ -283,7 +283,11 @@ def _create_rollups(db: Database) -> None:
 def add_rollups(conn: sqlite3.Connection, totals: dict[rollups.Key, rollups.Values]) -> None:
     """Add ``totals`` into the rollup table (inside the caller's transaction). Decimal sums are
     text here: the stored ones are read and added first (only for keys that carry one)."""
-    decimal = [key for key, values in totals.items() if any(rollups.decimal_of(values, d) for d in rollups.DECIMALS)]
+    decimal = [
+        key
+        for key, values in totals.items()
+        if any(rollups.decimal_of(values, d) is not None for d in rollups.DECIMALS)
+    ]
     for start in range(0, len(decimal), 500):
         chunk = {rollups.storable_key(key): key for key in decimal[start : start + 500]}
         found = conn.execute(

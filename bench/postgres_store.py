@@ -98,6 +98,9 @@ def main() -> None:
         rows, seconds, batches = drain(store, journal)
         cpu, server = time.process_time() - cpu, backend_cpu(backend) - server
         verified = postgres.verify(store.conn)
+        exchanges, rolled = store.conn.execute(
+            "SELECT pg_total_relation_size('exchanges'), coalesce(pg_total_relation_size(to_regclass('rollups')), 0)"
+        ).fetchone()
         store.close()
         print(
             json.dumps(
@@ -113,6 +116,8 @@ def main() -> None:
                     # the two run in parallel (COPY streams): the rate with a core each, unshared
                     "rows_per_cpu_s": round(rows / max(cpu, server)),
                     "chain_ok": all(v.check.ok for v in verified),
+                    "exchanges_bytes_per_row": round(exchanges / rows),
+                    "rollups_bytes_per_row": round(rolled / rows, 2),
                 }
             )
         )

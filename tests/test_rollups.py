@@ -150,9 +150,7 @@ def assert_rollups_equal_rows(conn, *, postgres: bool = False, labelled: bool = 
     stored: dict[tuple, rollups.Values] = defaultdict(rollups.empty)
     cols = ", ".join(rollups.VALUE_COLUMNS)
     for r in conn.execute(f"SELECT {rollup_key}, {cols} FROM rollups"):
-        values = list(r[n:])
-        values = [Decimal(v) if isinstance(v, str) else v for v in values]
-        rollups.merge(stored[tuple(r[:n])], values)
+        rollups.merge(stored[tuple(r[:n])], rollups.read_values(r[n:]))
     assert {(float(k[0]) if k[0] is not None else None, *k[1:]) for k in stored} == set(norm(want))
     stored = {(float(k[0]) if k[0] is not None else None, *k[1:]): v for k, v in stored.items()}
     for key, acc in exact.items():
@@ -162,7 +160,7 @@ def assert_rollups_equal_rows(conn, *, postgres: bool = False, labelled: bool = 
         assert rollups.decimal_of(values, "cost_savings_usd") == acc["savings"]
         for name, seconds in (("duration", acc["durations"]), ("ttft", acc["ttfts"])):
             counts = rollups.histogram(values, name)
-            assert sum(counts) == len(seconds)
+            assert sum(counts.values()) == len(seconds)
             for p in (0.5, 0.95, 0.99):
                 if seconds:
                     assert_within_one_bucket(rollups.percentile(counts, p), nearest_rank(seconds, p))

@@ -170,12 +170,12 @@ _ROLLUP_TYPES = {
     "text": "text",
     "real": "double precision",
     "integer": "bigint",
+    "bytes": "bytea",
     "count": "integer NOT NULL",
     "sum": "numeric",  # a sum of bigints may not fit one
     "decimal": "numeric",
-    "labels": "jsonb",
+    "json": "jsonb",
 }
-_UPSERT_ROLLUP = rollups.upsert_sql(("instance_id",), add_decimals=True, placeholder="%s")
 
 
 def _create_rollups(cur: Any) -> None:
@@ -201,11 +201,11 @@ def backfill(conn: Any, instance: str | None = None) -> None:
 
 
 def add_rollups(conn: Any, instance: str, totals: dict[rollups.Key, rollups.Values]) -> None:
-    """Add ``totals`` into an instance's rollups, keys sorted (inside the caller's transaction)."""
-    keys = sorted(totals, key=rollups.storable_key)
-    if keys:
-        with conn.cursor() as cur:
-            cur.executemany(_UPSERT_ROLLUP, [[instance, *rollups.parameters(k, totals[k], False)] for k in keys])
+    """Add ``totals`` into an instance's rollups (inside the caller's transaction)."""
+    with conn.cursor() as cur:
+        rollups.write(
+            totals, (instance,), lambda sql, params: cur.execute(sql, params).fetchall(), cur.executemany, sqlite=False
+        )
 
 
 #: Numbered steps; ``llmtap_schema`` holds how many were applied. ``_add_columns`` re-runs

@@ -390,7 +390,7 @@ def _spend_rollups(reader: _Reader, by: Sequence[str], source: Source) -> tuple[
     select = "".join(f"{expr} AS {key}, " for expr, key in zip(group.exprs, keys))
     where, params = _hours(*source.hours)
     by_sql = f"GROUP BY {', '.join(str(i + 1) for i in range(len(keys)))}" if keys else ""
-    summed = [c for c in rollups.VALUE_COLUMNS if c not in rollups.DECIMALS]
+    summed = rollups.COUNTS + rollups.SUMS
     sums = ", ".join(f"sum({c}) AS {c}" for c in summed)
     for row in reader.rows(
         f"SELECT {select}{sums} FROM rollups WHERE {where} {by_sql}", [*group.params, *params], exact=True
@@ -407,8 +407,18 @@ def _spend_rollups(reader: _Reader, by: Sequence[str], source: Source) -> tuple[
         exact=True,
     ):
         values = list(row.values())
-        amounts = [None if a is None else Decimal(a) for a in values[len(keys) :]]
-        rollups.add_decimals(groups[tuple(values[: len(keys)])], amounts)
+        amounts = dict(zip(rollups.DECIMALS, (None if a is None else Decimal(a) for a in values[len(keys) :])))
+        rollups.merge(groups[tuple(values[: len(keys)])], [amounts.get(c) for c in rollups.VALUE_COLUMNS])
+    # the latency histogram, bucket by bucket (a rollup row holds a few: JSON objects, summed by the engine)
+    each = "jsonb_each_text" if reader.postgres else "json_each"
+    count = "(j.value)::int" if reader.postgres else "j.value"
+    for row in reader.rows(
+        f"SELECT {select}CAST(j.key AS INTEGER) AS bucket, sum({count}) AS n FROM rollups, {each}(rollups.duration) AS j "
+        f"WHERE {where} GROUP BY {', '.join(str(i + 1) for i in range(len(keys) + 1))}",
+        [*group.params, *params],
+    ):
+        values = list(row.values())
+        rollups.histogram(groups[tuple(values[: len(keys)])], "duration")[values[-2]] += int(values[-1])
     rows_group = grouping(by, reader.postgres)
     columns = _columns(reader)
     wanted = [c if c in columns else f"NULL AS {c}" for c in rollups.SOURCE_COLUMNS]

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import bisect
 import functools
+import hashlib
 import json
 import math
 import operator
@@ -53,15 +54,16 @@ KEY_COLUMNS = (
 COUNTS = ("requests", "errors", "unknown_cost", "unpriced")
 SUMS = ("input_tokens", "output_tokens", "total_tokens", "cached_input_tokens", "reasoning_tokens", "cost_nanousd")
 DECIMALS = ("cost_decimal_usd", "cost_savings_usd")
+#: Sparse histograms, stored as JSON objects of bucket -> count (``{"41":2,"45":1}``): a rollup
+#: row holds a few requests, so a few buckets; 20 bytes where fixed columns took 170.
 HISTOGRAMS = ("duration", "ttft")
 BUCKETS = 86
 _PER_DOUBLING = 4
 _FIRST = 0.001  # seconds: the upper bound of bucket 0
-BUCKET_COLUMNS = tuple(f"{name}_{i:02d}" for name in HISTOGRAMS for i in range(BUCKETS))
-VALUE_COLUMNS = COUNTS + SUMS + DECIMALS + BUCKET_COLUMNS
+VALUE_COLUMNS = COUNTS + SUMS + DECIMALS + HISTOGRAMS
 _SUM_AT = len(COUNTS)
 _DECIMAL_AT = _SUM_AT + len(SUMS)
-_BUCKET_AT = _DECIMAL_AT + len(DECIMALS)
+_HISTOGRAM_AT = _DECIMAL_AT + len(DECIMALS)
 
 #: The row columns a rollup reads: a row is counted from these values, as stored (the stores
 #: pass the values of the rows they insert, so a rollup counts exactly what its row holds).
@@ -123,15 +125,15 @@ def bucket_bounds(index: int) -> tuple[float, float]:
     return lower, upper
 
 
-def percentile(counts: list[int], p: float) -> float | None:
-    """Nearest-rank percentile of a histogram: the upper bound of the bucket holding the rank
-    (the last, open bucket: its lower bound); None for an empty histogram."""
-    total = sum(counts)
+def percentile(counts: Mapping[int, int], p: float) -> float | None:
+    """Nearest-rank percentile of a histogram (bucket -> count): the upper bound of the bucket
+    holding the rank (the last, open bucket: its lower bound); None for an empty histogram."""
+    total = sum(counts.values())
     if not total:
         return None
     rank, seen = max(1, math.ceil(p * total)), 0
-    for index, count in enumerate(counts):
-        seen += count
+    for index in sorted(counts):
+        seen += counts[index]
         if seen >= rank:
             lower, upper = bucket_bounds(index)
             return upper if math.isfinite(upper) else lower
@@ -155,7 +157,7 @@ def picker(columns: tuple[str, ...]) -> Callable[[Sequence[Any]], tuple]:
 
 
 def empty() -> Values:
-    return [0] * len(COUNTS) + [None] * (len(SUMS) + len(DECIMALS)) + [0] * len(BUCKET_COLUMNS)
+    return [0] * len(COUNTS) + [None] * (len(SUMS) + len(DECIMALS)) + [Counter() for _ in HISTOGRAMS]
 
 
 _known = functools.partial(operator.is_not, None)
@@ -184,11 +186,7 @@ def values_of(sources: Sequence[Sequence[Any]], decimal: Callable[[Any], Decimal
     saved = [v for v in columns[_SAVINGS] if v is not None]
     values.append(sum(map(decimal, older)) if older else None)
     values.append(sum(map(decimal, saved)) if saved else None)
-    for position in (_DURATION, _TTFT):
-        counts = [0] * BUCKETS
-        for index, count in Counter(map(bucket, filter(_known, columns[position]))).items():
-            counts[index] = count
-        values += counts
+    values += [Counter(map(bucket, filter(_known, columns[position]))) for position in (_DURATION, _TTFT)]
     return values
 
 
@@ -258,71 +256,110 @@ def _labels(labels: Any, names: list[str]) -> tuple | str | None:
     return kept
 
 
-def add_decimals(values: Values, amounts: list[Decimal | None]) -> None:
-    """Add amounts (in ``DECIMALS`` order) into ``values``' decimal sums."""
-    for offset, amount in enumerate(amounts):
-        i = _DECIMAL_AT + offset
-        if amount is not None:
-            values[i] = amount if values[i] is None else values[i] + amount
-
-
-def histogram(values: Values, name: str) -> list[int]:
-    start = _BUCKET_AT + HISTOGRAMS.index(name) * BUCKETS
-    return values[start : start + BUCKETS]
+def histogram(values: Values, name: str) -> Counter:
+    """A histogram of ``values`` (bucket -> count; add to it in place)."""
+    return values[_HISTOGRAM_AT + HISTOGRAMS.index(name)]
 
 
 def decimal_of(values: Values, name: str) -> Decimal | None:
     return values[_DECIMAL_AT + DECIMALS.index(name)]
 
 
-def storable_key(key: Key) -> str:
-    """The key as one text (the table's primary key: NULLs compare equal in it)."""
-    return json.dumps(key, ensure_ascii=False, separators=(",", ":"))
+def storable_key(key: Key) -> bytes:
+    """The key as the table's primary key: 16 bytes of BLAKE2b of its JSON (NULLs compare
+    equal in it; the key's columns are stored beside it for SQL)."""
+    return hashlib.blake2b(json.dumps(key, ensure_ascii=False, separators=(",", ":")).encode(), digest_size=16).digest()
 
 
 def table_sql(table_key: tuple[str, ...], types: Mapping[str, str]) -> str:
     """The rollup table's DDL; ``types``: the engine's type of each kind (text, real, integer,
-    count, sum, decimal, labels); ``table_key``: the columns before ``key`` in the primary key."""
+    bytes, count, sum, decimal, json); ``table_key``: the columns before ``key`` in the primary key."""
     kinds = {
         "hour": "real",
         "record_schema": "integer",
-        "labels": "labels",
-        **dict.fromkeys(COUNTS + BUCKET_COLUMNS, "count"),
+        "labels": "json",
+        **dict.fromkeys(COUNTS, "count"),
         **dict.fromkeys(SUMS, "sum"),
         **dict.fromkeys(DECIMALS, "decimal"),
+        **dict.fromkeys(HISTOGRAMS, "json"),
     }
     columns = [f"{name} {types['text']} NOT NULL" for name in table_key]
-    columns.append(f"key {types['text']} NOT NULL")
+    columns.append(f"key {types['bytes']} NOT NULL")
     columns += [f"{name} {types[kinds.get(name, 'text')]}" for name in KEY_COLUMNS + VALUE_COLUMNS]
     columns.append(f"PRIMARY KEY ({', '.join([*table_key, 'key'])})")
     return f"CREATE TABLE rollups ({', '.join(columns)})"
 
 
-def upsert_sql(table_key: tuple[str, ...], *, add_decimals: bool, placeholder: str = "?") -> str:
-    """One rollup row added into the table. ``add_decimals``: the engine adds decimals itself
-    (PostgreSQL's numeric); else the caller has already added the stored ones (SQLite's text)."""
+def write(
+    totals: dict[Key, Values],
+    owner: tuple[Any, ...],
+    fetch: Callable[[str, list[Any]], Iterable[Sequence[Any]]],
+    executemany: Callable[[str, list[list[Any]]], Any],
+    *,
+    sqlite: bool,
+) -> None:
+    """Add ``totals`` into the stored rollups, inside the caller's transaction: read the touched
+    rows, add in Python (exact decimals, sparse histograms), write them back in key order.
+    ``owner``: the values of the table-key columns (PostgreSQL: the instance id, whose writer
+    alone touches these rows, under its lock). ``fetch`` and ``executemany`` run SQL."""
+    table_key = ("instance_id",) if owner else ()
+    placeholder = "?" if sqlite else "%s"
+    hashed = sorted((storable_key(key), key) for key in totals)
+    by_hash = dict(hashed)
+    for start in range(0, len(hashed), 500):
+        chunk = [digest for digest, _ in hashed[start : start + 500]]
+        for row in fetch(stored_sql(table_key, len(chunk), placeholder), [*owner, *chunk]):
+            merge(totals[by_hash[bytes(row[0])]], read_values(row[1:]))
+    executemany(
+        upsert_sql(table_key, placeholder), [[*owner, *parameters(d, key, totals[key], sqlite)] for d, key in hashed]
+    )
+
+
+@functools.cache
+def upsert_sql(table_key: tuple[str, ...], placeholder: str = "?") -> str:
+    """One rollup row written with its values already added to the stored ones (``stored``)."""
     columns = [*table_key, "key", *KEY_COLUMNS, *VALUE_COLUMNS]
-    sets = [f"{c} = rollups.{c} + excluded.{c}" for c in COUNTS + BUCKET_COLUMNS]
-    nullable = SUMS + DECIMALS if add_decimals else SUMS
-    sets += [f"{c} = coalesce(rollups.{c} + excluded.{c}, rollups.{c}, excluded.{c})" for c in nullable]
-    if not add_decimals:
-        sets += [f"{c} = coalesce(excluded.{c}, rollups.{c})" for c in DECIMALS]
     return (
         f"INSERT INTO rollups ({', '.join(columns)}) VALUES ({', '.join([placeholder] * len(columns))}) "
-        f"ON CONFLICT ({', '.join([*table_key, 'key'])}) DO UPDATE SET {', '.join(sets)}"
+        f"ON CONFLICT ({', '.join([*table_key, 'key'])}) DO UPDATE SET "
+        + ", ".join(f"{c} = excluded.{c}" for c in VALUE_COLUMNS)
     )
+
+
+@functools.lru_cache(maxsize=64)
+def stored_sql(table_key: tuple[str, ...], keys: int, placeholder: str = "?") -> str:
+    """The stored values of ``keys`` rollup rows (after the table-key columns' values)."""
+    where = " AND ".join(f"{c} = {placeholder}" for c in table_key)
+    keyed = f"key IN ({', '.join([placeholder] * keys)})"
+    return f"SELECT key, {', '.join(VALUE_COLUMNS)} FROM rollups WHERE {where + ' AND ' if where else ''}{keyed}"
+
+
+def read_values(stored: Sequence[Any]) -> Values:
+    """Values as read back (decimals as text or numeric, histograms as JSON text or jsonb)."""
+    values = list(stored)
+    for i in range(_DECIMAL_AT, _HISTOGRAM_AT):
+        if values[i] is not None:
+            values[i] = Decimal(values[i])
+    for i in range(_HISTOGRAM_AT, len(values)):
+        counts = json.loads(values[i]) if isinstance(values[i], str) else values[i] or {}
+        values[i] = Counter({int(index): count for index, count in counts.items()})
+    return values
 
 
 _INT64 = 2**63
 
 
-def parameters(key: Key, values: Values, sqlite: bool) -> list[Any]:
-    """An upsert's parameters after its table-key columns. SQLite: decimals as plain text,
-    and a sum beyond 64 bits (absurd journal values only) as a float, as SQLite's own ``+``
-    makes it: a rollup never costs a batch."""
+def parameters(digest: bytes, key: Key, values: Values, sqlite: bool) -> list[Any]:
+    """An upsert's parameters after its table-key columns: histograms as JSON; in SQLite,
+    decimals as plain text and a sum beyond 64 bits (absurd journal values only) as a float,
+    as SQLite's own ``+`` makes it: a rollup never costs a batch."""
+    values = [
+        json.dumps({str(i): n for i, n in sorted(v.items())}, separators=(",", ":")) if isinstance(v, Counter) else v
+        for v in values
+    ]
     if sqlite:
         values = [
             format(v, "f") if isinstance(v, Decimal) else float(v) if isinstance(v, int) and abs(v) >= _INT64 else v
             for v in values
         ]
-    return [storable_key(key), *key, *values]
+    return [digest, *key, *values]

@@ -17,7 +17,6 @@ import os
 import sqlite3
 import time
 from collections.abc import Callable
-from decimal import Decimal
 from itertools import takewhile
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -261,17 +260,17 @@ _ROLLUP_TYPES = {
     "text": "TEXT",
     "real": "REAL",
     "integer": "INTEGER",
+    "bytes": "BLOB",
     "count": "INTEGER NOT NULL",
     "sum": "INTEGER",
-    "decimal": "TEXT",  # exact decimal text, added in Python (add_rollups)
-    "labels": "TEXT",
+    "decimal": "TEXT",  # exact decimal text, added in Python
+    "json": "TEXT",
 }
-_UPSERT_ROLLUP = rollups.upsert_sql((), add_decimals=False)
 
 
 def _create_rollups(db: Database) -> None:
     """Hourly rollups (``llmtap.audit.rollups``) for reports, backfilled from the rows here."""
-    db.execute(rollups.table_sql((), _ROLLUP_TYPES))
+    db.execute(rollups.table_sql((), _ROLLUP_TYPES) + " WITHOUT ROWID")  # the key stored once
     db.execute("CREATE INDEX rollups_hour ON rollups (hour)")
     present = {row[1] for row in db.execute("PRAGMA table_info(exchanges)")}
     wanted = [*rollups.SOURCE_COLUMNS, "labels"]
@@ -281,22 +280,8 @@ def _create_rollups(db: Database) -> None:
 
 
 def add_rollups(conn: sqlite3.Connection, totals: dict[rollups.Key, rollups.Values]) -> None:
-    """Add ``totals`` into the rollup table (inside the caller's transaction). Decimal sums are
-    text here: the stored ones are read and added first (only for keys that carry one)."""
-    decimal = [
-        key
-        for key, values in totals.items()
-        if any(rollups.decimal_of(values, d) is not None for d in rollups.DECIMALS)
-    ]
-    for start in range(0, len(decimal), 500):
-        chunk = {rollups.storable_key(key): key for key in decimal[start : start + 500]}
-        found = conn.execute(
-            f"SELECT key, {', '.join(rollups.DECIMALS)} FROM rollups WHERE key IN ({', '.join('?' * len(chunk))})",
-            list(chunk),
-        )
-        for stored, *amounts in found:
-            rollups.add_decimals(totals[chunk[stored]], [None if a is None else Decimal(a) for a in amounts])
-    conn.executemany(_UPSERT_ROLLUP, [rollups.parameters(key, values, True) for key, values in totals.items()])
+    """Add ``totals`` into the rollup table (inside the caller's transaction)."""
+    rollups.write(totals, (), lambda sql, params: conn.execute(sql, params), conn.executemany, sqlite=True)
 
 
 MIGRATIONS: tuple[Callable[[Database], None], ...] = (

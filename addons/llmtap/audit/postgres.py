@@ -181,7 +181,7 @@ _ROLLUP_TYPES = {
 def _create_rollups(cur: Any) -> None:
     """Hourly rollups per instance (``llmtap.audit.rollups``), backfilled from the rows here."""
     if cur.execute("SELECT to_regclass('rollups')").fetchone()[0] is None:
-        cur.execute(rollups.table_sql(("instance_id",), _ROLLUP_TYPES))
+        cur.execute(rollups.table_sql(("instance_id",), ("instance_id", "key"), _ROLLUP_TYPES))
         cur.execute("CREATE INDEX rollups_hour ON rollups (hour)")
         backfill(cur.connection)
 

@@ -210,6 +210,13 @@ class _Reader:
                 return [dict(zip(names, row)) for row in cur]
             return [{n: _plain(v) for n, v in zip(names, row)} for row in cur]
 
+    def tuples(self, sql: str, params: Sequence[Any]) -> list[tuple]:
+        """Rows as tuples (many of them: no dict each), PostgreSQL's numeric values as decimals."""
+        if not self.postgres:
+            return self.conn.execute(sql, params).fetchall()
+        with self.conn.cursor() as cur:
+            return cur.execute(sql.replace("?", "%s"), params).fetchall()
+
 
 def _plain(value: Any) -> Any:
     """numeric sums as floats, like SQLite's (the report prints them; the database keeps them exact)."""
@@ -268,10 +275,15 @@ def _has_rollups(reader: _Reader) -> bool:
 
 
 def _hours(start: float | None, end: float | None) -> tuple[str, list[float]]:
+    """The rollups of the hours in [start, end); rows without a start time roll up under hour
+    -inf, which only a range open at both ends includes (as a row scan would)."""
     where, params = ["1 = 1"], []
     if start is not None:
         where.append("hour >= ?")
         params.append(start)
+    elif end is not None:
+        where.append("hour > ?")
+        params.append(-math.inf)
     if end is not None:
         where.append("hour < ?")
         params.append(end)
@@ -399,25 +411,28 @@ def _spend_rollups(reader: _Reader, by: Sequence[str], source: Source) -> tuple[
         if row["requests"]:
             found = dict(zip(summed, values[len(keys) :]))
             rollups.merge(groups[tuple(values[: len(keys)])], [found.get(c) for c in rollups.VALUE_COLUMNS])
-    decimals = ", ".join(rollups.DECIMALS)
-    for row in reader.rows(
-        f"SELECT {select}{decimals} FROM rollups WHERE {where} AND "
-        f"({' OR '.join(f'{d} IS NOT NULL' for d in rollups.DECIMALS)})",
+    # exact decimals (text in SQLite), added here a group at a time
+    amounts: dict[tuple, tuple[list, list]] = defaultdict(lambda: ([], []))
+    for *values, older, saved in reader.tuples(
+        f"SELECT {select}{', '.join(rollups.DECIMALS)} FROM rollups WHERE {where} AND "
+        f"({' OR '.join(f'{name} IS NOT NULL' for name in rollups.DECIMALS)})",
         [*group.params, *params],
-        exact=True,
     ):
-        values = list(row.values())
-        amounts = dict(zip(rollups.DECIMALS, (None if a is None else Decimal(a) for a in values[len(keys) :])))
-        rollups.merge(groups[tuple(values[: len(keys)])], [amounts.get(c) for c in rollups.VALUE_COLUMNS])
+        found = amounts[tuple(values)]
+        for into, amount in zip(found, (older, saved)):
+            if amount is not None:
+                into.append(amount)
+    for key, found in amounts.items():
+        total = {name: sum(map(Decimal, parts)) for name, parts in zip(rollups.DECIMALS, found) if parts}
+        rollups.merge(groups[key], [total.get(c) for c in rollups.VALUE_COLUMNS])
     # the latency histogram, bucket by bucket (a rollup row holds a few: JSON objects, summed by the engine)
     each = "jsonb_each_text" if reader.postgres else "json_each"
     count = "(j.value)::int" if reader.postgres else "j.value"
-    for row in reader.rows(
+    for values in reader.tuples(
         f"SELECT {select}CAST(j.key AS INTEGER) AS bucket, sum({count}) AS n FROM rollups, {each}(rollups.duration) AS j "
         f"WHERE {where} GROUP BY {', '.join(str(i + 1) for i in range(len(keys) + 1))}",
         [*group.params, *params],
     ):
-        values = list(row.values())
         rollups.histogram(groups[tuple(values[: len(keys)])], "duration")[values[-2]] += int(values[-1])
     rows_group = grouping(by, reader.postgres)
     columns = _columns(reader)

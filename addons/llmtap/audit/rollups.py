@@ -211,7 +211,7 @@ def aggregate(
     groups: dict[tuple, list] = defaultdict(list)
     for source, labels in rows:
         start = source[0]
-        raw = (None if start is None else start // 3600, source[1:13], _labels(labels, names) if names else None)
+        raw = (-math.inf if start is None else start // 3600, source[1:13], _labels(labels, names) if names else None)
         groups[raw].append(source)
     totals: dict[Key, Values] = {}
     for (hour, kept, labels), sources in groups.items():
@@ -219,7 +219,7 @@ def aggregate(
         if isinstance(labels, tuple):
             labels = canonical_json({name: value for name, _, value in labels})
         key = (
-            None if hour is None else hour * 3600,
+            hour * 3600,  # -inf for a row without a start time: before every hour
             model if model is not None else requested,
             provider,
             app,
@@ -271,9 +271,10 @@ def storable_key(key: Key) -> bytes:
     return hashlib.blake2b(json.dumps(key, ensure_ascii=False, separators=(",", ":")).encode(), digest_size=16).digest()
 
 
-def table_sql(table_key: tuple[str, ...], types: Mapping[str, str]) -> str:
+def table_sql(owner: tuple[str, ...], primary: tuple[str, ...], types: Mapping[str, str]) -> str:
     """The rollup table's DDL; ``types``: the engine's type of each kind (text, real, integer,
-    bytes, count, sum, decimal, json); ``table_key``: the columns before ``key`` in the primary key."""
+    bytes, count, sum, decimal, json); ``owner``: columns before the key's (PostgreSQL's
+    instance_id); ``primary``: the primary key."""
     kinds = {
         "hour": "real",
         "record_schema": "integer",
@@ -283,10 +284,10 @@ def table_sql(table_key: tuple[str, ...], types: Mapping[str, str]) -> str:
         **dict.fromkeys(DECIMALS, "decimal"),
         **dict.fromkeys(HISTOGRAMS, "json"),
     }
-    columns = [f"{name} {types['text']} NOT NULL" for name in table_key]
+    columns = [f"{name} {types['text']} NOT NULL" for name in owner]
     columns.append(f"key {types['bytes']} NOT NULL")
     columns += [f"{name} {types[kinds.get(name, 'text')]}" for name in KEY_COLUMNS + VALUE_COLUMNS]
-    columns.append(f"PRIMARY KEY ({', '.join([*table_key, 'key'])})")
+    columns.append(f"PRIMARY KEY ({', '.join(primary)})")
     return f"CREATE TABLE rollups ({', '.join(columns)})"
 
 
@@ -300,38 +301,40 @@ def write(
 ) -> None:
     """Add ``totals`` into the stored rollups, inside the caller's transaction: read the touched
     rows, add in Python (exact decimals, sparse histograms), write them back in key order.
-    ``owner``: the values of the table-key columns (PostgreSQL: the instance id, whose writer
-    alone touches these rows, under its lock). ``fetch`` and ``executemany`` run SQL."""
-    table_key = ("instance_id",) if owner else ()
+    ``owner``: PostgreSQL's instance id (its writer alone touches its rows, under its lock).
+    ``fetch`` and ``executemany`` run SQL."""
     placeholder = "?" if sqlite else "%s"
     hashed = sorted((storable_key(key), key) for key in totals)
     by_hash = dict(hashed)
+    hours = sorted({key[0] for key in totals})
     for start in range(0, len(hashed), 500):
         chunk = [digest for digest, _ in hashed[start : start + 500]]
-        for row in fetch(stored_sql(table_key, len(chunk), placeholder), [*owner, *chunk]):
+        sql = stored_sql(len(owner), len(hours), len(chunk), placeholder)
+        for row in fetch(sql, [*owner, *hours, *chunk]):
             merge(totals[by_hash[bytes(row[0])]], read_values(row[1:]))
     executemany(
-        upsert_sql(table_key, placeholder), [[*owner, *parameters(d, key, totals[key], sqlite)] for d, key in hashed]
+        upsert_sql(len(owner), sqlite), [[*owner, *parameters(d, key, totals[key], sqlite)] for d, key in hashed]
     )
 
 
 @functools.cache
-def upsert_sql(table_key: tuple[str, ...], placeholder: str = "?") -> str:
-    """One rollup row written with its values already added to the stored ones (``stored``)."""
-    columns = [*table_key, "key", *KEY_COLUMNS, *VALUE_COLUMNS]
+def upsert_sql(owned: int, sqlite: bool) -> str:
+    """One rollup row written with its values already added to the stored ones."""
+    columns = [*("instance_id",) * owned, "key", *KEY_COLUMNS, *VALUE_COLUMNS]
+    primary = "hour, key" if sqlite else "instance_id, key"
     return (
-        f"INSERT INTO rollups ({', '.join(columns)}) VALUES ({', '.join([placeholder] * len(columns))}) "
-        f"ON CONFLICT ({', '.join([*table_key, 'key'])}) DO UPDATE SET "
-        + ", ".join(f"{c} = excluded.{c}" for c in VALUE_COLUMNS)
+        f"INSERT INTO rollups ({', '.join(columns)}) VALUES ({', '.join(['?' if sqlite else '%s'] * len(columns))}) "
+        f"ON CONFLICT ({primary}) DO UPDATE SET " + ", ".join(f"{c} = excluded.{c}" for c in VALUE_COLUMNS)
     )
 
 
-@functools.lru_cache(maxsize=64)
-def stored_sql(table_key: tuple[str, ...], keys: int, placeholder: str = "?") -> str:
-    """The stored values of ``keys`` rollup rows (after the table-key columns' values)."""
-    where = " AND ".join(f"{c} = {placeholder}" for c in table_key)
-    keyed = f"key IN ({', '.join([placeholder] * keys)})"
-    return f"SELECT key, {', '.join(VALUE_COLUMNS)} FROM rollups WHERE {where + ' AND ' if where else ''}{keyed}"
+@functools.lru_cache(maxsize=256)
+def stored_sql(owned: int, hours: int, keys: int, placeholder: str) -> str:
+    """The stored values of up to ``keys`` rollup rows of ``hours`` hours (of one instance)."""
+    where = ["instance_id = " + placeholder] * owned
+    where.append(f"hour IN ({', '.join([placeholder] * hours)})")
+    where.append(f"key IN ({', '.join([placeholder] * keys)})")
+    return f"SELECT key, {', '.join(VALUE_COLUMNS)} FROM rollups WHERE {' AND '.join(where)}"
 
 
 def read_values(stored: Sequence[Any]) -> Values:

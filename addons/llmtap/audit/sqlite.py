@@ -270,8 +270,8 @@ _ROLLUP_TYPES = {
 
 def _create_rollups(db: Database) -> None:
     """Hourly rollups (``llmtap.audit.rollups``) for reports, backfilled from the rows here."""
-    db.execute(rollups.table_sql((), _ROLLUP_TYPES) + " WITHOUT ROWID")  # the key stored once
-    db.execute("CREATE INDEX rollups_hour ON rollups (hour)")
+    # clustered by hour: a report's range of hours is one contiguous run of the table
+    db.execute(rollups.table_sql((), ("hour", "key"), _ROLLUP_TYPES) + " WITHOUT ROWID")
     present = {row[1] for row in db.execute("PRAGMA table_info(exchanges)")}
     wanted = [*rollups.SOURCE_COLUMNS, "labels"]
     cursor = db.execute(f"SELECT {', '.join(c if c in present else f'NULL AS {c}' for c in wanted)} FROM exchanges")

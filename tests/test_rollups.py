@@ -417,3 +417,20 @@ def test_rollup_retention_may_not_be_shorter_than_row_retention():
         Settings.from_values({"retention_days": 30, "rollup_retention_days": 7})
     with pytest.raises(SettingsError, match="rollup_retention_days"):
         Settings.from_values({"retention_days": 0, "rollup_retention_days": 7})
+
+
+def test_a_postgres_schema_before_rollups_upgrades_with_its_rows_rolled_up(pg_url):
+    from llmtap.audit import postgres
+
+    store = postgres.PostgresStore(pg_url, "old", capture_content=False)
+    lines = [make_record(i, request_start=HOUR0 + i * 700).to_json().encode() for i in range(40)]
+    store.apply(1, lines, 100)
+    number = postgres.MIGRATIONS.index(postgres._create_rollups) + 1
+    store.conn.execute("DROP TABLE rollups")  # as a database of the release before rollups
+    store.conn.execute("DELETE FROM llmtap_schema WHERE version >= %s", (number,))
+    store.close()
+    conn = postgres.connect(pg_url)
+    assert number in postgres.migrate(conn)
+    assert conn.execute("SELECT sum(requests) FROM rollups").fetchone()[0] == 40
+    assert_rollups_equal_rows(conn, postgres=True, labelled=False)
+    conn.close()

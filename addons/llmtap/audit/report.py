@@ -708,8 +708,8 @@ def _verify_one(
     if resume is not None and int(resume["id"]) >= (
         _scalar(conn, instance, "SELECT min(id) FROM exchanges WHERE {scope}") or 0
     ):
-        stored = _link(conn, instance, int(resume["id"]))
-        if stored is None or chain.as_hex(stored[1]) != resume["head"]:
+        stored = _links(conn, instance, int(resume["id"]), int(resume["id"]))
+        if not stored or chain.as_hex(stored[0].row_hash) != resume["head"] or _edited(stored[0]):
             return None, (
                 f"BROKEN: {label}: the checkpoint's row id={resume['id']} no longer holds {resume['head']} "
                 "(it was edited or removed)"
@@ -722,8 +722,8 @@ def _verify_one(
             found = 2**63 - 1
         if found > first_id:
             first_id, position = found, None
-            stored = _link(conn, instance, found)
-            anchor, start = chain.as_hex(stored[0]), f"row id={found}'s prev_hash (the range's first row)"
+            anchor = chain.as_hex(_links(conn, instance, found, found)[0].prev_hash)
+            start = f"row id={found}'s prev_hash (the range's first row)"
     if until is not None:
         last_id = _scalar(conn, instance, "SELECT max(id) FROM exchanges WHERE {scope} AND request_start < ?", [until])
         last_id = -1 if last_id is None else last_id
@@ -738,30 +738,33 @@ def _verify_one(
             if checkpoint and position is not None and progress.checkpoint_due():
                 _save_checkpoint(checkpoint, saved, instance, check, position)
 
-        if postgres:
-            from llmtap.audit.postgres import chain_links
-
-            links = chain_links(conn, instance, first_id, last_id, seen)
-        else:
-            from llmtap.audit.sqlite import chain_links
-
-            links = chain_links(conn, first_id, last_id)
-        check = chain.walk_chain(links, anchor, tick)
+        check = chain.walk_chain(_links(conn, instance, first_id, last_id, seen, stream=True), anchor, tick)
         progress.update(check.rows)
     if checkpoint and position is not None and check.last_id is not None:
         _save_checkpoint(checkpoint, saved, instance, check, position)
     return _Result(instance, seen.get("name"), check, pruned, check.head, start), None
 
 
-def _link(conn: Any, instance: str | None, row_id: int) -> tuple[Any, Any] | None:
-    """A row's stored (prev_hash, row_hash), either format."""
+def _links(
+    conn: Any, instance: str | None, first_id: int, last_id: int, seen: dict | None = None, *, stream: bool = False
+) -> Any:
+    """A chain's rows from ``first_id`` to ``last_id`` as ``Link``s: streamed, or as a list."""
     if instance is None:
-        return conn.execute("SELECT prev_hash, row_hash FROM exchanges WHERE id = ?", (row_id,)).fetchone()
-    found = conn.execute(
-        "SELECT prev_digest, row_digest, prev_hash, row_hash FROM exchanges WHERE instance_id = %s AND id = %s",
-        (instance, row_id),
-    ).fetchone()
-    return None if found is None else (found[0] or found[2], found[1] or found[3])
+        from llmtap.audit.sqlite import chain_links
+
+        links = chain_links(conn, first_id, last_id)
+    else:
+        from llmtap.audit.postgres import chain_links
+
+        links = chain_links(conn, instance, first_id, last_id, seen)
+    return links if stream else list(links)
+
+
+def _edited(link: Any) -> bool:
+    """Whether a row no longer hashes as stored (its own link only)."""
+    from llmtap.audit.rows import as_digest, link_fault
+
+    return link_fault(as_digest(link.prev_hash), link.prev_hash, link.row_hash, link.body) is not None
 
 
 def _read_checkpoint(path: str | None) -> dict[str | None, dict[str, Any]]:

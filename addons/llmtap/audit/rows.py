@@ -101,7 +101,9 @@ def row_builder(types: Mapping[str, str]) -> Callable[[Mapping[str, Any]], dict[
             end = _to_real(data.get(key))
             row[name] = None if start is None or end is None else max(0.0, end - start)
         if row.get("metadata_json") is not None:
-            row["metadata_json"] = _to_json(metadata_remainder(data["metadata"], row.get))
+            row["metadata_json"] = _to_json(
+                metadata_remainder(data["metadata"], [row.get(name) for name in HELD_COLUMNS])
+            )
         return row
 
     return build
@@ -173,41 +175,44 @@ HELD = (
 MASK_KEY = "~"
 
 
-def metadata_remainder(metadata: Any, column: Callable[[str], Any]) -> Any:
+#: The columns of ``HELD``, in its order: what ``metadata_remainder`` compares the leaves with.
+HELD_COLUMNS = tuple(name for _, _, name in HELD)
+_HELD_PLAN = tuple((1 << bit, parent, key, name in JSON_COLUMNS) for bit, (parent, key, name) in enumerate(HELD))
+
+
+def metadata_remainder(metadata: Any, held: Sequence[Any]) -> Any:
     """What of ``metadata`` no column holds, and the mask of what it leaves out (see the module
-    docstring). ``column(name)``: the row's value of a column, as hashed. ``metadata`` is not
+    docstring). ``held``: the row's values of ``HELD_COLUMNS``, as hashed. ``metadata`` is not
     changed (the writer builds spans from it)."""
     if not isinstance(metadata, dict):
         return metadata
-    rest = _escape_tildes(metadata) if any(key[:1] == MASK_KEY for key in metadata) else dict(metadata)
-    copied: set[str] = set()
+    # a key of tildes sorts at or after "~" (max() looks in C: this runs for every Pulze row)
+    rest = _escape_tildes(metadata) if metadata and max(metadata) >= MASK_KEY else dict(metadata)
+    copied: list[str] = []
     mask = 0
-    for bit, (parent, key, name) in enumerate(HELD):
+    for (flag, parent, key, json_column), value in zip(_HELD_PLAN, held):
         holder = rest if parent is None else rest.get(parent)
-        if not isinstance(holder, dict) or key not in holder or not _held(holder[key], column(name), name):
+        if not isinstance(holder, dict) or key not in holder:
             continue
+        leaf = holder[key]  # dropped only when the column's value has the same canonical JSON:
+        if json_column:
+            if not (leaf is None if value is None else type(leaf) in (dict, list) and canonical_json(leaf) == value):
+                continue
+        elif type(leaf) is not type(value) or leaf != value:  # 1 and 1.0, true and 1 differ in JSON
+            continue
+        elif leaf == 0.0 and type(leaf) is float and math.copysign(1.0, leaf) != math.copysign(1.0, value):
+            continue  # equal floats of one sign have one repr (a column holds no NaN)
         if parent is not None and parent not in copied:
             holder = rest[parent] = dict(holder)
-            copied.add(parent)
+            copied.append(parent)
         del holder[key]
-        mask |= 1 << bit
+        mask |= flag
     for parent in copied:
         if not rest[parent]:
             del rest[parent]  # rebuilt from its leaves' bits
     if mask:
         rest[MASK_KEY] = mask
     return rest
-
-
-def _held(leaf: Any, value: Any, name: str) -> bool:
-    """Whether the column's value is the leaf exactly: the same canonical JSON."""
-    if name in JSON_COLUMNS:
-        return leaf is None if value is None else isinstance(leaf, (dict, list)) and canonical_json(leaf) == value
-    if type(leaf) is not type(value):  # 1 and 1.0, true and 1, "1" and 1 differ in JSON
-        return False
-    if type(leaf) is float:  # equal floats of one sign have one repr (a column has no NaN)
-        return leaf == value and math.copysign(1.0, leaf) == math.copysign(1.0, value)
-    return leaf == value
 
 
 def _is_tildes(key: str) -> bool:
@@ -328,7 +333,7 @@ class RowBuilder:
         # an elapsed column holds its end time until the row's request_start is known
         self._get = operator.itemgetter(*[_ELAPSED.get(name) or _SOURCES.get(name, name) for name in self.columns])
         self._start = self.columns.index("request_start") if "request_start" in self.columns else None
-        self._position = {name: position for position, name in enumerate(self.columns)}
+        self._held = operator.itemgetter(*[self.columns.index(name) for name in HELD_COLUMNS])
         self._plan = functools.lru_cache(maxsize=256)(self._compile)
 
     def __call__(self, data: Mapping[str, Any], *, clean: bool) -> tuple[str, list[Any], str]:
@@ -368,9 +373,7 @@ class RowBuilder:
         if ints and (min(ints) < _INT64_MIN or max(ints) > _INT64_MAX):
             return None
         if plan.metadata is not None:
-            position = self._position
-            remainder = metadata_remainder(values[plan.metadata], lambda name: values[position[name]])
-            values[plan.metadata] = canonical_json(remainder)
+            values[plan.metadata] = canonical_json(metadata_remainder(values[plan.metadata], self._held(values)))
         present = plan.values(values)
         strs = "".join(plan.strs(values))
         if '"' in strs or "\\" in strs or not strs.isprintable():  # a string the body must escape

@@ -166,6 +166,8 @@ def test_a_range_checks_the_links_inside_it(tmp_path):
     conn.commit()
     conn.close()
     assert "id=6" in verify("--db", str(db), "--since", since, "--until", until).output
+    empty = verify("--db", str(db), "--since", "2030-01-01")  # a range that holds no rows
+    assert empty.exit_code == 0 and "OK: 0 rows" in empty.output
 
 
 def test_a_checkpoint_resumes_and_catches_an_edit_after_it_or_of_it(tmp_path):

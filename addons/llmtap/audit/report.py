@@ -718,9 +718,9 @@ def _verify_one(
         start = f"the checkpoint at row id={resume['id']}"
     if since is not None:
         found = _scalar(conn, instance, "SELECT min(id) FROM exchanges WHERE {scope} AND request_start >= ?", [since])
-        if found is None:
-            found = 2**63 - 1
-        if found > first_id:
+        if found is None:  # nothing recorded since then: nothing to check
+            first_id, position, start = 2**63 - 1, None, "the range (it holds no rows)"
+        elif found > first_id:
             first_id, position = found, None
             anchor = chain.as_hex(_links(conn, instance, found, found)[0].prev_hash)
             start = f"row id={found}'s prev_hash (the range's first row)"

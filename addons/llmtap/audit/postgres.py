@@ -14,7 +14,9 @@ is a conflict, counted and logged, never a silent skip.
 Schema made for the engine: money ``numeric`` (written from the exact decimal a value was
 hashed as), ``jsonb`` for the structured columns, the epoch seconds that are hashed as
 ``double precision`` plus ``timestamptz`` columns generated from them (``request_at``,
-``response_at``) for SQL and dashboards. Migrations (``migrate``) are numbered, transactional
+``response_at``) for SQL and dashboards, the chain's hashes as 32-byte ``bytea`` digests
+(``prev_digest``, ``row_digest``; rows of an older llmtap keep their text ``prev_hash``,
+``row_hash``, and a row has one pair or the other). Migrations (``migrate``) are numbered, transactional
 and run under an advisory lock by an owner role; the columns follow the SQLite schema (a new
 record field is a new nullable column in both). Sidecars need only INSERT and SELECT (and
 DELETE on ``exchanges``/``content`` when retention is on).
@@ -303,7 +305,7 @@ class Batch(NamedTuple):
 
 
 class _Row(NamedTuple):
-    values: list[Any]  # in COPY column order; prev_hash and row_hash last
+    values: list[Any]  # in COPY column order; prev_digest and row_digest last
     body: str
     content: tuple[str, str | None, str | None, int] | None
     data: dict[str, Any]
@@ -341,7 +343,7 @@ class PostgresStore:
         return cls(settings.db, instance_id(settings.journal_dir), capture_content=settings.capture_content)
 
     def _arrange(self, insert: str) -> Any:
-        """A function from ``[instance, *values of the INSERT's columns, prev_hash, row_hash]``
+        """A function from ``[instance, *values of the INSERT's columns, prev digest, row digest]``
         to the COPY row (NULL for the other columns): one C call per row."""
         names = insert_columns(insert)
         given = {"instance_id": 0, **{name: i + 1 for i, name in enumerate(names)}}

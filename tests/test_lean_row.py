@@ -253,11 +253,22 @@ def test_postgres_old_rows_then_lean_rows_verify_and_edits_and_gaps_are_named(tm
         assert [lean for (lean,) in formats] == [False] * 4 + [True] * 6
         (check,) = postgres.verify(store.conn)
         assert check.check.ok and check.check.rows == 10 and check.head == store.head
+        saved = tmp_path / "pg.checkpoint"
+        first = verify("--db", pg_url, "--checkpoint", str(saved))
+        assert first.exit_code == 0 and "OK: instance laptop: 10 rows" in first.output, first.output
+        assert json.loads(saved.read_text()) == {"instance_id": "laptop", "id": 10, "head": store.head, "rows": 10}
+        apply(store, [make_record(300)])
+        resumed = verify("--db", pg_url, "--checkpoint", str(saved))
+        assert "OK: instance laptop: 1 rows" in resumed.output and "checkpoint at row id=10" in resumed.output
+        ranged = verify("--db", pg_url, "--since", "2000-01-01")
+        assert ranged.exit_code == 0 and "11 rows" in ranged.output and "range's first row" in ranged.output
         store.conn.execute("UPDATE exchanges SET app_id = 'edited' WHERE exchange_id = 'ex-00202'")
         (edited,) = postgres.verify(store.conn)
         assert not edited.check.ok and edited.check.broken_exchange_id == "ex-00202" and "edited" in edited.check.reason
         store.conn.execute("DELETE FROM exchanges WHERE exchange_id = 'ex-00202'")
         (gap,) = postgres.verify(store.conn)
         assert gap.check.broken_exchange_id == "ex-00203" and "removed" in gap.check.reason
+        full = verify("--db", pg_url)
+        assert full.exit_code == 1 and "exchange_id=ex-00203" in full.output
     finally:
         store.close()

@@ -16,7 +16,7 @@ floats in Python ``repr`` form. SQLite stores both digests as BLOBs, PostgreSQL 
 (``prev_digest``, ``row_digest``). People, logs and saved heads see a digest as
 ``"sha256:" + hex(digest)`` (``as_hex``).
 
-Rows written before the lean format (SQLite schema 12) stored the hash as that text and
+Rows written before this lean format stored the hash as text and
 chained on it::
 
     row_hash = "sha256:" + hex(sha256(utf8(prev_hash + canonical_json(body))))

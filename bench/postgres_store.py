@@ -6,7 +6,8 @@ user, a free loopback port), writes ``--rows`` typical journal lines (the audit 
 record template, each with its own ids and times), then times ``store.apply`` over the journal
 read in the writer's batches (``read_lines``, 4 MiB each): parse, row building, chain hashing,
 the duplicate check, COPY and the offset, one transaction per batch. The default is a one-hour
-backlog at 100 requests/s (360,000 rows). Prints one JSON line per store.
+backlog at 100 requests/s (360,000 rows). Prints one JSON line per store, with the bytes each
+exchange takes on disk (rows and indexes) and PostgreSQL's verify rate.
 
     .venv/bin/python bench/postgres_store.py [--rows 360000]
 """
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sqlite3
 import sys
 import tempfile
 import time
@@ -97,8 +99,11 @@ def main() -> None:
         cpu, server = time.process_time(), backend_cpu(backend)
         rows, seconds, batches = drain(store, journal)
         cpu, server = time.process_time() - cpu, backend_cpu(backend) - server
+        started = time.perf_counter()
         verified = postgres.verify(store.conn)
-        exchanges, rolled = store.conn.execute(
+        verify_seconds = time.perf_counter() - started
+        store.conn.execute("VACUUM ANALYZE exchanges")
+        size, rolled = store.conn.execute(
             "SELECT pg_total_relation_size('exchanges'), coalesce(pg_total_relation_size(to_regclass('rollups')), 0)"
         ).fetchone()
         store.close()
@@ -116,7 +121,9 @@ def main() -> None:
                     # the two run in parallel (COPY streams): the rate with a core each, unshared
                     "rows_per_cpu_s": round(rows / max(cpu, server)),
                     "chain_ok": all(v.check.ok for v in verified),
-                    "exchanges_bytes_per_row": round(exchanges / rows),
+                    "verify_rows_per_s": round(rows / verify_seconds),
+                    # the table, its TOAST and its indexes, per exchange
+                    "bytes_per_row": round(size / rows),
                     "rollups_bytes_per_row": round(rolled / rows, 2),
                 }
             )
@@ -128,6 +135,9 @@ def main() -> None:
     rows, seconds, batches = drain(lite, journal)
     cpu = time.process_time() - cpu
     lite.close()
+    with sqlite3.connect(work / "bench.db") as conn:
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        size = conn.execute("SELECT sum(pgsize) FROM dbstat").fetchone()[0]  # rows, indexes, free pages
     print(
         json.dumps(
             {
@@ -137,6 +147,7 @@ def main() -> None:
                 "seconds": round(seconds, 2),
                 "rows_per_s": round(rows / seconds),
                 "rows_per_cpu_s": round(rows / cpu),
+                "bytes_per_row": round(size / rows),
             }
         )
     )

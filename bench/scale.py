@@ -111,6 +111,8 @@ def month(samples: list[dict], rows: int, end: float, days: float, seed: int = 7
         record["key_fingerprint"] = key
         if record.get("app_id"):
             record["app_id"] = app_of[key]
+            if isinstance(record.get("metadata"), dict):  # where the router reported it
+                record["metadata"] = {**record["metadata"], "app_id": record["app_id"]}
         yield (json.dumps(record, separators=(",", ":")) + "\n").encode()
 
 

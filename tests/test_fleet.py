@@ -234,7 +234,7 @@ def test_import_from_sqlite_keeps_the_chain(tmp_path, simulator, pg_url):
 
     with sqlite3.connect(tap.db) as conn:
         hashes = [r[0] for r in conn.execute("SELECT row_hash FROM exchanges ORDER BY id")]
-    assert [r[0] for r in rows(pg_url, "SELECT row_hash FROM exchanges ORDER BY id")] == hashes
+    assert [r[0] for r in rows(pg_url, "SELECT row_digest FROM exchanges ORDER BY id")] == hashes  # raw digests
     # the SQLite head saved before the move checks out against PostgreSQL's copy
     saved = tmp_path / "head.json"
     saved.write_text(

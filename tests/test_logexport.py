@@ -29,6 +29,7 @@ from test_audit_journal import writer_pids
 from test_audit_store import SECRET_ANSWER, SECRET_PROMPT, with_content
 
 from llmtap.audit.logexport import EVENT_NAME, NOT_EXPORTED, LogExport, NotAcknowledged
+from llmtap.audit.rows import as_hex
 from llmtap.audit.sqlite import AuditStore
 from llmtap.config import Settings, SettingsError
 from llmtap.health import Health
@@ -37,9 +38,12 @@ PROMPT = "walrus-okapi-5521 describe the tangerine observatory"
 
 
 def expected_attributes(row: dict, content: dict | None = None) -> dict:
-    """What a record must carry: every non-NULL exported column, named llmtap.<column>, as stored."""
+    """What a record must carry: every non-NULL exported column, named llmtap.<column>, as stored
+    (the chain's hashes as shown: ``sha256:<hex>``, whether stored as raw digests or text)."""
     attributes = {
-        f"llmtap.{name}": value for name, value in row.items() if value is not None and name not in NOT_EXPORTED
+        f"llmtap.{name}": "sha256:" + value.hex() if isinstance(value, bytes) else value
+        for name, value in row.items()
+        if value is not None and name not in NOT_EXPORTED
     }
     if content is not None:
         attributes["llmtap.input_messages"] = content["input_messages"]
@@ -567,7 +571,7 @@ def test_clickhouse_sql_types_the_records_and_collapses_duplicates(tmp_path, rec
         )
         assert t["labels"] == json.loads(row["labels"]) and (t["trace_id"], t["row_hash"]) == (
             row["trace_id"],
-            row["row_hash"],
+            as_hex(row["row_hash"]),
         )
     exact = sum(exact_cost(row) for row in rows.values() if row["cost_usd"] is not None)
     assert Decimal(spend["usd"]) == exact and spend["unpriced"] == 1  # exact money, unknown kept apart

@@ -50,6 +50,8 @@ def test_two_instances_one_database_each_exports_its_own_rows_once(tmp_path, sim
     assert len(rows) == len(received) == 8
     got = by_exchange(received)
     for row in rows:
+        for digest, shown in (("prev_digest", "prev_hash"), ("row_digest", "row_hash")):  # sent as shown
+            row[shown] = "sha256:" + row.pop(digest).hex()
         expected = {
             f"llmtap.{k}": _attribute_value(v) for k, v in row.items() if v is not None and k not in NOT_EXPORTED
         }

@@ -24,7 +24,7 @@ from test_report import traffic
 
 from llmtap.audit import rollups
 from llmtap.audit.report import DIMENSIONS, report
-from llmtap.audit.sqlite import MIGRATIONS, AuditStore, migrate
+from llmtap.audit.sqlite import MIGRATIONS, AuditStore
 from llmtap.config import Settings, SettingsError
 from llmtap.health import Health
 from llmtap.sinks.audit import AuditSink
@@ -364,27 +364,24 @@ def test_the_v1_fixture_is_backfilled_and_its_money_reads_the_same(tmp_path):
 
 def test_a_schema_before_rollups_upgrades_with_its_rows_rolled_up(tmp_path):
     path = tmp_path / "llmtap.db"
-    from sqlite_utils import Database
-
-    db = Database(path)
-    migrate_to = MIGRATIONS.index(next(m for m in MIGRATIONS if m.__name__ == "_create_rollups"))
-    for number, step in enumerate(MIGRATIONS[:migrate_to], start=1):
-        step(db)
-        db.execute(f"PRAGMA user_version = {number}")
-    from llmtap.audit.rows import RowBuilder, row_hash
-
-    types = {c.name: c.type.upper() for c in db["exchanges"].columns if c.name != "id"}
-    build, head = RowBuilder(types), "sha256:" + "0" * 64
-    for i in range(30):
-        record = make_record(i, request_start=HOUR0 + i * 500, cost_nanousd=660_000 + i if i % 2 else None)
-        insert, params, body = build(json.loads(record.to_json()), clean=True)
-        params[-2:] = head, row_hash(head, body)
-        head = params[-1]
-        db.execute(insert, params)
-    db.conn.commit()
-    migrate(db)
-    assert_rollups_equal_rows(db.conn, labelled=False)
-    db.close()
+    store = AuditStore(str(path), fsync_batch=False, capture_content=False)
+    lines = [
+        make_record(i, request_start=HOUR0 + i * 500, cost_nanousd=660_000 + i if i % 2 else None).to_json().encode()
+        for i in range(30)
+    ]
+    store.apply(1, lines, 100)
+    number = MIGRATIONS.index(next(m for m in MIGRATIONS if m.__name__ == "_create_rollups")) + 1
+    store.conn.execute("DROP TABLE rollups")  # as a database of the release before rollups
+    store.conn.execute(f"PRAGMA user_version = {number - 1}")
+    store.close()
+    conn = sqlite3.connect(path)
+    assert conn.execute("SELECT count(*) FROM sqlite_master WHERE name = 'rollups'").fetchone()[0] == 0
+    conn.close()
+    AuditStore(str(path), fsync_batch=False, capture_content=False).close()  # migrates
+    conn = sqlite3.connect(path)
+    assert conn.execute("SELECT sum(requests) FROM rollups").fetchone()[0] == 30
+    assert_rollups_equal_rows(conn, labelled=False)
+    conn.close()
 
 
 def test_retention_prunes_rows_keeps_rollups_and_exact_says_what_is_gone(tmp_path):

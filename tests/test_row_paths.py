@@ -13,7 +13,7 @@ import typing
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from llmtap.audit.rows import RowBuilder
+from llmtap.audit.rows import HELD, RowBuilder
 from llmtap.audit.sqlite import AuditStore
 from llmtap.record import ExchangeRecord
 
@@ -63,8 +63,22 @@ def _records(odd: bool) -> st.SearchStrategy:
     )
 
 
-#: Records as llmtap writes them (the fast path's case), and records with odd values anywhere.
-RECORD_DATA = st.one_of(_records(odd=False), _records(odd=True))
+@st.composite
+def _pulze_records(draw: st.DrawFn) -> dict:
+    """Records whose Pulze metadata repeats some of their columns (left out of the remainder)
+    and holds other values for others (kept)."""
+    data = draw(_records(odd=False))
+    metadata: dict = {}
+    for parent, key, name in HELD:
+        if draw(st.booleans()):
+            value = data[name] if draw(st.booleans()) else draw(ODD)
+            (metadata if parent is None else metadata.setdefault(parent, {}))[key] = value
+    return data | {"metadata": metadata}
+
+
+#: Records as llmtap writes them (the fast path's case), records with odd values anywhere, and
+#: Pulze records whose metadata the remainder shrinks.
+RECORD_DATA = st.one_of(_records(odd=False), _records(odd=True), _pulze_records())
 
 
 def test_fast_path_and_reference_give_the_same_row(tmp_path) -> None:

@@ -59,6 +59,7 @@ from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags, set_s
 
 from llmtap import __version__
 from llmtap.audit.control import next_backoff
+from llmtap.audit.rows import as_hex
 from llmtap.config import Settings
 from llmtap.health import Health
 from llmtap.record import canonical_json
@@ -68,6 +69,8 @@ EVENT_NAME = "llmtap.exchange"
 PREFIX = "llmtap."
 #: Columns not sent: the store's own row number and the raw provider metadata.
 NOT_EXPORTED = frozenset({"id", "metadata_json"})
+#: The chain's hashes, sent as shown everywhere (``sha256:<hex>``), whichever format stored them.
+CHAIN_COLUMNS = frozenset({"prev_hash", "row_hash"})
 #: Seconds an export may take, retries included, unless OTEL_EXPORTER_OTLP_[LOGS_]TIMEOUT says.
 EXPORT_TIMEOUT_S = 5.0
 #: The SDK's default for OTEL_BLRP_MAX_EXPORT_BATCH_SIZE.
@@ -102,7 +105,7 @@ class NotAcknowledged(Exception):
 def log_attributes(row: Mapping[str, Any], content: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The record's attributes: each non-NULL exported column, and the content when given."""
     attributes = {
-        PREFIX + name: _attribute_value(value)
+        PREFIX + name: as_hex(value) if name in CHAIN_COLUMNS else _attribute_value(value)
         for name, value in row.items()
         if value is not None and name not in NOT_EXPORTED
     }

@@ -14,7 +14,9 @@ is a conflict, counted and logged, never a silent skip.
 Schema made for the engine: money ``numeric`` (written from the exact decimal a value was
 hashed as), ``jsonb`` for the structured columns, the epoch seconds that are hashed as
 ``double precision`` plus ``timestamptz`` columns generated from them (``request_at``,
-``response_at``) for SQL and dashboards. Migrations (``migrate``) are numbered, transactional
+``response_at``) for SQL and dashboards, the chain's hashes as 32-byte ``bytea`` digests
+(``prev_digest``, ``row_digest``; rows of an older llmtap keep their text ``prev_hash``,
+``row_hash``, and a row has one pair or the other). Migrations (``migrate``) are numbered, transactional
 and run under an advisory lock by an owner role; the columns follow the SQLite schema (a new
 record field is a new nullable column in both). Sidecars need only INSERT and SELECT on the
 rows (and DELETE on ``exchanges``/``content`` when retention is on), plus UPDATE on
@@ -40,12 +42,17 @@ from llmtap.audit.rows import (
     JSON_COLUMNS,
     UNHASHED,
     ChainCheck,
+    Link,
     RowBuilder,
+    as_digest,
+    as_hex,
     body_json,
+    chain_digest,
     content_row,
     insert_columns,
+    link_fault,
     read_record,
-    row_hash,
+    walk_chain,
 )
 from llmtap.config import Settings
 from llmtap.record import canonical_json
@@ -149,8 +156,6 @@ def _add_columns(cur: Any) -> None:
     becomes a new nullable column, so old rows keep their hashes)."""
     for name, kind in sqlite_types().items():
         cur.execute(f"ALTER TABLE exchanges ADD COLUMN IF NOT EXISTS {name} {pg_type(name, kind)}")
-    for column in ("response_model", "provider", "app_id", "key_fingerprint", "response_id", "previous_response_id"):
-        cur.execute(f"CREATE INDEX IF NOT EXISTS exchanges_{column} ON exchanges ({column})")
 
 
 def _create_log_export(cur: Any) -> None:
@@ -164,6 +169,26 @@ def _create_log_export(cur: Any) -> None:
         "acked_at timestamptz NOT NULL DEFAULT now())"
     )
     cur.execute("CREATE INDEX IF NOT EXISTS log_export_instance_last ON log_export (instance_id, last_id)")
+
+
+#: The indexes the lean row drops: no query uses them (grouping reads the rollups or scans the range).
+_UNUSED_INDEXES = ("response_model", "provider", "app_id", "key_fingerprint", "response_id", "previous_response_id")
+
+
+def _lean_rows(cur: Any) -> None:
+    """The lean row: hashes as 32-byte ``bytea`` digests (``prev_digest``, ``row_digest``; the
+    old rows keep their text ``prev_hash``/``row_hash``, now nullable: a row has one pair or
+    the other), and only the indexes a query uses:
+
+    - ``exchanges_exchange_id_key`` (unique): the replay check ``exchange_id = ANY(...)``;
+    - ``exchanges_chain (instance_id, id)``: verify, retention, the chain head, the log export;
+    - ``exchanges_request_start``: ``llmtap report``'s and ``verify --since/--until``'s ranges.
+    """
+    cur.execute("ALTER TABLE exchanges ADD COLUMN IF NOT EXISTS prev_digest bytea")
+    cur.execute("ALTER TABLE exchanges ADD COLUMN IF NOT EXISTS row_digest bytea")
+    cur.execute("ALTER TABLE exchanges ALTER COLUMN prev_hash DROP NOT NULL, ALTER COLUMN row_hash DROP NOT NULL")
+    for column in _UNUSED_INDEXES:
+        cur.execute(f"DROP INDEX IF EXISTS exchanges_{column}")
 
 
 _ROLLUP_TYPES = {
@@ -210,7 +235,7 @@ def add_rollups(conn: Any, instance: str, totals: dict[rollups.Key, rollups.Valu
 
 #: Numbered steps; ``llmtap_schema`` holds how many were applied. ``_add_columns`` re-runs
 #: whenever a column is missing (it is idempotent).
-MIGRATIONS = (lambda cur: cur.execute(_BASE), _add_columns, _create_log_export, _create_rollups)
+MIGRATIONS = (lambda cur: cur.execute(_BASE), _add_columns, _create_log_export, _lean_rows, _create_rollups)
 
 
 def _columns(conn: Any) -> set[str]:
@@ -327,7 +352,7 @@ class Batch(NamedTuple):
 
 
 class _Row(NamedTuple):
-    values: list[Any]  # in COPY column order; prev_hash and row_hash last
+    values: list[Any]  # in COPY column order; prev_digest and row_digest last
     body: str
     content: tuple[str, str | None, str | None, int] | None
     data: dict[str, Any]
@@ -343,7 +368,7 @@ class PostgresStore:
         self.conn = connect_migrated(url)
         try:
             self.types = {name: kind for name, kind in sqlite_types().items()}
-            self.columns = ["instance_id", *sorted(self.types), "json_exact", "prev_hash", "row_hash"]
+            self.columns = ["instance_id", *sorted(self.types), "json_exact", "prev_digest", "row_digest"]
             self._json_positions = [(i, name) for i, name in enumerate(self.columns) if name in JSON_COLUMNS]
             self._copy = f"COPY exchanges ({', '.join(self.columns)}) FROM STDIN"
             self.offsets: dict[int, int] = dict(
@@ -371,11 +396,11 @@ class PostgresStore:
         )
 
     def _arrange(self, insert: str) -> Any:
-        """A function from ``[instance, *values of the INSERT's columns, prev_hash, row_hash]``
+        """A function from ``[instance, *values of the INSERT's columns, prev digest, row digest]``
         to the COPY row (NULL for the other columns): one C call per row."""
         names = insert_columns(insert)
         given = {"instance_id": 0, **{name: i + 1 for i, name in enumerate(names)}}
-        given["prev_hash"], given["row_hash"] = len(names) + 1, len(names) + 2  # json_exact: NULL
+        given["prev_digest"], given["row_digest"] = len(names) + 1, len(names) + 2  # json_exact: NULL
         blank = len(names) + 3  # the index of the None appended
         getter = operator.itemgetter(*[given.get(column, blank) for column in self.columns])
         return lambda values: getter([*values, None])
@@ -414,18 +439,18 @@ class PostgresStore:
     ) -> tuple[str, list[_Row]]:
         """One transaction: every row COPYed as soon as it is built and chained (the server
         stores row n while this process builds row n+1), then the offset."""
-        head = self.head
+        head = as_digest(self.head)
         kept: list[_Row] = []
         with self.conn.transaction():
             self.conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (self.instance,))
             with self.conn.cursor() as cur, cur.copy(self._copy) as copy:
                 for row in self._rows(lines, corrupt, rejected):
-                    row.values[-2:] = head, row_hash(head, row.body)
+                    row.values[-2:] = head, chain_digest(head, row.body)
                     head = row.values[-1]
                     copy.write_row(row.values)
                     kept.append(row)
             self._finish(gen, end, kept)
-        return head, kept
+        return as_hex(head), kept
 
     def _finish(self, gen: int, end: int, kept: list[_Row]) -> None:
         """The batch's content rows, its rollups and its journal position (inside its transaction)."""
@@ -456,7 +481,7 @@ class PostgresStore:
         rejected: list[Exception] | None = None,
     ) -> tuple[str, list[_Row]]:
         """One transaction: the new rows (COPY, or one by one after a row fault), the offset."""
-        head = self.head
+        head = as_digest(self.head)
         kept: list[_Row] = []
         with self.conn.transaction():
             self.conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (self.instance,))
@@ -464,10 +489,10 @@ class PostgresStore:
             for row in rows:
                 found = stored.get(row.data["exchange_id"])
                 if found is not None:
-                    if row_hash(found[0], row.body) != found[1]:
+                    if link_fault(as_digest(found[0]), found[0], found[1], row.body):
                         conflicts.append(row.data["exchange_id"])
                     continue  # the same record, replayed: a no-op
-                row.values[-2:] = head, row_hash(head, row.body)
+                row.values[-2:] = head, chain_digest(head, row.body)
                 if each:
                     try:
                         with self.conn.transaction():
@@ -482,7 +507,7 @@ class PostgresStore:
                     for row in kept:
                         copy.write_row(row.values)
             self._finish(gen, end, kept)
-        return head, kept
+        return as_hex(head), kept
 
     def _exact_numerics(self, values: list[Any]) -> list[Any]:
         """A float bound to a numeric column would pass through float8 and keep 15 digits
@@ -502,13 +527,19 @@ class PostgresStore:
     def _insert_one(self) -> str:
         return f"INSERT INTO exchanges ({', '.join(self.columns)}) VALUES ({', '.join(['%s'] * len(self.columns))})"
 
-    def _stored(self, ids: list[str]) -> dict[str, tuple[str, str]]:
+    def _stored(self, ids: list[str]) -> dict[str, tuple[Any, Any]]:
+        """The stored links (prev, hash) of these exchange ids, in their stored format."""
         if not ids:
             return {}
         found = self.conn.execute(
-            "SELECT exchange_id, prev_hash, row_hash FROM exchanges WHERE exchange_id = ANY(%s)", (ids,)
+            "SELECT exchange_id, coalesce(prev_digest, convert_to(prev_hash, 'UTF8')), row_digest, row_hash "
+            "FROM exchanges WHERE exchange_id = ANY(%s)",
+            (ids,),
         ).fetchall()
-        return {exchange_id: (prev, hashed) for exchange_id, prev, hashed in found}
+        return {
+            exchange_id: (prev, digest) if digest is not None else (prev.decode(), hashed)
+            for exchange_id, prev, digest, hashed in found
+        }
 
     def _rows(self, lines: list[bytes], corrupt: list[Exception], rejected: list[Exception]) -> Iterator[_Row]:
         """The rows of ``lines``, as they are built; the lines that are not a record go to
@@ -564,8 +595,8 @@ class PostgresStore:
             return 0
         last = self.log_export_position(count=False)[0] if hold_for_export else 2**63 - 1
         rows = self.conn.execute(
-            "SELECT id, request_start, row_hash FROM exchanges WHERE instance_id = %s AND id <= %s "
-            "ORDER BY id LIMIT %s",
+            "SELECT id, request_start, coalesce(row_digest, convert_to(row_hash, 'UTF8')), row_digest IS NULL "
+            "FROM exchanges WHERE instance_id = %s AND id <= %s ORDER BY id LIMIT %s",
             (self.instance, last, batch),
         ).fetchall()
         old = []
@@ -595,7 +626,7 @@ class PostgresStore:
             self.conn.execute(
                 "INSERT INTO pruned (instance_id, cutoff, rows, first_id, last_id, anchor_hash) "
                 "VALUES (%s, %s, %s, %s, %s, %s)",
-                (self.instance, cutoff, len(old), old[0][0], last_id, old[-1][2]),
+                (self.instance, cutoff, len(old), old[0][0], last_id, _shown(*old[-1][2:])),
             )
 
     def prune_rollups(self, cutoff: float) -> int:
@@ -646,7 +677,10 @@ class PostgresStore:
         for values in cursor.fetchall():
             text = dict(zip(names[split:], values[split:]))
             has_text = text.get("input_messages") is not None or text.get("output_messages") is not None
-            found.append((dict(zip(names[:split], values[:split])), text if has_text else None))
+            row = dict(zip(names[:split], values[:split]))
+            for digest, hashed in (("prev_digest", "prev_hash"), ("row_digest", "row_hash")):
+                row[hashed] = row.pop(digest) or row[hashed]  # as SQLite's: bytes for a lean row
+            found.append((row, text if has_text else None))
         return found
 
     def advance_log_export(self, last_id: int) -> None:
@@ -682,6 +716,11 @@ def _storable(row: Any, names: list[str], json_names: frozenset[str] | set[str])
     return values, exact
 
 
+def _shown(stored: bytes, legacy: bool) -> str:
+    """``coalesce(row_digest, convert_to(row_hash, 'UTF8'))`` as shown (``sha256:<hex>``)."""
+    return stored.decode() if legacy else as_hex(stored)
+
+
 def _without_nul(value: Any) -> Any:
     if isinstance(value, str):
         return value.replace("\x00", "\ufffd")
@@ -706,12 +745,11 @@ def chain_head(conn: Any, instance: str) -> tuple[str, int]:
         " FROM pruned WHERE instance_id = %s",
         (instance, instance),
     ).fetchone()
-    count, last = conn.execute(
-        "SELECT count(*), (SELECT row_hash FROM exchanges WHERE instance_id = %s ORDER BY id DESC LIMIT 1) "
-        "FROM exchanges WHERE instance_id = %s",
-        (instance, instance),
+    count = conn.execute("SELECT count(*) FROM exchanges WHERE instance_id = %s", (instance,)).fetchone()[0]
+    last = conn.execute(
+        "SELECT row_digest, row_hash FROM exchanges WHERE instance_id = %s ORDER BY id DESC LIMIT 1", (instance,)
     ).fetchone()
-    return last or pruned[1] or GENESIS, int(pruned[0]) + count
+    return (as_hex(last[0] or last[1]) if last else pruned[1] or GENESIS), int(pruned[0]) + count
 
 
 def instances(conn: Any) -> list[str]:
@@ -743,43 +781,52 @@ def _select_list(conn: Any) -> tuple[list[str], list[str]]:
     return names, exprs
 
 
-def verify(conn: Any, only: str | None = None) -> list[InstanceCheck]:
-    """Walk every chain (or one instance's) in id order; each stops at its first bad row."""
+def chain_links(conn: Any, instance: str, first_id: int = 0, last_id: int = 2**63 - 1, seen: dict | None = None):
+    """One instance's rows from ``first_id`` to ``last_id`` in id order, streamed by a server-side
+    cursor (bounded memory); ``seen["name"]`` follows the rows' ``--instance`` name."""
     names, exprs = _select_list(conn)
     json_positions = [i for i, name in enumerate(names) if name in JSON_COLUMNS]
+    with conn.transaction(), conn.cursor(name=f"verify_{secrets.token_hex(4)}") as cur:
+        cur.itersize = 5000
+        cur.execute(
+            f"SELECT id, exchange_id, coalesce(prev_digest, convert_to(prev_hash, 'UTF8')), row_digest, row_hash, "
+            f"json_exact, {', '.join(exprs)} FROM exchanges WHERE instance_id = %s AND id BETWEEN %s AND %s ORDER BY id",
+            (instance, first_id, last_id),
+        )
+        for values in cur:
+            row = dict(zip(names, values[6:]))
+            for position in json_positions:
+                value = values[6 + position]
+                if value is not None:
+                    row[names[position]] = canonical_json(value)
+            if values[5] is not None:  # JSON texts jsonb would not give back as written
+                row.update(json.loads(values[5]))
+            if seen is not None:
+                seen["name"] = row.get("instance") or seen.get("name")
+            if values[3] is not None:
+                yield Link(values[0], values[1], values[2], values[3], body_json(row))
+            else:
+                yield Link(values[0], values[1], values[2].decode(), values[4], body_json(row))
+
+
+def chain_start(conn: Any, instance: str) -> tuple[int, str]:
+    """Rows retention deleted from an instance's chain, and the anchor the rest starts from."""
+    pruned, anchor = conn.execute(
+        "SELECT coalesce(sum(rows), 0), (SELECT anchor_hash FROM pruned WHERE instance_id = %s "
+        "ORDER BY id DESC LIMIT 1) FROM pruned WHERE instance_id = %s",
+        (instance, instance),
+    ).fetchone()
+    return int(pruned), anchor or GENESIS
+
+
+def verify(conn: Any, only: str | None = None) -> list[InstanceCheck]:
+    """Walk every chain (or one instance's) in id order; each stops at its first bad row."""
     results = []
     for instance in instances(conn) if only is None else [only]:
-        pruned, anchor = conn.execute(
-            "SELECT coalesce(sum(rows), 0), (SELECT anchor_hash FROM pruned WHERE instance_id = %s "
-            "ORDER BY id DESC LIMIT 1) FROM pruned WHERE instance_id = %s",
-            (instance, instance),
-        ).fetchone()
-        anchor = anchor or GENESIS
-        prev, checked, name, broken = anchor, 0, None, None
-        with conn.transaction(), conn.cursor(name=f"verify_{secrets.token_hex(4)}") as cur:
-            cur.execute(
-                f"SELECT id, exchange_id, prev_hash, row_hash, json_exact, {', '.join(exprs)} FROM exchanges "
-                "WHERE instance_id = %s ORDER BY id",
-                (instance,),
-            )
-            for values in cur:
-                row = dict(zip(names, values[5:]))
-                for position in json_positions:
-                    value = values[5 + position]
-                    if value is not None:
-                        row[names[position]] = canonical_json(value)
-                if values[4] is not None:  # JSON texts jsonb would not give back as written
-                    row.update(json.loads(values[4]))
-                reason = None
-                if values[2] != prev:
-                    reason = "prev_hash does not match the row before it (a row was removed, inserted or reordered)"
-                elif values[3] != row_hash(prev, body_json(row)):
-                    reason = "row_hash does not match the row's contents (the row was edited)"
-                if reason:
-                    broken = ChainCheck(checked, anchor, values[0], values[1], reason)
-                    break
-                prev, checked, name = values[3], checked + 1, row.get("instance") or name
-        results.append(InstanceCheck(instance, name, broken or ChainCheck(checked, anchor), int(pruned), prev))
+        pruned, anchor = chain_start(conn, instance)
+        seen: dict[str, Any] = {}
+        check = walk_chain(chain_links(conn, instance, seen=seen), anchor)
+        results.append(InstanceCheck(instance, seen.get("name"), check, pruned, check.head))
     return results
 
 
@@ -793,7 +840,7 @@ def import_sqlite(sqlite_path: str, url: str, instance: str | None = None) -> tu
     instance = instance or f"import-{secrets.token_hex(6)}"
     try:
         names = sorted(set(sqlite_types()) & {row[1] for row in source.execute("PRAGMA table_info(exchanges)")})
-        columns = ["instance_id", *names, "json_exact", "prev_hash", "row_hash"]
+        columns = ["instance_id", *names, "json_exact", "prev_hash", "row_hash", "prev_digest", "row_digest"]
         json_names = JSON_COLUMNS & set(names)
         copied = 0
         with conn.transaction():
@@ -811,7 +858,7 @@ def import_sqlite(sqlite_path: str, url: str, instance: str | None = None) -> tu
                         row["rows"],
                         row["first_id"],
                         row["last_id"],
-                        row["anchor_hash"],
+                        as_hex(row["anchor_hash"]),
                     ),
                 )
             select = f"SELECT {', '.join(names)}, prev_hash, row_hash FROM exchanges ORDER BY id"
@@ -819,7 +866,12 @@ def import_sqlite(sqlite_path: str, url: str, instance: str | None = None) -> tu
                 for row in source.execute(select):
                     values, exact = _storable(row[: len(names)], names, json_names)
                     json_exact = json.dumps(exact, ensure_ascii=False) if exact else None
-                    copy.write_row([instance, *values, json_exact, *row[len(names) :]])
+                    links = (
+                        [None, None, *row[len(names) :]]
+                        if isinstance(row[-1], bytes)
+                        else [*row[len(names) :], None, None]
+                    )
+                    copy.write_row([instance, *values, json_exact, *links])
                     copied += 1
             contents = source.execute("SELECT exchange_id, input_messages, output_messages, truncated FROM content")
             with conn.cursor() as cur:

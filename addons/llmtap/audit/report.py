@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 import re
 import sqlite3
 import sys
@@ -22,8 +23,8 @@ from typing import Any, NamedTuple
 import click
 
 from llmtap.audit import rollups
-from llmtap.audit.rows import GENESIS
-from llmtap.audit.sqlite import connect_readonly, verify_chain
+from llmtap.audit.rows import as_hex
+from llmtap.audit.sqlite import chain_anchor, connect_readonly
 from llmtap.config import is_server_url, redact_url
 
 #: ``--by`` dimensions and the SQL expression each groups by (times are UTC).
@@ -811,37 +812,58 @@ _DB_HELP = "The audit log: a SQLite file, or a postgresql:// URL (password from 
     type=click.Path(exists=True, dir_okay=False),
     help="A saved chain head (the writer's `chain head {...}` log lines, or `llmtap audit head` output) to check.",
 )
-def verify(db: str, only: str | None, against: str | None) -> None:
-    """Check the hash chain(s); name the first broken row and exit 1 if there is one."""
-    conn = _open(db)
-    try:
-        if is_server_url(db):
-            from llmtap.audit import postgres
+@click.option(
+    "--since",
+    type=When(),
+    help="Check only the rows recorded from then on (a duration or ISO date): the links inside the range, "
+    "anchored at its first row's prev_hash.",
+)
+@click.option("--until", type=When(), help="Check only the rows recorded before then (same forms as --since).")
+@click.option(
+    "--checkpoint",
+    type=click.Path(dir_okay=False),
+    help="Resume after the row saved in FILE (first checking it still holds its hash); save progress there.",
+)
+def verify(
+    db: str, only: str | None, against: str | None, since: float | None, until: float | None, checkpoint: str | None
+) -> None:
+    """Check the hash chain(s); name the first broken row and exit 1 if there is one.
 
-            results = postgres.verify(conn, only)
-        else:
-            check = verify_chain(conn)
-            results = [_sqlite_result(conn, check)]
+    Streams the rows (memory stays flat) and shows progress on stderr: a bar on a terminal,
+    else a line at most every 10 s.
+    """
+    if against and (since is not None or until is not None or checkpoint):
+        raise click.UsageError("--against checks the whole chain: leave out --since, --until and --checkpoint")
+    saved = _read_checkpoint(checkpoint)
+    conn = _open(db)
+    results, failed = [], False
+    try:
+        chains = _chains(conn, only)
+        for instance in chains:
+            result, problem = _verify_one(conn, instance, since, until, saved.get(instance), checkpoint, saved)
+            if problem:
+                failed = True
+                click.echo(problem)
+            else:
+                results.append(result)
     finally:
         conn.close()
-    failed = False
     for result in results:
         check = result.check
-        start = "genesis" if check.anchor == GENESIS else f"retention anchor {check.anchor}"
         who = (
             f"instance {result.instance_id}" + (f" ({result.name})" if result.name else "") + ": "
             if result.instance_id
             else ""
         )
         if check.ok:
-            click.echo(f"OK: {who}{check.rows} rows, hash chain intact from {start}")
+            click.echo(f"OK: {who}{check.rows} rows, hash chain intact from {result.start}")
         else:
             failed = True
             click.echo(
                 f"BROKEN: {who}at row id={check.broken_id} exchange_id={check.broken_exchange_id}: {check.reason} "
-                f"({check.rows} rows before it verified, from {start})"
+                f"({check.rows} rows before it verified, from {result.start})"
             )
-    if not results:
+    if not results and not failed:
         click.echo("OK: no rows yet")
     if against:
         failed = not _check_heads(db, against, results) or failed
@@ -852,16 +874,195 @@ def verify(db: str, only: str | None, against: str | None) -> None:
 class _Result(NamedTuple):
     instance_id: str | None
     name: str | None
-    check: Any
+    check: Any  # a ChainCheck
     pruned: int
     head: str
+    start: str = "genesis"  # where the walk started, in words
 
 
-def _sqlite_result(conn: sqlite3.Connection, check: Any) -> _Result:
-    pruned = conn.execute("SELECT coalesce(sum(rows), 0) FROM pruned").fetchone()[0]
-    last = conn.execute("SELECT row_hash FROM exchanges ORDER BY id LIMIT 1 OFFSET ?", (max(check.rows - 1, 0),))
-    head = last.fetchone() if check.rows else None
-    return _Result(None, None, check, pruned, head[0] if head else check.anchor)
+#: Seconds between two progress lines when stderr is no terminal.
+PROGRESS_SECONDS = 10.0
+
+
+def _chains(conn: Any, only: str | None) -> list[str | None]:
+    """The chains to check: SQLite's one (None), or PostgreSQL's instances."""
+    if isinstance(conn, sqlite3.Connection):
+        return [None]
+    from llmtap.audit import postgres
+
+    return postgres.instances(conn) if only is None else [only]
+
+
+def _scalar(conn: Any, instance: str | None, sql: str, params: Sequence[Any] = ()) -> Any:
+    """One value of ``sql`` over one chain's rows (``{scope}`` in it: its WHERE term)."""
+    if instance is None:
+        return conn.execute(sql.format(scope="1 = 1"), params).fetchone()[0]
+    return conn.execute(sql.format(scope="instance_id = %s").replace("?", "%s"), [instance, *params]).fetchone()[0]
+
+
+def _verify_one(
+    conn: Any,
+    instance: str | None,
+    since: float | None,
+    until: float | None,
+    resume: dict[str, Any] | None,
+    checkpoint: str | None,
+    saved: dict[str | None, dict[str, Any]],
+) -> tuple[_Result | None, str | None]:
+    """Verify one chain (all of it, a time range, or from a checkpoint); the result, or why not."""
+    from llmtap.audit import rows as chain
+
+    postgres = instance is not None
+    if postgres:
+        from llmtap.audit.postgres import chain_start
+
+        pruned, anchor = chain_start(conn, instance)
+    else:
+        from llmtap.audit.sqlite import chain_anchor
+
+        pruned = conn.execute("SELECT coalesce(sum(rows), 0) FROM pruned").fetchone()[0]
+        anchor = chain_anchor(conn)
+    label = f"instance {instance}" if postgres else "the chain"
+    first_id, last_id, position = 0, 2**63 - 1, pruned  # position: rows of the chain before the walk
+    start = "genesis" if anchor == chain.GENESIS else f"retention anchor {anchor}"
+    if resume is not None and int(resume["id"]) >= (
+        _scalar(conn, instance, "SELECT min(id) FROM exchanges WHERE {scope}") or 0
+    ):
+        stored = _links(conn, instance, int(resume["id"]), int(resume["id"]))
+        if not stored or chain.as_hex(stored[0].row_hash) != resume["head"] or _edited(stored[0]):
+            return None, (
+                f"BROKEN: {label}: the checkpoint's row id={resume['id']} no longer holds {resume['head']} "
+                "(it was edited or removed)"
+            )
+        first_id, anchor, position = int(resume["id"]) + 1, resume["head"], resume.get("rows")
+        start = f"the checkpoint at row id={resume['id']}"
+    if since is not None:
+        found = _scalar(conn, instance, "SELECT min(id) FROM exchanges WHERE {scope} AND request_start >= ?", [since])
+        if found is None:  # nothing recorded since then: nothing to check
+            first_id, position, start = 2**63 - 1, None, "the range (it holds no rows)"
+        elif found > first_id:
+            first_id, position = found, None
+            anchor = chain.as_hex(_links(conn, instance, found, found)[0].prev_hash)
+            start = f"row id={found}'s prev_hash (the range's first row)"
+    if until is not None:
+        last_id = _scalar(conn, instance, "SELECT max(id) FROM exchanges WHERE {scope} AND request_start < ?", [until])
+        last_id = -1 if last_id is None else last_id
+    total = _scalar(
+        conn, instance, "SELECT count(*) FROM exchanges WHERE {scope} AND id BETWEEN ? AND ?", [first_id, last_id]
+    )
+    seen: dict[str, Any] = {}
+    with _Progress(total, label) as progress:
+
+        def tick(check: Any) -> None:
+            progress.update(check.rows)
+            if checkpoint and position is not None and progress.checkpoint_due():
+                _save_checkpoint(checkpoint, saved, instance, check, position)
+
+        check = chain.walk_chain(_links(conn, instance, first_id, last_id, seen, stream=True), anchor, tick)
+        progress.update(check.rows)
+    if checkpoint and position is not None and check.last_id is not None:
+        _save_checkpoint(checkpoint, saved, instance, check, position)
+    return _Result(instance, seen.get("name"), check, pruned, check.head, start), None
+
+
+def _links(
+    conn: Any, instance: str | None, first_id: int, last_id: int, seen: dict | None = None, *, stream: bool = False
+) -> Any:
+    """A chain's rows from ``first_id`` to ``last_id`` as ``Link``s: streamed, or as a list."""
+    if instance is None:
+        from llmtap.audit.sqlite import chain_links
+
+        links = chain_links(conn, first_id, last_id)
+    else:
+        from llmtap.audit.postgres import chain_links
+
+        links = chain_links(conn, instance, first_id, last_id, seen)
+    return links if stream else list(links)
+
+
+def _edited(link: Any) -> bool:
+    """Whether a row no longer hashes as stored (its own link only)."""
+    from llmtap.audit.rows import as_digest, link_fault
+
+    return link_fault(as_digest(link.prev_hash), link.prev_hash, link.row_hash, link.body) is not None
+
+
+def _read_checkpoint(path: str | None) -> dict[str | None, dict[str, Any]]:
+    """A checkpoint file's entries by chain (JSON lines: instance_id, id, head, rows)."""
+    if not path or not os.path.exists(path):
+        return {}
+    entries = {}
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                doc = json.loads(line)
+                entries[doc.get("instance_id")] = doc
+    return entries
+
+
+def _save_checkpoint(
+    path: str, saved: dict[str | None, dict[str, Any]], instance: str | None, check: Any, position: int
+) -> None:
+    """Save the last verified row of a chain (atomically: a crash leaves the old file whole)."""
+    saved[instance] = {"instance_id": instance, "id": check.last_id, "head": check.head, "rows": position + check.rows}
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(doc, sort_keys=True) + "\n" for doc in saved.values())
+    os.replace(tmp, path)
+
+
+class _Progress:
+    """Verify's progress on stderr: rich's bar on a terminal, else a plain line at most every
+    ``PROGRESS_SECONDS`` (and one at the start and the end)."""
+
+    def __init__(self, total: int, label: str) -> None:
+        self.total, self.label, self.done = total, label, 0
+        self.started = self.shown = self.saved = time.monotonic()
+        self.bar = None
+        if sys.stderr.isatty():
+            from rich.console import Console
+            from rich.progress import Progress
+
+            self.bar = Progress(console=Console(stderr=True), transient=True)
+            self.task = self.bar.add_task(f"verifying {label}", total=total)
+
+    def __enter__(self) -> _Progress:
+        if self.bar is not None:
+            self.bar.start()
+        else:
+            click.echo(f"llmtap audit verify: {self.label}: {self.total:,} rows to check", err=True)
+        return self
+
+    def update(self, done: int) -> None:
+        self.done = done
+        now = time.monotonic()
+        if self.bar is not None:
+            self.bar.update(self.task, completed=done)
+        elif now - self.shown >= PROGRESS_SECONDS:
+            self.shown = now
+            self._line("checked")
+
+    def checkpoint_due(self) -> bool:
+        now = time.monotonic()
+        if now - self.saved < PROGRESS_SECONDS:
+            return False
+        self.saved = now
+        return True
+
+    def _line(self, verb: str) -> None:
+        seconds = max(time.monotonic() - self.started, 1e-9)
+        share = f" ({self.done / self.total:.0%})" if self.total else ""
+        click.echo(
+            f"llmtap audit verify: {self.label}: {verb} {self.done:,} of {self.total:,} rows{share}, "
+            f"{self.done / seconds:,.0f} rows/s",
+            err=True,
+        )
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+        else:
+            self._line("done:")
 
 
 def _check_heads(db: str, path: str, results: list[Any]) -> bool:
@@ -900,14 +1101,16 @@ def _check_heads(db: str, path: str, results: list[Any]) -> bool:
             elif 0 < position <= result.check.rows:
                 if is_server_url(db):
                     row = conn.execute(
-                        "SELECT row_hash FROM exchanges WHERE instance_id = %s ORDER BY id OFFSET %s LIMIT 1",
+                        "SELECT coalesce(row_digest, convert_to(row_hash, 'UTF8')), row_digest IS NULL FROM exchanges "
+                        "WHERE instance_id = %s ORDER BY id OFFSET %s LIMIT 1",
                         (instance, position - 1),
                     ).fetchone()
+                    row = row and (row[0].decode() if row[1] else row[0],)
                 else:
                     row = conn.execute(
                         "SELECT row_hash FROM exchanges ORDER BY id LIMIT 1 OFFSET ?", (position - 1,)
                     ).fetchone()
-                found = row[0] if row else None
+                found = as_hex(row[0]) if row else None
             if found == doc["head"]:
                 click.echo(f"OK: {label} still holds the saved head {doc['head']} as row {doc['rows']}")
             else:
@@ -935,8 +1138,15 @@ def head(db: str) -> None:
                 hashed, rows = postgres.chain_head(conn, instance)
                 docs.append({"instance_id": instance, "rows": rows, "head": hashed})
         else:
-            result = _sqlite_result(conn, verify_chain(conn))
-            docs = [{"instance_id": None, "rows": result.pruned + result.check.rows, "head": result.head}]
+            last = conn.execute("SELECT row_hash FROM exchanges ORDER BY id DESC LIMIT 1").fetchone()
+            rows = conn.execute("SELECT (SELECT count(*) FROM exchanges) + (SELECT coalesce(sum(rows), 0) FROM pruned)")
+            docs = [
+                {
+                    "instance_id": None,
+                    "rows": rows.fetchone()[0],
+                    "head": as_hex(last[0]) if last else chain_anchor(conn),
+                }
+            ]
     finally:
         conn.close()
     for doc in docs:

@@ -4,15 +4,35 @@ A journaled record becomes one ``exchanges`` row (``row_builder`` is the referen
 definition; ``RowBuilder`` its fast path), and each row is chained to the one before it in
 its chain (one chain per store with SQLite, one per instance with PostgreSQL)::
 
+    row_hash = sha256(prev_digest + utf8(canonical_json(body)))      # 32 raw bytes
+
+where ``prev_digest`` is the previous row's 32-byte digest (``GENESIS_DIGEST``, 32 zero
+bytes, for the first row; after retention pruned the oldest rows, the anchor: the digest of
+the last row deleted), stored as the row's ``prev_hash``; ``body`` maps every hashed column
+of the row (all but ``id``, ``prev_hash``, ``row_hash`` and the store's own bookkeeping
+columns) whose value is not NULL to the value as written (JSON columns as their canonical
+text), ``canonical_json`` is sorted keys, ``","``/``":"`` separators, non-ASCII kept as UTF-8,
+floats in Python ``repr`` form. SQLite stores both digests as BLOBs, PostgreSQL as ``bytea``
+(``prev_digest``, ``row_digest``). People, logs and saved heads see a digest as
+``"sha256:" + hex(digest)`` (``as_hex``).
+
+Rows written before this lean format stored the hash as text and
+chained on it::
+
     row_hash = "sha256:" + hex(sha256(utf8(prev_hash + canonical_json(body))))
 
-where ``body`` maps every hashed column of the row (all but ``id``, ``prev_hash``,
-``row_hash`` and the store's own bookkeeping columns) whose value is not NULL to the value as
-written (JSON columns as their canonical text), ``canonical_json`` is sorted keys,
-``","``/``":"`` separators, non-ASCII kept as UTF-8, floats in Python ``repr`` form. The first
-row's ``prev_hash`` is ``GENESIS``; after retention pruned the oldest rows, the chain restarts
-from the anchor (the hash of the last row deleted). Migrations only ever add nullable
+with ``prev_hash`` the previous row's text (``GENESIS`` = ``"sha256:" + "0" * 64``). Such
+rows keep their hashes and verify as they are; the first new row chains on from the last old
+one's digest. A row's format is its hash's type: TEXT (SQLite) or the text columns
+(PostgreSQL) for the old one, BLOB / ``bytea`` for the new. Migrations only ever add nullable
 columns, so old rows keep their hashes.
+
+The new rows' ``metadata_json`` holds only the part of the router's raw ``metadata`` object
+that no column holds (``metadata_remainder``): a leaf listed in ``HELD`` is left out when its
+canonical JSON equals that of its column's value, and the remainder's ``"~"`` key is the
+bitmask of the leaves left out (bit *i* = ``HELD[i]``; a top-level key of tildes only, which
+the object itself may have, gains one ``~``). ``metadata_of(row)`` gives the whole object back.
+The hash covers the remainder, as stored, like any column.
 """
 
 from __future__ import annotations
@@ -22,7 +42,8 @@ import hashlib
 import json
 import math
 import operator
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from decimal import Decimal
 from json.encoder import encode_basestring
 from typing import Any, NamedTuple
 
@@ -31,6 +52,7 @@ import orjson
 from llmtap.record import canonical_json
 
 GENESIS = "sha256:" + "0" * 64
+GENESIS_DIGEST = bytes(32)
 #: Columns holding JSON text (the record's mappings and lists).
 JSON_COLUMNS = frozenset(
     {
@@ -57,7 +79,8 @@ def row_builder(types: Mapping[str, str]) -> Callable[[Mapping[str, Any]], dict[
 
     Coercion makes every value read back exactly as it was hashed (SQLite would turn an int in
     a REAL column into a float, a bool into 0/1, NaN into NULL). A value that does not fit its
-    type becomes NULL; the raw Pulze metadata is kept whole in ``metadata_json`` either way.
+    type becomes NULL; ``metadata_json`` keeps what of the raw router metadata no column holds
+    (``metadata_remainder``), so the whole object can be rebuilt either way.
     The writer maps the parsed dict directly, without rebuilding the record, and most records
     through ``RowBuilder``'s shortcut, which must give the same rows.
     """
@@ -77,6 +100,10 @@ def row_builder(types: Mapping[str, str]) -> Callable[[Mapping[str, Any]], dict[
         for name, key in elapsed:
             end = _to_real(data.get(key))
             row[name] = None if start is None or end is None else max(0.0, end - start)
+        if row.get("metadata_json") is not None:
+            row["metadata_json"] = _to_json(
+                metadata_remainder(data["metadata"], [row.get(name) for name in HELD_COLUMNS])
+            )
         return row
 
     return build
@@ -118,17 +145,151 @@ def _text(value: str) -> str:
     return value
 
 
-def chain_hash(prev_hash: str, row: Mapping[str, Any]) -> str:
-    """``row_hash`` of a row (see the module docstring for the canonical form)."""
-    return _row_hash(prev_hash, _body_json(row))
+#: Leaves of Pulze's ``metadata`` that a column holds as well: (parent key or None, key,
+#: column). Bit i of a remainder's mask is entry i: append only.
+HELD = (
+    (None, "app_id", "app_id"),
+    ("model", "model", "served_model"),
+    ("model", "provider", "served_provider"),
+    ("model", "owner", "served_owner"),
+    ("model", "namespace", "served_namespace"),
+    ("model", "at", "served_at"),
+    ("costs", "prompt_tokens", "cost_prompt_usd"),
+    ("costs", "completion_tokens", "cost_completion_usd"),
+    ("costs", "total_tokens", "cost_usd"),
+    ("cost_savings", "prompt_tokens", "cost_savings_prompt_usd"),
+    ("cost_savings", "completion_tokens", "cost_savings_completion_usd"),
+    ("cost_savings", "total_tokens", "cost_savings_usd"),
+    (None, "latency", "upstream_latency_s"),
+    (None, "retries", "retries"),
+    (None, "status_code", "upstream_status_code"),
+    (None, "score", "score"),
+    (None, "labels", "response_labels"),
+    (None, "warning", "warning"),
+    (None, "error", "upstream_error"),
+    (None, "category", "category"),
+    (None, "temperature", "temperature"),
+    (None, "max_tokens", "max_tokens"),
+)
+#: The remainder's key for the mask of the leaves left out.
+MASK_KEY = "~"
+
+
+#: The columns of ``HELD``, in its order: what ``metadata_remainder`` compares the leaves with.
+HELD_COLUMNS = tuple(name for _, _, name in HELD)
+_HELD_PLAN = tuple((1 << bit, parent, key, name in JSON_COLUMNS) for bit, (parent, key, name) in enumerate(HELD))
+
+
+def metadata_remainder(metadata: Any, held: Sequence[Any]) -> Any:
+    """What of ``metadata`` no column holds, and the mask of what it leaves out (see the module
+    docstring). ``held``: the row's values of ``HELD_COLUMNS``, as hashed. ``metadata`` is not
+    changed (the writer builds spans from it)."""
+    if not isinstance(metadata, dict):
+        return metadata
+    # a key of tildes sorts at or after "~" (max() looks in C: this runs for every Pulze row)
+    rest = _escape_tildes(metadata) if metadata and max(metadata) >= MASK_KEY else dict(metadata)
+    copied: list[str] = []
+    mask = 0
+    for (flag, parent, key, json_column), value in zip(_HELD_PLAN, held):
+        holder = rest if parent is None else rest.get(parent)
+        if not isinstance(holder, dict) or key not in holder:
+            continue
+        leaf = holder[key]  # dropped only when the column's value has the same canonical JSON:
+        if json_column:
+            if not (leaf is None if value is None else type(leaf) in (dict, list) and canonical_json(leaf) == value):
+                continue
+        elif type(leaf) is not type(value) or leaf != value:  # 1 and 1.0, true and 1 differ in JSON
+            continue
+        elif leaf == 0.0 and type(leaf) is float and math.copysign(1.0, leaf) != math.copysign(1.0, value):
+            continue  # equal floats of one sign have one repr (a column holds no NaN)
+        if parent is not None and parent not in copied:
+            holder = rest[parent] = dict(holder)
+            copied.append(parent)
+        del holder[key]
+        mask |= flag
+    for parent in copied:
+        if not rest[parent]:
+            del rest[parent]  # rebuilt from its leaves' bits
+    if mask:
+        rest[MASK_KEY] = mask
+    return rest
+
+
+def _is_tildes(key: str) -> bool:
+    return bool(key) and key.strip(MASK_KEY) == ""
+
+
+def _escape_tildes(metadata: dict[str, Any]) -> dict[str, Any]:
+    return {MASK_KEY + key if _is_tildes(key) else key: value for key, value in metadata.items()}
+
+
+def is_lean(row: Mapping[str, Any]) -> bool:
+    """Whether a stored row is of the lean format (a digest, not the old text hash)."""
+    return isinstance(row.get("row_hash"), bytes) or row.get("row_digest") is not None
+
+
+def metadata_of(row: Mapping[str, Any]) -> Any:
+    """The router's raw ``metadata`` object of a stored row (its values as hashed), whole:
+    the remainder with the leaves its mask names put back from their columns."""
+    stored = row.get("metadata_json")
+    value = json.loads(stored) if isinstance(stored, str) else stored
+    if not is_lean(row) or not isinstance(value, dict):
+        return value
+    mask = value.pop(MASK_KEY, 0)
+    if any(key[:1] == MASK_KEY for key in value):
+        value = {key[1:] if _is_tildes(key) else key: item for key, item in value.items()}
+    for bit, (parent, key, name) in enumerate(HELD):
+        if mask >> bit & 1:
+            column = row.get(name)
+            if name in JSON_COLUMNS and isinstance(column, str):
+                column = json.loads(column)
+            elif isinstance(column, Decimal):  # PostgreSQL's numeric: a REAL column's float
+                column = float(column)
+            (value if parent is None else value.setdefault(parent, {}))[key] = column
+    return value
+
+
+def chain_hash(prev: bytes, row: Mapping[str, Any]) -> bytes:
+    """``row_hash`` of a new row (see the module docstring for the canonical form)."""
+    return chain_digest(prev, _body_json(row))
+
+
+def chain_digest(prev: bytes, body_json: str) -> bytes:
+    """A new row's 32-byte hash from its predecessor's digest and its body's canonical JSON."""
+    return hashlib.sha256(prev + body_json.encode("utf-8")).digest()
+
+
+def legacy_hash(prev_hash: str, body_json: str) -> str:
+    """An old row's text hash (the format before the lean one)."""
+    return "sha256:" + hashlib.sha256((prev_hash + body_json).encode("utf-8")).hexdigest()
+
+
+def as_digest(stored: bytes | str) -> bytes:
+    """A stored hash of either format (or a shown one) as its 32-byte digest."""
+    return stored if isinstance(stored, bytes) else bytes.fromhex(stored.removeprefix("sha256:"))
+
+
+def as_hex(stored: bytes | str) -> str:
+    """A stored hash of either format as people and saved heads see it: ``sha256:<hex>``."""
+    return "sha256:" + stored.hex() if isinstance(stored, bytes) else stored
+
+
+def link_fault(prev: bytes, stored_prev: Any, stored_hash: Any, body_json: str) -> str | None:
+    """Why a stored row does not follow a row of digest ``prev`` (None: it does), either format."""
+    if isinstance(stored_hash, bytes):
+        expected_prev, expected = prev, chain_digest(prev, body_json)
+    else:
+        expected_prev = as_hex(prev)
+        expected = legacy_hash(expected_prev, body_json)
+    if stored_prev != expected_prev:
+        return "prev_hash does not match the row before it (a row was removed, inserted or reordered)"
+    if stored_hash != expected:
+        return "row_hash does not match the row's contents (the row was edited)"
+    return None
 
 
 def _body_json(row: Mapping[str, Any]) -> str:
     return canonical_json({name: value for name, value in row.items() if value is not None and name not in _UNHASHED})
-
-
-def _row_hash(prev_hash: str, body_json: str) -> str:
-    return "sha256:" + hashlib.sha256((prev_hash + body_json).encode("utf-8")).hexdigest()
 
 
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
@@ -149,6 +310,7 @@ class _Plan(NamedTuple):
     body: Callable[[Sequence[Any]], tuple[Any, ...]]  # the same, JSON texts escaped (appended)
     template: str  # the body's canonical JSON with a %-placeholder per value
     insert: str  # the INSERT of these columns
+    metadata: int | None  # metadata_json, made the remainder once the other columns are final
 
 
 class RowBuilder:
@@ -171,6 +333,7 @@ class RowBuilder:
         # an elapsed column holds its end time until the row's request_start is known
         self._get = operator.itemgetter(*[_ELAPSED.get(name) or _SOURCES.get(name, name) for name in self.columns])
         self._start = self.columns.index("request_start") if "request_start" in self.columns else None
+        self._held = operator.itemgetter(*[self.columns.index(name) for name in HELD_COLUMNS])
         self._plan = functools.lru_cache(maxsize=256)(self._compile)
 
     def __call__(self, data: Mapping[str, Any], *, clean: bool) -> tuple[str, list[Any], str]:
@@ -209,6 +372,8 @@ class RowBuilder:
         ints = plan.ints(values)
         if ints and (min(ints) < _INT64_MIN or max(ints) > _INT64_MAX):
             return None
+        if plan.metadata is not None:
+            values[plan.metadata] = canonical_json(metadata_remainder(values[plan.metadata], self._held(values)))
         present = plan.values(values)
         strs = "".join(plan.strs(values))
         if '"' in strs or "\\" in strs or not strs.isprintable():  # a string the body must escape
@@ -222,6 +387,7 @@ class RowBuilder:
         if self._start is None or signature[self._start] not in (float, int):
             return None
         convert, elapsed, reals, ints, texts, strs = [], [], [], [], [], []
+        metadata = None
         names, present, body, layout = [], [], [], []  # the body: its keys, values, placeholders
         for position, (name, kind, seen) in enumerate(zip(self.columns, self._kinds, signature)):
             if seen is type(None):
@@ -232,7 +398,10 @@ class RowBuilder:
             if kind == "JSON":
                 if seen not in (dict, list):
                     return None
-                convert.append((position, canonical_json))
+                if name == "metadata_json":
+                    metadata = position
+                else:
+                    convert.append((position, canonical_json))
                 body[-1] = len(signature) + len(texts)  # the escaped text, appended to the values
                 texts.append(position)
                 layout.append("%s")
@@ -273,6 +442,7 @@ class RowBuilder:
             _picker(body),
             "{" + ",".join(f"{key}:{spec}" for key, spec in zip(keys, layout)) + "}",
             insert_sql(tuple(names)),
+            metadata,
         )
 
 
@@ -285,14 +455,47 @@ def _picker(positions: Sequence[int]) -> Callable[[Sequence[Any]], tuple[Any, ..
 
 class ChainCheck(NamedTuple):
     rows: int  # rows checked before the first break (all of them when ok)
-    anchor: str  # GENESIS, or the anchor_hash of the latest pruning
+    anchor: str  # where the walk started: GENESIS, a retention anchor, a range's or checkpoint's link
     broken_id: int | None = None
     broken_exchange_id: str | None = None
     reason: str | None = None
+    head: str | None = None  # the last verified row's hash as shown (the anchor when none)
+    last_id: int | None = None  # the last verified row's id
 
     @property
     def ok(self) -> bool:
         return self.broken_id is None
+
+
+class Link(NamedTuple):
+    """What verify reads of a stored row: its chain links and its body's canonical JSON."""
+
+    id: int
+    exchange_id: str
+    prev_hash: Any  # bytes (lean) or text (old rows), as stored
+    row_hash: Any
+    body: str
+
+
+#: Rows between two ``tick`` calls of ``walk_chain``.
+TICK_ROWS = 10_000
+
+
+def walk_chain(
+    links: Iterable[Link], anchor: bytes | str, tick: Callable[[ChainCheck], None] | None = None
+) -> ChainCheck:
+    """Check ``links`` (in id order) as a chain starting from ``anchor``; stop at the first row
+    that does not follow. Holds one row at a time; ``tick`` gets the state every ``TICK_ROWS``."""
+    prev, shown = as_digest(anchor), as_hex(anchor)
+    checked, last_id = 0, None
+    for link in links:
+        reason = link_fault(prev, link.prev_hash, link.row_hash, link.body)
+        if reason:
+            return ChainCheck(checked, shown, link.id, link.exchange_id, reason, as_hex(prev), last_id)
+        prev, checked, last_id = as_digest(link.row_hash), checked + 1, link.id
+        if tick is not None and checked % TICK_ROWS == 0:
+            tick(ChainCheck(checked, shown, head=as_hex(prev), last_id=last_id))
+    return ChainCheck(checked, shown, head=as_hex(prev), last_id=last_id)
 
 
 def read_record(line: bytes) -> tuple[dict[str, Any], bool]:
@@ -330,8 +533,7 @@ def insert_columns(sql: str) -> tuple[str, ...]:
     return tuple(name.strip() for name in sql[sql.index("(") + 1 : sql.index(")")].split(","))[:-2]
 
 
-#: Public names of the chain primitives the stores use.
-row_hash = _row_hash
+#: Public name of the body's canonical JSON, which the stores hash and verify.
 body_json = _body_json
 
 

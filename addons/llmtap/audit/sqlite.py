@@ -16,7 +16,7 @@ import operator
 import os
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from itertools import takewhile
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -28,13 +28,18 @@ from llmtap.audit.rows import (
     GENESIS,
     JSON_COLUMNS,
     ChainCheck,
+    Link,
     RowBuilder,
+    as_digest,
+    as_hex,
+    body_json,
+    chain_digest,
     chain_hash,
     content_row,
     insert_columns,
     read_record,
     row_builder,
-    row_hash,
+    walk_chain,
 )
 from llmtap.config import Settings
 
@@ -256,6 +261,24 @@ def _create_log_export(db: Database) -> None:
     db["log_export"].create({"instance": str, "last_id": int, "acked_at": float}, pk="instance", not_null={"last_id"})
 
 
+#: The indexes kept on ``exchanges``, each with the query it serves:
+#: - ``idx_exchanges_exchange_id`` (unique): ``INSERT OR IGNORE`` deduplicates a replayed
+#:   journal on it; ``content`` references it; retention's ``DELETE FROM content WHERE
+#:   exchange_id IN (...)``.
+#: - ``idx_exchanges_request_start``: ``llmtap report``'s ``WHERE request_start >= ? AND
+#:   request_start < ?``, and ``llmtap audit verify --since/--until`` finding its row ids.
+#: Verify, retention and the log export walk ``id`` (the primary key). Grouping by model,
+#: provider, app or key scans the range (or reads the rollups), which those indexes never sped up.
+_UNUSED_INDEXES = ("response_model", "provider", "app_id", "key_fingerprint", "response_id", "previous_response_id")
+
+
+def _drop_unused_indexes(db: Database) -> None:
+    """The lean row: no index that no query uses (new rows also store digests as BLOBs and
+    their metadata's remainder, which needs no schema change: a value's type tells)."""
+    for column in _UNUSED_INDEXES:
+        db.execute(f"DROP INDEX IF EXISTS idx_exchanges_{column}")
+
+
 _ROLLUP_TYPES = {
     "text": "TEXT",
     "real": "REAL",
@@ -296,6 +319,7 @@ MIGRATIONS: tuple[Callable[[Database], None], ...] = (
     _add_family_columns,
     _add_instance,
     _create_log_export,
+    _drop_unused_indexes,
     _create_rollups,
 )
 
@@ -382,26 +406,28 @@ def connect_readonly(path: str | os.PathLike[str]) -> sqlite3.Connection:
 def chain_anchor(conn: sqlite3.Connection) -> str:
     """Where the chain starts: GENESIS, or the hash of the last row retention deleted."""
     row = conn.execute("SELECT anchor_hash FROM pruned ORDER BY id DESC LIMIT 1").fetchone()
-    return row[0] if row else GENESIS
+    return as_hex(row[0]) if row else GENESIS
 
 
-def verify_chain(conn: sqlite3.Connection) -> ChainCheck:
-    """Walk the chain in id order; stop at the first row that does not hash as recorded."""
-    anchor = chain_anchor(conn)
-    prev, checked = anchor, 0
-    cursor = conn.execute("SELECT * FROM exchanges ORDER BY id")
+def chain_links(conn: sqlite3.Connection, first_id: int = 0, last_id: int = 2**63 - 1) -> Iterator[Link]:
+    """The rows from ``first_id`` to ``last_id`` in id order, one at a time (the cursor streams)."""
+    cursor = conn.execute("SELECT * FROM exchanges WHERE id BETWEEN ? AND ? ORDER BY id", (first_id, last_id))
     names = [d[0] for d in cursor.description]
     for values in cursor:
         row = dict(zip(names, values))
-        reason = None
-        if row["prev_hash"] != prev:
-            reason = "prev_hash does not match the row before it (a row was removed, inserted or reordered)"
-        elif row["row_hash"] != chain_hash(prev, row):
-            reason = "row_hash does not match the row's contents (the row was edited)"
-        if reason:
-            return ChainCheck(checked, anchor, row["id"], row["exchange_id"], reason)
-        prev, checked = row["row_hash"], checked + 1
-    return ChainCheck(checked, anchor)
+        yield Link(row["id"], row["exchange_id"], row["prev_hash"], row["row_hash"], body_json(row))
+
+
+def verify_chain(
+    conn: sqlite3.Connection,
+    first_id: int = 0,
+    last_id: int = 2**63 - 1,
+    anchor: bytes | str | None = None,
+    tick: Callable[[ChainCheck], None] | None = None,
+) -> ChainCheck:
+    """Walk the chain (the rows from ``first_id`` to ``last_id``) in id order from ``anchor``
+    (default: the chain's own); stop at the first row that does not hash as recorded."""
+    return walk_chain(chain_links(conn, first_id, last_id), chain_anchor(conn) if anchor is None else anchor, tick)
 
 
 # --- the SQLite side (the writer process only) ----------------------------------------------------
@@ -438,7 +464,7 @@ class AuditStore:
             self.types = {c.name: c.type.upper() for c in self.db["exchanges"].columns if c.name != "id"}
             self.offsets: dict[int, int] = dict(self.conn.execute("SELECT gen, offset FROM journal_offsets"))
             head = self.conn.execute("SELECT row_hash FROM exchanges ORDER BY id DESC LIMIT 1").fetchone()
-            self.head = head[0] if head else chain_anchor(self.conn)
+            self.head = as_hex(head[0]) if head else chain_anchor(self.conn)
             #: rows ever chained (pruned ones included): the chain head's position, logged by the writer
             self.rows = (
                 self.conn.execute("SELECT count(*) FROM exchanges").fetchone()[0]
@@ -503,9 +529,9 @@ class AuditStore:
         """Chain ``rows`` as if all were new and insert them with an ``executemany`` per run of
         one INSERT; the new head, or None, with nothing written, when one was already there (a
         replay) or faulted."""
-        head = self.head
+        head = as_digest(self.head)
         for row in rows:
-            row.params[-2:] = head, row_hash(head, row.body)
+            row.params[-2:] = head, chain_digest(head, row.body)
             head = row.params[-1]
         self.conn.execute("SAVEPOINT batch")
         try:
@@ -523,13 +549,13 @@ class AuditStore:
             return None
         self.conn.execute("RELEASE batch")
         self.conn.executemany(_INSERT_CONTENT, [row.content for row in rows if row.content is not None])
-        return head
+        return as_hex(head)
 
     def _insert_each(self, rows: list[_Row], rejected: list[Exception], inserted: list[_Row]) -> str:
         """Insert ``rows`` one by one, chaining only those inserted (added to ``inserted``); the new head."""
-        head = self.head
+        head = as_digest(self.head)
         for row in rows:
-            row.params[-2:] = head, row_hash(head, row.body)
+            row.params[-2:] = head, chain_digest(head, row.body)
             try:
                 if self.conn.execute(row.insert, row.params).rowcount != 1:
                     continue  # already there (a replay): the chain is untouched
@@ -545,7 +571,7 @@ class AuditStore:
             inserted.append(row)
             if row.content is not None:
                 self.conn.execute(_INSERT_CONTENT, row.content)
-        return head
+        return as_hex(head)
 
     def forget(self, gen: int) -> None:
         """Drop a retired generation's offset (before its file goes: a replay is deduplicated)."""
@@ -585,7 +611,7 @@ class AuditStore:
             self.conn.execute(
                 "INSERT INTO pruned (pruned_at, cutoff, rows, first_id, last_id, anchor_hash) "
                 "VALUES (?, ?, ?, ?, ?, ?)",
-                (time.time(), cutoff, len(old), old[0][0], last_id, old[-1][2]),
+                (time.time(), cutoff, len(old), old[0][0], last_id, as_hex(old[-1][2])),
             )
         return len(old)
 

@@ -226,6 +226,7 @@ def main() -> None:
     parser.add_argument("--exact-groupings", default="model", help="comma-separated groupings also run with --exact")
     parser.add_argument("--reuse", action="store_true", help="measure an existing --db instead of filling it")
     parser.add_argument("--skip-verify", action="store_true")
+    parser.add_argument("--fill-only", action="store_true", help="fill --db and measure its size, nothing else")
     args = parser.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="llmtap-scale-"))
     db = args.db or workdir / "scale.db"
@@ -244,6 +245,9 @@ def main() -> None:
         conn.close()
     result["size"] = sizes(db)
     print(f"  size: {result['size']}", file=sys.stderr)
+    if args.fill_only:
+        print(json.dumps(result, indent=2))
+        return
     since = time.strftime("%Y-%m-%dT%H:00:00", time.gmtime(end - args.days * 86400))
     until = time.strftime("%Y-%m-%dT%H:00:00", time.gmtime(end))
     has_exact = "--exact" in subprocess.run([LLMTAP, "report", "--help"], capture_output=True, text=True).stdout

@@ -405,27 +405,18 @@ def _spend_rollups(reader: _Reader, by: Sequence[str], source: Source) -> tuple[
     by_sql = f"GROUP BY {', '.join(str(i + 1) for i in range(len(keys)))}" if keys else ""
     summed = rollups.COUNTS + rollups.SUMS
     sums = ", ".join(f"sum({c}) AS {c}" for c in summed)
-    for row in reader.rows(
-        f"SELECT {select}{sums} FROM rollups WHERE {where} {by_sql}", [*group.params, *params], exact=True
+    # exact decimals: PostgreSQL's numeric adds them; SQLite's are text, joined per group and added here
+    joined = ", ".join(f"{'sum' if reader.postgres else 'group_concat'}({name})" for name in rollups.DECIMALS)
+    for values in reader.tuples(
+        f"SELECT {select}{sums}, {joined} FROM rollups WHERE {where} {by_sql}", [*group.params, *params]
     ):
-        values = [int(v) if isinstance(v, Decimal) else v for v in row.values()]  # PostgreSQL's numeric sums
-        if row["requests"]:
-            found = dict(zip(summed, values[len(keys) :]))
-            rollups.merge(groups[tuple(values[: len(keys)])], [found.get(c) for c in rollups.VALUE_COLUMNS])
-    # exact decimals (text in SQLite), added here a group at a time
-    amounts: dict[tuple, tuple[list, list]] = defaultdict(lambda: ([], []))
-    for *values, older, saved in reader.tuples(
-        f"SELECT {select}{', '.join(rollups.DECIMALS)} FROM rollups WHERE {where} AND "
-        f"({' OR '.join(f'{name} IS NOT NULL' for name in rollups.DECIMALS)})",
-        [*group.params, *params],
-    ):
-        found = amounts[tuple(values)]
-        for into, amount in zip(found, (older, saved)):
+        if not values[len(keys)]:  # no requests
+            continue
+        found = dict(zip(summed, [int(v) if isinstance(v, Decimal) else v for v in values[len(keys) : -2]]))
+        for name, amount in zip(rollups.DECIMALS, values[-2:]):
             if amount is not None:
-                into.append(amount)
-    for key, found in amounts.items():
-        total = {name: sum(map(Decimal, parts)) for name, parts in zip(rollups.DECIMALS, found) if parts}
-        rollups.merge(groups[key], [total.get(c) for c in rollups.VALUE_COLUMNS])
+                found[name] = amount if isinstance(amount, Decimal) else sum(map(Decimal, amount.split(",")))
+        rollups.merge(groups[tuple(values[: len(keys)])], [found.get(c) for c in rollups.VALUE_COLUMNS])
     # the latency histogram, bucket by bucket (a rollup row holds a few: JSON objects, summed by the engine)
     each = "jsonb_each_text" if reader.postgres else "json_each"
     count = "(j.value)::int" if reader.postgres else "j.value"
@@ -523,7 +514,8 @@ def unpriced(conn: Any, since: float | None, until: float | None, source: Source
     if source.hours is not None:
         where, params = _hours(*source.hours)
         for row in reader.rows(
-            f"SELECT model, provider, sum(unpriced) AS n FROM rollups WHERE {where} GROUP BY 1, 2", params
+            f"SELECT model, provider, sum(unpriced) AS n FROM rollups WHERE unpriced > 0 AND {where} GROUP BY 1, 2",
+            params,
         ):
             counts[row["model"], row["provider"]] += int(row["n"])
     for edge in source.edges:

@@ -19,9 +19,7 @@ import time
 from collections.abc import Callable, Iterator
 from itertools import takewhile
 from pathlib import Path
-from typing import Any, NamedTuple
-
-from sqlite_utils import Database
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from llmtap.audit import rollups
 from llmtap.audit.rows import (
@@ -42,6 +40,9 @@ from llmtap.audit.rows import (
     walk_chain,
 )
 from llmtap.config import Settings
+
+if TYPE_CHECKING:  # the writer's; reports and verify only read (sqlite_utils costs 0.3 s to import)
+    from sqlite_utils import Database
 
 __all__ = [
     "GENESIS",
@@ -378,6 +379,8 @@ def connect(path: str | os.PathLike[str], *, fsync_batch: bool = False) -> Datab
     try:
         if not _is_audit_log(conn):
             raise NotAnAuditLog(f"{path} is not an llmtap audit log (it holds other tables); refusing to write to it")
+        from sqlite_utils import Database
+
         db = Database(conn)
         # in a new file only (it takes before the first table): a batch's rows and index
         # entries fit in fewer pages, which makes a commit about 40% cheaper

@@ -111,15 +111,20 @@ def assert_within_one_bucket(got: float, exact: float) -> None:
 
 
 def assert_rollups_equal_rows(conn, *, postgres: bool = False, labelled: bool = True) -> None:
-    """Every rollup sum equals the same aggregate over the rows, per key (with ``labelled``,
-    the team label too)."""
+    """Every rollup sum, hourly and daily, equals the same aggregate over the rows, per key
+    (with ``labelled``, the team label too)."""
+    for table, seconds in rollups.PERIODS.items():
+        _assert_table_equals_rows(conn, table, seconds, postgres=postgres, labelled=labelled)
+
+
+def _assert_table_equals_rows(conn, table: str, seconds: int, *, postgres: bool, labelled: bool) -> None:
     team_rows = "labels ->> 'team'" if postgres else "json_extract(labels, '$.team')"
     if not labelled:
         team_rows = "NULL"
-    row_key = ROW_KEY.format(team=team_rows)
+    row_key = ROW_KEY.format(team=team_rows).replace("3600", str(seconds))
     if postgres:
         row_key = row_key.replace(
-            "CAST(request_start / 3600 AS INTEGER) * 3600.0", "floor(request_start / 3600) * 3600"
+            f"CAST(request_start / {seconds} AS INTEGER) * {seconds}.0", f"floor(request_start / {seconds}) * {seconds}"
         )
     n = 12
     want = {
@@ -132,7 +137,7 @@ def assert_rollups_equal_rows(conn, *, postgres: bool = False, labelled: bool = 
     got = {
         tuple(r[:n]): tuple(int(v) if v is not None else None for v in r[n:])
         for r in conn.execute(
-            f"SELECT {rollup_key}, {ROLLUP_SUMS} FROM rollups GROUP BY {', '.join(map(str, range(1, n + 1)))}"
+            f"SELECT {rollup_key}, {ROLLUP_SUMS} FROM {table} GROUP BY {', '.join(map(str, range(1, n + 1)))}"
         )
     }
     norm = lambda d: {(float(k[0]) if k[0] is not None else None, *k[1:]): v for k, v in d.items()}  # noqa: E731
@@ -149,7 +154,7 @@ def assert_rollups_equal_rows(conn, *, postgres: bool = False, labelled: bool = 
     exact = row_aggregates(rows)
     stored: dict[tuple, rollups.Values] = defaultdict(rollups.empty)
     cols = ", ".join(rollups.VALUE_COLUMNS)
-    for r in conn.execute(f"SELECT {rollup_key}, {cols} FROM rollups"):
+    for r in conn.execute(f"SELECT {rollup_key}, {cols} FROM {table}"):
         rollups.merge(stored[tuple(r[:n])], rollups.read_values(r[n:]))
     assert {(float(k[0]) if k[0] is not None else None, *k[1:]) for k in stored} == set(norm(want))
     stored = {(float(k[0]) if k[0] is not None else None, *k[1:]): v for k, v in stored.items()}
@@ -279,15 +284,20 @@ def test_report_from_rollups_equals_the_row_scan(rolled_db, dimension, window):
     args = ("--db", str(rolled_db), "--by", dimension, "--by", "provider", *window)
     fast = json.loads(invoke(*args, "--format", "json"))
     exact = json.loads(invoke(*args, "--format", "json", "--exact"))
-    assert fast["source"].startswith("hourly rollups") and exact["source"] == "rows"
+    assert "rollups" in fast["source"] and exact["source"] == "rows"
     assert ("partial" in fast["source"]) == bool(window)
+    # whole days from the daily rollups (the open window and the 47 hours hold some), never when grouping by hour
+    if dimension == "hour":
+        assert "daily" not in fast["source"]
+    elif window != ("--since", "30h"):  # 30 hours back from now hold a whole day or not, by the time of day
+        assert "daily" in fast["source"]
     assert_same_report(fast, exact)
     fast_csv = list(csv.reader(io.StringIO(invoke(*args, "--format", "csv"))))
     exact_csv = list(csv.reader(io.StringIO(invoke(*args, "--format", "csv", "--exact"))))
     keep = [i for i, name in enumerate(exact_csv[0]) if name not in PERCENTILE_COLUMNS]
     assert [[line[i] for i in keep] for line in fast_csv] == [[line[i] for i in keep] for line in exact_csv]
     table = invoke(*args)
-    assert "from hourly rollups" in table and "TOTAL" in table
+    assert f"(from {fast['source']})" in table and "TOTAL" in table
 
 
 def _iso(value: str) -> str:
@@ -327,7 +337,7 @@ def test_report_from_rollups_on_postgres_equals_the_row_scan(rolled_db, pg_url):
             args = ["--db", pg_url, *(a for d in by for a in ("--by", d)), *window, "--format", "json"]
             fast, exact = json.loads(invoke(*args)), json.loads(invoke(*args, "--exact"))
             labelled = "label:team" in by  # imported: rolled up without labels, read from rows
-            assert fast["source"].startswith("rows (the label" if labelled else "hourly rollups")
+            assert fast["source"].startswith("rows (the label") if labelled else "rollups" in fast["source"]
             exact_by_key = {tuple(r[n] for n in by): r for r in exact["rows"]}
             fast_by_key = {tuple(r[n] for n in by): r for r in fast["rows"]}
             assert set(fast_by_key) == set(exact_by_key)
@@ -358,7 +368,7 @@ def test_the_v1_fixture_is_backfilled_and_its_money_reads_the_same(tmp_path):
     conn.close()
     fast = json.loads(invoke("--db", str(db), "--by", "model", "--format", "json"))
     exact = json.loads(invoke("--db", str(db), "--by", "model", "--format", "json", "--exact"))
-    assert fast["source"] == "hourly rollups"
+    assert fast["source"] == "daily rollups"
     assert_same_report(fast, exact)
 
 
@@ -372,6 +382,7 @@ def test_a_schema_before_rollups_upgrades_with_its_rows_rolled_up(tmp_path):
     store.apply(1, lines, 100)
     number = MIGRATIONS.index(next(m for m in MIGRATIONS if m.__name__ == "_create_rollups")) + 1
     store.conn.execute("DROP TABLE rollups")  # as a database of the release before rollups
+    store.conn.execute("DROP TABLE rollups_daily")
     store.conn.execute(f"PRAGMA user_version = {number - 1}")
     store.close()
     conn = sqlite3.connect(path)
@@ -423,7 +434,7 @@ def test_a_postgres_schema_before_rollups_upgrades_with_its_rows_rolled_up(pg_ur
     lines = [make_record(i, request_start=HOUR0 + i * 700).to_json().encode() for i in range(40)]
     store.apply(1, lines, 100)
     number = postgres.MIGRATIONS.index(postgres._create_rollups) + 1
-    store.conn.execute("DROP TABLE rollups")  # as a database of the release before rollups
+    store.conn.execute("DROP TABLE rollups, rollups_daily")  # as a database of the release before rollups
     store.conn.execute("DELETE FROM llmtap_schema WHERE version >= %s", (number,))
     store.close()
     conn = postgres.connect(pg_url)

@@ -20,7 +20,7 @@ hashed as), ``jsonb`` for the structured columns, the epoch seconds that are has
 and run under an advisory lock by an owner role; the columns follow the SQLite schema (a new
 record field is a new nullable column in both). Sidecars need only INSERT and SELECT on the
 rows (and DELETE on ``exchanges``/``content`` when retention is on), plus UPDATE on
-``rollups``: each adds its batches into its own instance's hourly rollup rows.
+``rollups`` and ``rollups_daily``: each adds its batches into its own instance's rollup rows.
 """
 
 from __future__ import annotations
@@ -205,14 +205,23 @@ _ROLLUP_TYPES = {
 
 def _create_rollups(cur: Any) -> None:
     """Hourly rollups per instance (``llmtap.audit.rollups``), backfilled from the rows here."""
-    if cur.execute("SELECT to_regclass('rollups')").fetchone()[0] is None:
-        cur.execute(rollups.table_sql(("instance_id",), ("instance_id", "key"), _ROLLUP_TYPES))
-        cur.execute("CREATE INDEX rollups_hour ON rollups (hour)")
-        backfill(cur.connection)
+    _create_rollup_table(cur, "rollups")
 
 
-def backfill(conn: Any, instance: str | None = None) -> None:
-    """Add the rollups of the stored rows (of one instance, or all) into the rollup table."""
+def _create_daily_rollups(cur: Any) -> None:
+    """Daily rollups per instance, the same sums by UTC day, backfilled from the rows here."""
+    _create_rollup_table(cur, "rollups_daily")
+
+
+def _create_rollup_table(cur: Any, table: str) -> None:
+    if cur.execute("SELECT to_regclass(%s)", (table,)).fetchone()[0] is None:
+        cur.execute(rollups.table_sql(table, ("instance_id",), ("instance_id", "key"), _ROLLUP_TYPES))
+        cur.execute(f"CREATE INDEX {table}_hour ON {table} (hour)")
+        backfill(cur.connection, tables=(table,))
+
+
+def backfill(conn: Any, instance: str | None = None, tables: Iterable[str] = tuple(rollups.PERIODS)) -> None:
+    """Add the rollups of the stored rows (of one instance, or all) into rollup ``tables``."""
     wanted = [*rollups.SOURCE_COLUMNS, "labels"]
     where = "WHERE instance_id = %s" if instance else ""
     with conn.cursor(name=f"backfill_{secrets.token_hex(4)}") as cur:
@@ -222,20 +231,37 @@ def backfill(conn: Any, instance: str | None = None) -> None:
         )
         for owner, rows in itertools.groupby(cur, operator.itemgetter(0)):
             counted = ((row[1:-1], row[-1]) for row in rows)
-            add_rollups(conn, owner, rollups.aggregate(counted, (), rollups.postgres_decimal))
+            add_rollups(conn, owner, rollups.aggregate(counted, (), rollups.postgres_decimal), tables)
 
 
-def add_rollups(conn: Any, instance: str, totals: dict[rollups.Key, rollups.Values]) -> None:
-    """Add ``totals`` into an instance's rollups (inside the caller's transaction)."""
+def add_rollups(
+    conn: Any, instance: str, totals: dict[rollups.Key, rollups.Values], tables: Iterable[str] = tuple(rollups.PERIODS)
+) -> None:
+    """Add hourly ``totals`` into an instance's rollup ``tables`` (inside the caller's transaction)."""
+    # each period's sums first: writing adds the stored values into the hourly totals
+    periods = {table: rollups.in_periods(totals, rollups.PERIODS[table]) for table in tables}
     with conn.cursor() as cur:
-        rollups.write(
-            totals, (instance,), lambda sql, params: cur.execute(sql, params).fetchall(), cur.executemany, sqlite=False
-        )
+        for table, found in periods.items():
+            rollups.write(
+                found,
+                (instance,),
+                lambda sql, params: cur.execute(sql, params).fetchall(),
+                cur.executemany,
+                sqlite=False,
+                table=table,
+            )
 
 
 #: Numbered steps; ``llmtap_schema`` holds how many were applied. ``_add_columns`` re-runs
 #: whenever a column is missing (it is idempotent).
-MIGRATIONS = (lambda cur: cur.execute(_BASE), _add_columns, _create_log_export, _lean_rows, _create_rollups)
+MIGRATIONS = (
+    lambda cur: cur.execute(_BASE),
+    _add_columns,
+    _create_log_export,
+    _lean_rows,
+    _create_rollups,
+    _create_daily_rollups,
+)
 
 
 def _columns(conn: Any) -> set[str]:
@@ -282,7 +308,9 @@ def migrate(conn: Any, grant: Iterable[str] = ()) -> list[int]:
                 .format(ident)
             )
             # rollups are added to (UPDATE); the rows themselves stay INSERT-only
-            conn.execute(psycopg().sql.SQL("GRANT SELECT, INSERT, UPDATE ON rollups TO {}").format(ident))
+            conn.execute(
+                psycopg().sql.SQL("GRANT SELECT, INSERT, UPDATE ON rollups, rollups_daily TO {}").format(ident)
+            )
     return applied
 
 
@@ -630,15 +658,18 @@ class PostgresStore:
             )
 
     def prune_rollups(self, cutoff: float) -> int:
-        """Delete this instance's rollups of hours that ended before ``cutoff`` (none when the
+        """Delete this instance's rollups of periods that ended before ``cutoff`` (none when the
         role may not DELETE: retention is off for it, as for the rows)."""
         if not self._may_prune:
             return 0
         try:
             with self.conn.transaction():
-                return self.conn.execute(
-                    "DELETE FROM rollups WHERE instance_id = %s AND hour <= %s", (self.instance, cutoff - 3600)
-                ).rowcount
+                return sum(
+                    self.conn.execute(
+                        f"DELETE FROM {table} WHERE instance_id = %s AND hour <= %s", (self.instance, cutoff - seconds)
+                    ).rowcount
+                    for table, seconds in rollups.PERIODS.items()
+                )
         except psycopg().errors.InsufficientPrivilege as exc:
             self._may_prune = False
             log.error("retention is off for this instance: its role may not DELETE (%s)", exc)

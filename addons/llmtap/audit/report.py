@@ -237,9 +237,9 @@ def _nano(amount: Decimal | None) -> int | None:
 
 
 class Source(NamedTuple):
-    """Where a report reads from: whole hours from the rollups, the rest from rows."""
+    """Where a report reads from: whole days and hours from the rollups, the rest from rows."""
 
-    hours: tuple[float | None, float | None] | None  # rollups of the hours starting in [start, end)
+    periods: tuple[tuple[str, float | None, float | None], ...]  # (table, start, end): its periods in [start, end)
     edges: tuple[tuple[float | None, float | None], ...]  # row ranges [since, until)
     text: str  # said in the table's title and as JSON's "source"
 
@@ -247,32 +247,50 @@ class Source(NamedTuple):
 def plan(
     conn: Any, by: Sequence[str], since: float | None, until: float | None, *, exact: bool = False, why: str = ""
 ) -> Source:
-    """Rollups for the whole hours of the range when the grouping allows (a label only where
-    every rollup of those hours holds it), rows for the partial hours at its edges; rows alone
-    with ``exact`` (``why`` says why)."""
+    """Rollups for the whole days and hours of the range when the grouping allows (a label only
+    where every rollup of those periods holds it), rows for the partial hours at its edges; rows
+    alone with ``exact`` (``why`` says why)."""
     reader = _Reader(conn)
-    everything = Source(None, ((since, until),), f"rows{why}")
-    if exact or not _has_rollups(reader):
+    everything = Source((), ((since, until),), f"rows{why}")
+    tables = _rollup_tables(reader)
+    if exact or "rollups" not in tables:
         return everything
     start = None if since is None else math.ceil(since / 3600) * 3600.0
     end = None if until is None else math.floor(until / 3600) * 3600.0
     if start is not None and end is not None and start >= end:
-        return Source(None, ((since, until),), "rows (less than one whole hour)")
-    where, params = _hours(start, end)
+        return Source((), ((since, until),), "rows (less than one whole hour)")
+    periods = (("rollups", start, end),)
+    if "hour" not in by and "rollups_daily" in tables:
+        periods = _days_and_hours(start, end)
     labels = {name[6:] for name in by if name.startswith("label:")}
-    if labels:
-        found = reader.rows(f"SELECT DISTINCT label_names FROM rollups WHERE {where}", params)
+    for table, first, last in periods if labels else ():
+        where, params = _hours(first, last)
+        found = reader.rows(f"SELECT DISTINCT label_names FROM {table} WHERE {where}", params)
         if any(not labels <= set(json.loads(row["label_names"])) for row in found):
-            return Source(None, ((since, until),), "rows (the label is not rolled up for every hour)")
+            return Source((), ((since, until),), "rows (the label is not rolled up for every hour)")
     edges = tuple(edge for edge in ((since, start), (end, until)) if edge[0] is not None and edge[0] != edge[1])
     partial = f" + {len(edges)} partial hour{'s' if len(edges) > 1 else ''} from rows" if edges else ""
-    return Source((start, end), edges, f"hourly rollups{partial}")
+    kinds = " and ".join(dict.fromkeys("daily" if table == "rollups_daily" else "hourly" for table, _, _ in periods))
+    return Source(periods, edges, f"{kinds} rollups{partial}")
 
 
-def _has_rollups(reader: _Reader) -> bool:
+def _days_and_hours(start: float | None, end: float | None) -> tuple[tuple[str, float | None, float | None], ...]:
+    """The whole UTC days of [start, end) from the daily rollups, the hours around them from the hourly."""
+    first = None if start is None else math.ceil(start / 86400) * 86400.0
+    last = None if end is None else math.floor(end / 86400) * 86400.0
+    if first is not None and last is not None and first >= last:
+        return (("rollups", start, end),)
+    before = (("rollups", start, first),) if start is not None and start != first else ()
+    after = (("rollups", last, end),) if end is not None and end != last else ()
+    return (*before, ("rollups_daily", first, last), *after)
+
+
+def _rollup_tables(reader: _Reader) -> set[str]:
     if reader.postgres:
-        return reader.rows("SELECT to_regclass('rollups') IS NOT NULL AS found", [])[0]["found"]
-    return bool(reader.rows("SELECT count(*) AS n FROM sqlite_master WHERE name = 'rollups'", [])[0]["n"])
+        found = reader.rows("SELECT to_regclass('rollups') AS h, to_regclass('rollups_daily') AS d", [])[0]
+        return {table for table, present in zip(rollups.PERIODS, (found["h"], found["d"])) if present is not None}
+    names = reader.rows("SELECT name FROM sqlite_master WHERE name IN ('rollups', 'rollups_daily')", [])
+    return {row["name"] for row in names}
 
 
 def _hours(start: float | None, end: float | None) -> tuple[str, list[float]]:
@@ -329,7 +347,7 @@ def spend(
     (its rows' tokens priced by it, at each row's own time) and ``reprice_unknown``.
     """
     reader = _Reader(conn)
-    if source is not None and source.hours is not None:
+    if source is not None and source.periods:
         return _spend_rollups(reader, by, source)
     group = grouping(by, reader.postgres)
     sums_sql = _PG_SUMS if reader.postgres else _SUMS
@@ -395,37 +413,38 @@ def spend(
 
 
 def _spend_rollups(reader: _Reader, by: Sequence[str], source: Source) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """``spend`` from the rollups of whole hours plus the rows of the partial ones, counted by
+    """``spend`` from the rollups of whole days and hours plus the rows of the partial hours, counted by
     the same ``rollups.values_of`` the writer uses."""
     groups: dict[tuple, rollups.Values] = defaultdict(rollups.empty)
     group = grouping(by, reader.postgres, rollups=True)
     keys = [f"g{i}" for i in range(len(group.exprs))]
     select = "".join(f"{expr} AS {key}, " for expr, key in zip(group.exprs, keys))
-    where, params = _hours(*source.hours)
     by_sql = f"GROUP BY {', '.join(str(i + 1) for i in range(len(keys)))}" if keys else ""
     summed = rollups.COUNTS + rollups.SUMS
     sums = ", ".join(f"sum({c}) AS {c}" for c in summed)
     # exact decimals: PostgreSQL's numeric adds them; SQLite's are text, joined per group and added here
     joined = ", ".join(f"{'sum' if reader.postgres else 'group_concat'}({name})" for name in rollups.DECIMALS)
-    for values in reader.tuples(
-        f"SELECT {select}{sums}, {joined} FROM rollups WHERE {where} {by_sql}", [*group.params, *params]
-    ):
-        if not values[len(keys)]:  # no requests
-            continue
-        found = dict(zip(summed, [int(v) if isinstance(v, Decimal) else v for v in values[len(keys) : -2]]))
-        for name, amount in zip(rollups.DECIMALS, values[-2:]):
-            if amount is not None:
-                found[name] = amount if isinstance(amount, Decimal) else sum(map(Decimal, amount.split(",")))
-        rollups.merge(groups[tuple(values[: len(keys)])], [found.get(c) for c in rollups.VALUE_COLUMNS])
-    # the latency histogram, bucket by bucket (a rollup row holds a few: JSON objects, summed by the engine)
     each = "jsonb_each_text" if reader.postgres else "json_each"
     count = "(j.value)::int" if reader.postgres else "j.value"
-    for values in reader.tuples(
-        f"SELECT {select}CAST(j.key AS INTEGER) AS bucket, sum({count}) AS n FROM rollups, {each}(rollups.duration) AS j "
-        f"WHERE {where} GROUP BY {', '.join(str(i + 1) for i in range(len(keys) + 1))}",
-        [*group.params, *params],
-    ):
-        rollups.histogram(groups[tuple(values[: len(keys)])], "duration")[values[-2]] += int(values[-1])
+    for table, start, end in source.periods:
+        where, params = _hours(start, end)
+        for values in reader.tuples(
+            f"SELECT {select}{sums}, {joined} FROM {table} WHERE {where} {by_sql}", [*group.params, *params]
+        ):
+            if not values[len(keys)]:  # no requests
+                continue
+            found = dict(zip(summed, [int(v) if isinstance(v, Decimal) else v for v in values[len(keys) : -2]]))
+            for name, amount in zip(rollups.DECIMALS, values[-2:]):
+                if amount is not None:
+                    found[name] = amount if isinstance(amount, Decimal) else sum(map(Decimal, amount.split(",")))
+            rollups.merge(groups[tuple(values[: len(keys)])], [found.get(c) for c in rollups.VALUE_COLUMNS])
+        # the latency histogram, bucket by bucket (a rollup row holds a few: JSON objects, summed by the engine)
+        for values in reader.tuples(
+            f"SELECT {select}CAST(j.key AS INTEGER) AS bucket, sum({count}) AS n FROM {table}, {each}({table}.duration) AS j "
+            f"WHERE {where} GROUP BY {', '.join(str(i + 1) for i in range(len(keys) + 1))}",
+            [*group.params, *params],
+        ):
+            rollups.histogram(groups[tuple(values[: len(keys)])], "duration")[values[-2]] += int(values[-1])
     rows_group = grouping(by, reader.postgres)
     columns = _columns(reader)
     wanted = [c if c in columns else f"NULL AS {c}" for c in rollups.SOURCE_COLUMNS]
@@ -509,12 +528,12 @@ def _reprice(
 def unpriced(conn: Any, since: float | None, until: float | None, source: Source | None = None) -> list[dict[str, Any]]:
     """Successful exchanges whose cost is unknown, per model and provider, most first."""
     reader = _Reader(conn)
-    source = source or Source(None, ((since, until),), "rows")
+    source = source or Source((), ((since, until),), "rows")
     counts: dict[tuple, int] = defaultdict(int)
-    if source.hours is not None:
-        where, params = _hours(*source.hours)
+    for table, start, end in source.periods:
+        where, params = _hours(start, end)
         for row in reader.rows(
-            f"SELECT model, provider, sum(unpriced) AS n FROM rollups WHERE unpriced > 0 AND {where} GROUP BY 1, 2",
+            f"SELECT model, provider, sum(unpriced) AS n FROM {table} WHERE unpriced > 0 AND {where} GROUP BY 1, 2",
             params,
         ):
             counts[row["model"], row["provider"]] += int(row["n"])

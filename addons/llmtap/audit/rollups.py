@@ -100,6 +100,12 @@ _DURATION, _TTFT = SOURCE_COLUMNS.index("duration_s"), SOURCE_COLUMNS.index("ttf
 Key = tuple
 Values = list  # aligned with VALUE_COLUMNS
 
+#: The rollup tables, by the seconds each row covers. A report reads whole UTC days from the
+#: daily table (a year is 365 periods of a key, not 8,760) and the hours around them, and any
+#: grouping by hour, from the hourly one. Both have the same columns; ``hour`` is the first hour
+#: of the row's period.
+PERIODS = {"rollups": 3600, "rollups_daily": 86400}
+
 
 def sqlite_decimal(value: float | Decimal) -> Decimal:
     """A REAL amount as the SQLite report sums it: 15 significant digits (every float holds
@@ -241,6 +247,17 @@ def aggregate(
     return totals
 
 
+def in_periods(totals: dict[Key, Values], seconds: int) -> dict[Key, Values]:
+    """Hourly ``totals`` added up by the period of ``seconds`` that holds each hour."""
+    if seconds == 3600:
+        return totals
+    periods: dict[Key, Values] = {}
+    for key, values in totals.items():
+        period = (key[0] // seconds * seconds, *key[1:])  # -inf (no start time) stays -inf
+        merge(periods.setdefault(period, empty()), values)
+    return periods
+
+
 def _labels(labels: Any, names: list[str]) -> tuple | str | None:
     """The allow-listed labels of a row, hashable: (name, type, value) triples (the type keeps
     1 and true apart), or their canonical JSON when a value is no scalar."""
@@ -271,8 +288,8 @@ def storable_key(key: Key) -> bytes:
     return hashlib.blake2b(json.dumps(key, ensure_ascii=False, separators=(",", ":")).encode(), digest_size=16).digest()
 
 
-def table_sql(owner: tuple[str, ...], primary: tuple[str, ...], types: Mapping[str, str]) -> str:
-    """The rollup table's DDL; ``types``: the engine's type of each kind (text, real, integer,
+def table_sql(table: str, owner: tuple[str, ...], primary: tuple[str, ...], types: Mapping[str, str]) -> str:
+    """A rollup table's DDL; ``types``: the engine's type of each kind (text, real, integer,
     bytes, count, sum, decimal, json); ``owner``: columns before the key's (PostgreSQL's
     instance_id); ``primary``: the primary key."""
     kinds = {
@@ -288,7 +305,7 @@ def table_sql(owner: tuple[str, ...], primary: tuple[str, ...], types: Mapping[s
     columns.append(f"key {types['bytes']} NOT NULL")
     columns += [f"{name} {types[kinds.get(name, 'text')]}" for name in KEY_COLUMNS + VALUE_COLUMNS]
     columns.append(f"PRIMARY KEY ({', '.join(primary)})")
-    return f"CREATE TABLE rollups ({', '.join(columns)})"
+    return f"CREATE TABLE {table} ({', '.join(columns)})"
 
 
 def write(
@@ -298,8 +315,9 @@ def write(
     executemany: Callable[[str, list[list[Any]]], Any],
     *,
     sqlite: bool,
+    table: str = "rollups",
 ) -> None:
-    """Add ``totals`` into the stored rollups, inside the caller's transaction: read the touched
+    """Add ``totals`` into a rollup table, inside the caller's transaction: read the touched
     rows, add in Python (exact decimals, sparse histograms), write them back in key order.
     ``owner``: PostgreSQL's instance id (its writer alone touches its rows, under its lock).
     ``fetch`` and ``executemany`` run SQL."""
@@ -309,32 +327,32 @@ def write(
     hours = sorted({key[0] for key in totals})
     for start in range(0, len(hashed), 500):
         chunk = [digest for digest, _ in hashed[start : start + 500]]
-        sql = stored_sql(len(owner), len(hours), len(chunk), placeholder)
+        sql = stored_sql(table, len(owner), len(hours), len(chunk), placeholder)
         for row in fetch(sql, [*owner, *hours, *chunk]):
             merge(totals[by_hash[bytes(row[0])]], read_values(row[1:]))
     executemany(
-        upsert_sql(len(owner), sqlite), [[*owner, *parameters(d, key, totals[key], sqlite)] for d, key in hashed]
+        upsert_sql(table, len(owner), sqlite), [[*owner, *parameters(d, key, totals[key], sqlite)] for d, key in hashed]
     )
 
 
 @functools.cache
-def upsert_sql(owned: int, sqlite: bool) -> str:
+def upsert_sql(table: str, owned: int, sqlite: bool) -> str:
     """One rollup row written with its values already added to the stored ones."""
     columns = [*("instance_id",) * owned, "key", *KEY_COLUMNS, *VALUE_COLUMNS]
     primary = "hour, key" if sqlite else "instance_id, key"
     return (
-        f"INSERT INTO rollups ({', '.join(columns)}) VALUES ({', '.join(['?' if sqlite else '%s'] * len(columns))}) "
+        f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join(['?' if sqlite else '%s'] * len(columns))}) "
         f"ON CONFLICT ({primary}) DO UPDATE SET " + ", ".join(f"{c} = excluded.{c}" for c in VALUE_COLUMNS)
     )
 
 
 @functools.lru_cache(maxsize=256)
-def stored_sql(owned: int, hours: int, keys: int, placeholder: str) -> str:
-    """The stored values of up to ``keys`` rollup rows of ``hours`` hours (of one instance)."""
+def stored_sql(table: str, owned: int, hours: int, keys: int, placeholder: str) -> str:
+    """The stored values of up to ``keys`` rollup rows of ``hours`` periods (of one instance)."""
     where = ["instance_id = " + placeholder] * owned
     where.append(f"hour IN ({', '.join([placeholder] * hours)})")
     where.append(f"key IN ({', '.join([placeholder] * keys)})")
-    return f"SELECT key, {', '.join(VALUE_COLUMNS)} FROM rollups WHERE {' AND '.join(where)}"
+    return f"SELECT key, {', '.join(VALUE_COLUMNS)} FROM {table} WHERE {' AND '.join(where)}"
 
 
 def read_values(stored: Sequence[Any]) -> Values:

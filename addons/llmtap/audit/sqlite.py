@@ -294,18 +294,35 @@ _ROLLUP_TYPES = {
 
 def _create_rollups(db: Database) -> None:
     """Hourly rollups (``llmtap.audit.rollups``) for reports, backfilled from the rows here."""
-    # clustered by hour: a report's range of hours is one contiguous run of the table
-    db.execute(rollups.table_sql((), ("hour", "key"), _ROLLUP_TYPES) + " WITHOUT ROWID")
+    _create_rollup_table(db, "rollups")
+
+
+def _create_daily_rollups(db: Database) -> None:
+    """Daily rollups, the same sums by UTC day, backfilled from the rows here."""
+    _create_rollup_table(db, "rollups_daily")
+
+
+def _create_rollup_table(db: Database, table: str) -> None:
+    # clustered by period: a report's range of hours or days is one contiguous run of the table
+    db.execute(rollups.table_sql(table, (), ("hour", "key"), _ROLLUP_TYPES) + " WITHOUT ROWID")
     present = {row[1] for row in db.execute("PRAGMA table_info(exchanges)")}
     wanted = [*rollups.SOURCE_COLUMNS, "labels"]
     cursor = db.execute(f"SELECT {', '.join(c if c in present else f'NULL AS {c}' for c in wanted)} FROM exchanges")
     rows = ((row[:-1], row[-1] and json.loads(row[-1])) for row in cursor)
-    add_rollups(db.conn, rollups.aggregate(rows, (), rollups.sqlite_decimal))
+    totals = rollups.aggregate(rows, (), rollups.sqlite_decimal)
+    _write_rollups(db.conn, table, rollups.in_periods(totals, rollups.PERIODS[table]))
 
 
 def add_rollups(conn: sqlite3.Connection, totals: dict[rollups.Key, rollups.Values]) -> None:
-    """Add ``totals`` into the rollup table (inside the caller's transaction)."""
-    rollups.write(totals, (), lambda sql, params: conn.execute(sql, params), conn.executemany, sqlite=True)
+    """Add hourly ``totals`` into every rollup table (inside the caller's transaction)."""
+    # each period's sums first: writing adds the stored values into the hourly totals
+    periods = {table: rollups.in_periods(totals, seconds) for table, seconds in rollups.PERIODS.items()}
+    for table, found in periods.items():
+        _write_rollups(conn, table, found)
+
+
+def _write_rollups(conn: sqlite3.Connection, table: str, totals: dict[rollups.Key, rollups.Values]) -> None:
+    rollups.write(totals, (), lambda sql, params: conn.execute(sql, params), conn.executemany, sqlite=True, table=table)
 
 
 MIGRATIONS: tuple[Callable[[Database], None], ...] = (
@@ -322,6 +339,7 @@ MIGRATIONS: tuple[Callable[[Database], None], ...] = (
     _create_log_export,
     _drop_unused_indexes,
     _create_rollups,
+    _create_daily_rollups,
 )
 
 
@@ -619,11 +637,14 @@ class AuditStore:
         return len(old)
 
     def prune_rollups(self, cutoff: float) -> int:
-        """Delete the rollups of hours that ended before ``cutoff``."""
-        if not self.conn.execute("SELECT 1 FROM rollups WHERE hour <= ? LIMIT 1", (cutoff - 3600,)).fetchone():
-            return 0  # the common case, every writer cycle: one index look-up
-        with self.db.atomic():
-            return self.conn.execute("DELETE FROM rollups WHERE hour <= ?", (cutoff - 3600,)).rowcount
+        """Delete the rollups of periods that ended before ``cutoff``."""
+        deleted = 0
+        for table, seconds in rollups.PERIODS.items():
+            old = (cutoff - seconds,)
+            if self.conn.execute(f"SELECT 1 FROM {table} WHERE hour <= ? LIMIT 1", old).fetchone():
+                with self.db.atomic():  # else (every writer cycle) one index look-up
+                    deleted += self.conn.execute(f"DELETE FROM {table} WHERE hour <= ?", old).rowcount
+        return deleted
 
     # --- the OTLP log export's cursor (llmtap.audit.logexport): rows after it await acknowledgement ---
 

@@ -34,6 +34,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from decimal import Decimal
 from typing import Any
 
+import orjson
+
 from llmtap.record import canonical_json
 
 KEY_COLUMNS = (
@@ -362,7 +364,7 @@ def read_values(stored: Sequence[Any]) -> Values:
         if values[i] is not None:
             values[i] = Decimal(values[i])
     for i in range(_HISTOGRAM_AT, len(values)):
-        counts = json.loads(values[i]) if isinstance(values[i], str) else values[i] or {}
+        counts = orjson.loads(values[i]) if isinstance(values[i], str) else values[i] or {}
         values[i] = Counter({int(index): count for index, count in counts.items()})
     return values
 
@@ -374,13 +376,14 @@ def parameters(digest: bytes, key: Key, values: Values, sqlite: bool) -> list[An
     """An upsert's parameters after its table-key columns: histograms as JSON; in SQLite,
     decimals as plain text and a sum beyond 64 bits (absurd journal values only) as a float,
     as SQLite's own ``+`` makes it: a rollup never costs a batch."""
-    values = [
-        json.dumps({str(i): n for i, n in sorted(v.items())}, separators=(",", ":")) if isinstance(v, Counter) else v
-        for v in values
-    ]
+    values = list(values)
+    for i in range(_HISTOGRAM_AT, len(values)):
+        values[i] = orjson.dumps(dict(sorted(values[i].items())), option=orjson.OPT_NON_STR_KEYS).decode()
     if sqlite:
-        values = [
-            format(v, "f") if isinstance(v, Decimal) else float(v) if isinstance(v, int) and abs(v) >= _INT64 else v
-            for v in values
-        ]
+        for i in range(_DECIMAL_AT):
+            if values[i] is not None and abs(values[i]) >= _INT64:
+                values[i] = float(values[i])
+        for i in range(_DECIMAL_AT, _HISTOGRAM_AT):
+            if values[i] is not None:
+                values[i] = format(values[i], "f")
     return [digest, *key, *values]

@@ -314,6 +314,26 @@ def test_hour_aligned_range_reads_only_rollups(rolled_db):
     assert_same_report(fast, exact)
 
 
+def test_a_label_rolled_up_hourly_only_reads_the_hourly_rollups(tmp_path):
+    path = tmp_path / "llmtap.db"
+    sink = AuditSink(Settings(db=str(path), metric_labels=("team",)), Health())
+    for record in traffic(60, seed=5):
+        sink.emit(record)
+    sink.close()
+    conn = sqlite3.connect(path)  # as after the upgrade that added daily rollups (it knows no allow-list)
+    number = MIGRATIONS.index(next(m for m in MIGRATIONS if m.__name__ == "_create_daily_rollups")) + 1
+    conn.execute("DROP TABLE rollups_daily")
+    conn.execute(f"PRAGMA user_version = {number - 1}")
+    conn.commit()
+    conn.close()
+    AuditStore(str(path), fsync_batch=False, capture_content=False).close()  # migrates: daily, no labels
+    args = ("--db", str(path), "--by", "label:team", "--format", "json")
+    fast, exact = json.loads(invoke(*args)), json.loads(invoke(*args, "--exact"))
+    assert fast["source"] == "hourly rollups"
+    assert_same_report(fast, exact)
+    assert json.loads(invoke("--db", str(path), "--by", "model", "--format", "json"))["source"] == "daily rollups"
+
+
 def test_a_label_not_rolled_up_and_reprice_read_rows(tmp_path):
     sink = AuditSink(Settings(db=str(tmp_path / "llmtap.db")), Health())  # no metric_labels
     for record in traffic(20, seed=2):

@@ -259,19 +259,28 @@ def plan(
     end = None if until is None else math.floor(until / 3600) * 3600.0
     if start is not None and end is not None and start >= end:
         return Source((), ((since, until),), "rows (less than one whole hour)")
-    periods = (("rollups", start, end),)
+    candidates = [(("rollups", start, end),)]
     if "hour" not in by and "rollups_daily" in tables:
-        periods = _days_and_hours(start, end)
+        candidates.insert(0, _days_and_hours(start, end))
     labels = {name[6:] for name in by if name.startswith("label:")}
-    for table, first, last in periods if labels else ():
-        where, params = _hours(first, last)
-        found = reader.rows(f"SELECT DISTINCT label_names FROM {table} WHERE {where}", params)
-        if any(not labels <= set(json.loads(row["label_names"])) for row in found):
-            return Source((), ((since, until),), "rows (the label is not rolled up for every hour)")
+    periods = next((periods for periods in candidates if _rolled_up(reader, periods, labels)), None)
+    if periods is None:
+        return Source((), ((since, until),), "rows (the label is not rolled up for every hour)")
     edges = tuple(edge for edge in ((since, start), (end, until)) if edge[0] is not None and edge[0] != edge[1])
     partial = f" + {len(edges)} partial hour{'s' if len(edges) > 1 else ''} from rows" if edges else ""
     kinds = " and ".join(dict.fromkeys("daily" if table == "rollups_daily" else "hourly" for table, _, _ in periods))
     return Source(periods, edges, f"{kinds} rollups{partial}")
+
+
+def _rolled_up(reader: _Reader, periods: tuple[tuple[str, float | None, float | None], ...], labels: set[str]) -> bool:
+    """Whether every rollup of ``periods`` holds these labels (a database upgraded to daily
+    rollups has them only in its hourly ones: the upgrade knows no allow-list)."""
+    for table, first, last in periods if labels else ():
+        where, params = _hours(first, last)
+        found = reader.rows(f"SELECT DISTINCT label_names FROM {table} WHERE {where}", params)
+        if any(not labels <= set(json.loads(row["label_names"])) for row in found):
+            return False
+    return True
 
 
 def _days_and_hours(start: float | None, end: float | None) -> tuple[tuple[str, float | None, float | None], ...]:

@@ -235,21 +235,24 @@ def backfill(conn: Any, instance: str | None = None, tables: Iterable[str] = tup
 
 
 def add_rollups(
-    conn: Any, instance: str, totals: dict[rollups.Key, rollups.Values], tables: Iterable[str] = tuple(rollups.PERIODS)
-) -> None:
-    """Add hourly ``totals`` into an instance's rollup ``tables`` (inside the caller's transaction)."""
+    conn: Any,
+    instance: str,
+    totals: dict[rollups.Key, rollups.Values],
+    tables: Iterable[str] = tuple(rollups.PERIODS),
+    known: dict | None = None,
+) -> dict[tuple[str, bytes], rollups.Values]:
+    """Add hourly ``totals`` into an instance's rollup ``tables`` (inside the caller's
+    transaction); what was written (``rollups.write``)."""
     # each period's sums first: writing adds the stored values into the hourly totals
     periods = {table: rollups.in_periods(totals, rollups.PERIODS[table]) for table in tables}
+    written: dict[tuple[str, bytes], rollups.Values] = {}
     with conn.cursor() as cur:
         for table, found in periods.items():
-            rollups.write(
-                found,
-                (instance,),
-                lambda sql, params: cur.execute(sql, params).fetchall(),
-                cur.executemany,
-                sqlite=False,
-                table=table,
+            fetch = lambda sql, params: cur.execute(sql, params).fetchall()  # noqa: E731
+            written.update(
+                rollups.write(found, (instance,), fetch, cur.executemany, sqlite=False, table=table, known=known)
             )
+    return written
 
 
 #: Numbered steps; ``llmtap_schema`` holds how many were applied. ``_add_columns`` re-runs
@@ -393,6 +396,10 @@ class PostgresStore:
         self.instance = instance
         self.capture_content = capture_content
         self.rollup_labels = rollup_labels
+        #: this instance's rollup rows as its writer last committed them (the journal's writer lock
+        #: makes this the instance's only writer)
+        self._known_rollups: dict[tuple[str, bytes], rollups.Values] = {}
+        self._written: dict[tuple[str, bytes], rollups.Values] = {}  # by the batch's transaction
         self.conn = connect_migrated(url)
         try:
             self.types = {name: kind for name, kind in sqlite_types().items()}
@@ -441,6 +448,7 @@ class PostgresStore:
         rejected: list[Exception] = []
         conflicts: list[str] = []
         pg = psycopg()
+        self._written = {}
         try:
             try:  # optimistic: rows streamed as built, no look-up (an id already stored is rare: a replay)
                 head, kept = self._stream(gen, end, lines, corrupt, rejected)
@@ -458,6 +466,7 @@ class PostgresStore:
         finally:
             if collecting:
                 gc.enable()
+        rollups.remember(self._known_rollups, self._written)  # committed
         self.rows += len(kept)
         self.head, self.offsets[gen] = head, end
         return Batch(corrupt, rejected, [row.data for row in kept], conflicts)
@@ -485,7 +494,7 @@ class PostgresStore:
         source = rollups.picker(tuple(self.columns))
         counted = [(source(row.values), row.data.get("labels")) for row in kept]
         totals = rollups.aggregate(counted, self.rollup_labels, rollups.postgres_decimal)
-        add_rollups(self.conn, self.instance, totals)
+        self._written = add_rollups(self.conn, self.instance, totals, known=self._known_rollups)
         contents = [row.content for row in kept if row.content is not None]
         if contents:
             with self.conn.cursor() as cur:
@@ -664,12 +673,15 @@ class PostgresStore:
             return 0
         try:
             with self.conn.transaction():
-                return sum(
+                deleted = sum(
                     self.conn.execute(
                         f"DELETE FROM {table} WHERE instance_id = %s AND hour <= %s", (self.instance, cutoff - seconds)
                     ).rowcount
                     for table, seconds in rollups.PERIODS.items()
                 )
+            if deleted:
+                self._known_rollups.clear()
+            return deleted
         except psycopg().errors.InsufficientPrivilege as exc:
             self._may_prune = False
             log.error("retention is off for this instance: its role may not DELETE (%s)", exc)

@@ -318,23 +318,45 @@ def write(
     *,
     sqlite: bool,
     table: str = "rollups",
-) -> None:
+    known: Mapping[tuple[str, bytes], Values] | None = None,
+) -> dict[tuple[str, bytes], Values]:
     """Add ``totals`` into a rollup table, inside the caller's transaction: read the touched
     rows, add in Python (exact decimals, sparse histograms), write them back in key order.
     ``owner``: PostgreSQL's instance id (its writer alone touches its rows, under its lock).
-    ``fetch`` and ``executemany`` run SQL."""
+    ``fetch`` and ``executemany`` run SQL. ``known``: the values of rows as this writer last
+    committed them (by table and key hash), which need no read. Returns the values written,
+    for ``known`` once the transaction has committed."""
     placeholder = "?" if sqlite else "%s"
     hashed = sorted((storable_key(key), key) for key in totals)
-    by_hash = dict(hashed)
-    hours = sorted({key[0] for key in totals})
-    for start in range(0, len(hashed), 500):
-        chunk = [digest for digest, _ in hashed[start : start + 500]]
+    unread = []
+    for digest, key in hashed:
+        stored = None if known is None else known.get((table, digest))
+        if stored is None:
+            unread.append((digest, key))
+        else:
+            merge(totals[key], stored)
+    by_hash = dict(unread)
+    hours = sorted({key[0] for _, key in unread})
+    for start in range(0, len(unread), 500):
+        chunk = [digest for digest, _ in unread[start : start + 500]]
         sql = stored_sql(table, len(owner), len(hours), len(chunk), placeholder)
         for row in fetch(sql, [*owner, *hours, *chunk]):
             merge(totals[by_hash[bytes(row[0])]], read_values(row[1:]))
     executemany(
         upsert_sql(table, len(owner), sqlite), [[*owner, *parameters(d, key, totals[key], sqlite)] for d, key in hashed]
     )
+    return {(table, digest): totals[key] for digest, key in hashed}
+
+
+#: How many rollup rows a writer remembers as it wrote them (about 1 kB each), before it forgets them all.
+KNOWN_ROWS = 20_000
+
+
+def remember(known: dict[tuple[str, bytes], Values], written: Mapping[tuple[str, bytes], Values]) -> None:
+    """After a commit: ``written`` is what the rollup rows now hold."""
+    if len(known) + len(written) > KNOWN_ROWS:
+        known.clear()
+    known.update(written)
 
 
 @functools.cache

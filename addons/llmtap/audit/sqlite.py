@@ -313,16 +313,24 @@ def _create_rollup_table(db: Database, table: str) -> None:
     _write_rollups(db.conn, table, rollups.in_periods(totals, rollups.PERIODS[table]))
 
 
-def add_rollups(conn: sqlite3.Connection, totals: dict[rollups.Key, rollups.Values]) -> None:
-    """Add hourly ``totals`` into every rollup table (inside the caller's transaction)."""
+def add_rollups(
+    conn: sqlite3.Connection, totals: dict[rollups.Key, rollups.Values], known: dict | None = None
+) -> dict[tuple[str, bytes], rollups.Values]:
+    """Add hourly ``totals`` into every rollup table (inside the caller's transaction); what
+    was written (``rollups.write``)."""
     # each period's sums first: writing adds the stored values into the hourly totals
     periods = {table: rollups.in_periods(totals, seconds) for table, seconds in rollups.PERIODS.items()}
+    written: dict[tuple[str, bytes], rollups.Values] = {}
     for table, found in periods.items():
-        _write_rollups(conn, table, found)
+        written.update(_write_rollups(conn, table, found, known))
+    return written
 
 
-def _write_rollups(conn: sqlite3.Connection, table: str, totals: dict[rollups.Key, rollups.Values]) -> None:
-    rollups.write(totals, (), lambda sql, params: conn.execute(sql, params), conn.executemany, sqlite=True, table=table)
+def _write_rollups(
+    conn: sqlite3.Connection, table: str, totals: dict[rollups.Key, rollups.Values], known: dict | None = None
+) -> dict[tuple[str, bytes], rollups.Values]:
+    fetch = lambda sql, params: conn.execute(sql, params)  # noqa: E731
+    return rollups.write(totals, (), fetch, conn.executemany, sqlite=True, table=table, known=known)
 
 
 MIGRATIONS: tuple[Callable[[Database], None], ...] = (
@@ -481,6 +489,8 @@ class AuditStore:
         self.conn = self.db.conn
         self.capture_content = capture_content
         self.rollup_labels = rollup_labels
+        #: the rollup rows as this writer last committed them (the writer lock makes it the file's only writer)
+        self._known_rollups: dict[tuple[str, bytes], rollups.Values] = {}
         try:
             self.types = {c.name: c.type.upper() for c in self.db["exchanges"].columns if c.name != "id"}
             self.offsets: dict[int, int] = dict(self.conn.execute("SELECT gen, offset FROM journal_offsets"))
@@ -522,8 +532,10 @@ class AuditStore:
                     inserted = []
                     head = self._insert_each(rows, rejected, inserted)
                 counted = [(rollups.picker(insert_columns(r.insert))(r.params), r.data.get("labels")) for r in inserted]
-                add_rollups(self.conn, rollups.aggregate(counted, self.rollup_labels, rollups.sqlite_decimal))
+                totals = rollups.aggregate(counted, self.rollup_labels, rollups.sqlite_decimal)
+                written = add_rollups(self.conn, totals, self._known_rollups)
                 self.conn.execute("INSERT OR REPLACE INTO journal_offsets (gen, offset) VALUES (?, ?)", (gen, end))
+            rollups.remember(self._known_rollups, written)  # committed
         finally:
             if collecting:
                 gc.enable()
@@ -644,6 +656,7 @@ class AuditStore:
             if self.conn.execute(f"SELECT 1 FROM {table} WHERE hour <= ? LIMIT 1", old).fetchone():
                 with self.db.atomic():  # else (every writer cycle) one index look-up
                     deleted += self.conn.execute(f"DELETE FROM {table} WHERE hour <= ?", old).rowcount
+                self._known_rollups.clear()
         return deleted
 
     # --- the OTLP log export's cursor (llmtap.audit.logexport): rows after it await acknowledgement ---

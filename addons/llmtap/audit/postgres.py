@@ -243,16 +243,11 @@ def add_rollups(
 ) -> dict[tuple[str, bytes], rollups.Values]:
     """Add hourly ``totals`` into an instance's rollup ``tables`` (inside the caller's
     transaction); what was written (``rollups.write``)."""
-    # each period's sums first: writing adds the stored values into the hourly totals
-    periods = {table: rollups.in_periods(totals, rollups.PERIODS[table]) for table in tables}
-    written: dict[tuple[str, bytes], rollups.Values] = {}
     with conn.cursor() as cur:
-        for table, found in periods.items():
-            fetch = lambda sql, params: cur.execute(sql, params).fetchall()  # noqa: E731
-            written.update(
-                rollups.write(found, (instance,), fetch, cur.executemany, sqlite=False, table=table, known=known)
-            )
-    return written
+        fetch = lambda sql, params: cur.execute(sql, params).fetchall()  # noqa: E731
+        return rollups.write_periods(
+            totals, (instance,), fetch, cur.executemany, sqlite=False, tables=tables, known=known
+        )
 
 
 #: Numbered steps; ``llmtap_schema`` holds how many were applied. ``_add_columns`` re-runs

@@ -348,6 +348,25 @@ def write(
     return {(table, digest): totals[key] for digest, key in hashed}
 
 
+def write_periods(
+    totals: dict[Key, Values],
+    owner: tuple[Any, ...],
+    fetch: Callable[[str, list[Any]], Iterable[Sequence[Any]]],
+    executemany: Callable[[str, list[list[Any]]], Any],
+    *,
+    sqlite: bool,
+    tables: Iterable[str] = tuple(PERIODS),
+    known: Mapping[tuple[str, bytes], Values] | None = None,
+) -> dict[tuple[str, bytes], Values]:
+    """``write`` hourly ``totals`` into each rollup table of ``tables``, added up by its period."""
+    # each period's sums first: writing adds the stored values into the hourly totals
+    periods = {table: in_periods(totals, PERIODS[table]) for table in tables}
+    written: dict[tuple[str, bytes], Values] = {}
+    for table, found in periods.items():
+        written.update(write(found, owner, fetch, executemany, sqlite=sqlite, table=table, known=known))
+    return written
+
+
 #: How many rollup rows a writer remembers as it wrote them (about 1 kB each), before it forgets them all.
 KNOWN_ROWS = 20_000
 

@@ -309,28 +309,19 @@ def _create_rollup_table(db: Database, table: str) -> None:
     wanted = [*rollups.SOURCE_COLUMNS, "labels"]
     cursor = db.execute(f"SELECT {', '.join(c if c in present else f'NULL AS {c}' for c in wanted)} FROM exchanges")
     rows = ((row[:-1], row[-1] and json.loads(row[-1])) for row in cursor)
-    totals = rollups.aggregate(rows, (), rollups.sqlite_decimal)
-    _write_rollups(db.conn, table, rollups.in_periods(totals, rollups.PERIODS[table]))
+    add_rollups(db.conn, rollups.aggregate(rows, (), rollups.sqlite_decimal), tables=(table,))
 
 
 def add_rollups(
-    conn: sqlite3.Connection, totals: dict[rollups.Key, rollups.Values], known: dict | None = None
+    conn: sqlite3.Connection,
+    totals: dict[rollups.Key, rollups.Values],
+    known: dict | None = None,
+    tables: tuple[str, ...] = tuple(rollups.PERIODS),
 ) -> dict[tuple[str, bytes], rollups.Values]:
-    """Add hourly ``totals`` into every rollup table (inside the caller's transaction); what
+    """Add hourly ``totals`` into the rollup ``tables`` (inside the caller's transaction); what
     was written (``rollups.write``)."""
-    # each period's sums first: writing adds the stored values into the hourly totals
-    periods = {table: rollups.in_periods(totals, seconds) for table, seconds in rollups.PERIODS.items()}
-    written: dict[tuple[str, bytes], rollups.Values] = {}
-    for table, found in periods.items():
-        written.update(_write_rollups(conn, table, found, known))
-    return written
-
-
-def _write_rollups(
-    conn: sqlite3.Connection, table: str, totals: dict[rollups.Key, rollups.Values], known: dict | None = None
-) -> dict[tuple[str, bytes], rollups.Values]:
     fetch = lambda sql, params: conn.execute(sql, params)  # noqa: E731
-    return rollups.write(totals, (), fetch, conn.executemany, sqlite=True, table=table, known=known)
+    return rollups.write_periods(totals, (), fetch, conn.executemany, sqlite=True, tables=tables, known=known)
 
 
 MIGRATIONS: tuple[Callable[[Database], None], ...] = (

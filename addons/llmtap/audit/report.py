@@ -295,11 +295,13 @@ def _days_and_hours(start: float | None, end: float | None) -> tuple[tuple[str, 
 
 
 def _rollup_tables(reader: _Reader) -> set[str]:
+    """The rollup tables this database has (an older one has none, or no daily one)."""
     if reader.postgres:
-        found = reader.rows("SELECT to_regclass('rollups') AS h, to_regclass('rollups_daily') AS d", [])[0]
-        return {table for table, present in zip(rollups.PERIODS, (found["h"], found["d"])) if present is not None}
-    names = reader.rows("SELECT name FROM sqlite_master WHERE name IN ('rollups', 'rollups_daily')", [])
-    return {row["name"] for row in names}
+        found = "SELECT to_regclass(?) IS NOT NULL AS found"
+        return {table for table in rollups.PERIODS if reader.rows(found, [table])[0]["found"]}
+    tables = list(rollups.PERIODS)
+    sql = f"SELECT name FROM sqlite_master WHERE name IN ({', '.join('?' * len(tables))})"
+    return {row["name"] for row in reader.rows(sql, tables)}
 
 
 def _hours(start: float | None, end: float | None) -> tuple[str, list[float]]:
@@ -684,9 +686,7 @@ def _decimal(value: Decimal | float | int | str) -> Decimal:
     """A stored amount as a decimal: a float to 15 significant digits, which every float holds
     exactly, so that a computed 17 x 0.2 / 1e6 = 3.4000000000000003e-06 counts as 0.0000034;
     PostgreSQL's numeric as it is."""
-    if isinstance(value, Decimal):
-        return value
-    return Decimal(value if isinstance(value, str) else format(value, ".15g"))
+    return Decimal(value) if isinstance(value, str) else rollups.sqlite_decimal(value)
 
 
 def _money_text(value: float) -> str:

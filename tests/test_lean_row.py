@@ -20,7 +20,16 @@ from hypothesis import strategies as st
 
 from llmtap.audit import postgres
 from llmtap.audit.report import audit
-from llmtap.audit.rows import HELD, RowBuilder, as_hex, body_json, metadata_of, row_builder
+from llmtap.audit.rows import (
+    BEST_MODELS_BIT,
+    FIRST_CANDIDATE_BIT,
+    HELD,
+    RowBuilder,
+    as_hex,
+    body_json,
+    metadata_of,
+    row_builder,
+)
 from llmtap.audit.sqlite import AuditStore, verify_chain
 from llmtap.protocols.pulze import metadata_fields
 from llmtap.record import canonical_json
@@ -52,12 +61,22 @@ def pulze_metadata(draw):
             holder = metadata if parent is None else metadata.setdefault(parent, {} if draw(st.integers(0, 9)) else [])
             if isinstance(holder, dict):
                 holder[key] = draw(leaf)
+    if draw(st.booleans()):  # the router's pick, in best_models and first among the candidates, as a rule
+        name, score = draw(st.sampled_from(["openai/gpt-4o", "x"])), draw(st.sampled_from([0.8, 1.0, 1, -0.0, 0.0]))
+        pick = draw(st.sampled_from([{name: score}, {name: 0.5}, {name: score, "y": 1}, name]))
+        scores = {"best_models": draw(st.sampled_from([[pick], [pick, pick], [], pick]))}
+        scores["candidates"] = draw(st.lists(st.sampled_from([pick, {name: score}, {"z": 0.1}]), max_size=3))
+        metadata["scores"] = draw(st.sampled_from([scores, {"candidates": scores["candidates"]}, [], {}]))
+        metadata["score"] = draw(st.sampled_from([score, 0.5, None]))
     metadata.update(draw(st.dictionaries(st.one_of(text, tilde_keys), leaf, max_size=3)))
     return metadata
 
 
 @settings(max_examples=300, deadline=None)
-@given(metadata=pulze_metadata(), changed=st.sets(st.sampled_from([name for _, _, name in HELD]), max_size=4))
+@given(
+    metadata=pulze_metadata(),
+    changed=st.sets(st.sampled_from([*(name for _, _, name in HELD), "best_model"]), max_size=4),
+)
 def test_metadata_is_rebuilt_exactly_from_columns_and_remainder(metadata, changed):
     data = make_record(1).to_dict() | metadata_fields(metadata, keep_content=True)
     data["cost_usd"] = data.pop("reported_cost_usd")
@@ -91,8 +110,14 @@ def test_a_typical_pulze_remainder_keeps_only_what_no_column_holds():
     held = {"app_id", "served_model", "served_provider", "served_namespace", "cost_prompt_usd", "cost_completion_usd"}
     held |= {"cost_usd", "upstream_latency_s", "response_labels", "score", "upstream_status_code", "retries"}
     held |= {"warning", "upstream_error"}
-    mask = sum(1 << bit for bit, (_, _, name) in enumerate(HELD) if name in held)
-    assert json.loads(row["metadata_json"]) == {"scores": metadata["scores"], "~": mask}
+    mask = sum(1 << bit for bit, (_, _, name) in enumerate(HELD) if name in held) | 1 << BEST_MODELS_BIT
+    assert json.loads(row["metadata_json"]) == {"~": mask}  # the pick is best_model and score
+    assert metadata_of(row) == metadata
+    metadata["scores"]["candidates"] = [{"openai/gpt-4o-mini": 0.78}, {"openai/gpt-4o": 0.5}]
+    data["metadata"] = metadata
+    row = row_builder(TYPES)(data) | {"row_hash": bytes(32)}
+    remainder = {"scores": {"candidates": [{"openai/gpt-4o": 0.5}]}, "~": mask | 1 << FIRST_CANDIDATE_BIT}
+    assert json.loads(row["metadata_json"]) == remainder
     assert metadata_of(row) == metadata
     old = row | {"row_hash": "sha256:" + "0" * 64, "metadata_json": canonical_json({"~": 5, "latency": 1})}
     assert metadata_of(old) == {"~": 5, "latency": 1}  # an old row's metadata is whole: no mask read

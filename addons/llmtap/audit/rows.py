@@ -31,7 +31,10 @@ The new rows' ``metadata_json`` holds only the part of the router's raw ``metada
 that no column holds (``metadata_remainder``): a leaf listed in ``HELD`` is left out when its
 canonical JSON equals that of its column's value, and the remainder's ``"~"`` key is the
 bitmask of the leaves left out (bit *i* = ``HELD[i]``; a top-level key of tildes only, which
-the object itself may have, gains one ``~``). ``metadata_of(row)`` gives the whole object back.
+the object itself may have, gains one ``~``). The two bits after ``HELD``'s leave out the
+router's pick from ``scores`` when it is exactly ``{best_model: score}`` of the row's columns
+(``best_models`` as that one pick; the first of ``candidates``). ``metadata_of(row)`` gives the
+whole object back.
 The hash covers the remainder, as stored, like any column.
 """
 
@@ -173,11 +176,14 @@ HELD = (
 )
 #: The remainder's key for the mask of the leaves left out.
 MASK_KEY = "~"
+#: The bits after ``HELD``'s: ``scores.best_models`` left out as ``[{best_model: score}]``, and the
+#: first of ``scores.candidates`` as ``{best_model: score}`` (the router's pick is both, as a rule).
+BEST_MODELS_BIT, FIRST_CANDIDATE_BIT = len(HELD), len(HELD) + 1
 
-
-#: The columns of ``HELD``, in its order: what ``metadata_remainder`` compares the leaves with.
-HELD_COLUMNS = tuple(name for _, _, name in HELD)
+#: The columns ``metadata_remainder`` compares the metadata with: ``HELD``'s, in its order, then ``best_model``.
+HELD_COLUMNS = (*(name for _, _, name in HELD), "best_model")
 _HELD_PLAN = tuple((1 << bit, parent, key, name in JSON_COLUMNS) for bit, (parent, key, name) in enumerate(HELD))
+_SCORE = HELD_COLUMNS.index("score")
 
 
 def metadata_remainder(metadata: Any, held: Sequence[Any]) -> Any:
@@ -207,12 +213,45 @@ def metadata_remainder(metadata: Any, held: Sequence[Any]) -> Any:
             copied.append(parent)
         del holder[key]
         mask |= flag
+    scores = rest.get("scores")
+    if isinstance(scores, dict) and held[-1] is not None and held[_SCORE] is not None:
+        scores, mask = _scores_remainder(scores, {held[-1]: held[_SCORE]}, mask)
+        if scores is not None:
+            rest["scores"] = scores
+            copied.append("scores")
     for parent in copied:
         if not rest[parent]:
             del rest[parent]  # rebuilt from its leaves' bits
     if mask:
         rest[MASK_KEY] = mask
     return rest
+
+
+def _scores_remainder(scores: dict[str, Any], best: dict[str, float], mask: int) -> tuple[dict[str, Any] | None, int]:
+    """``scores`` without the router's pick where it is exactly ``best`` (None: nothing left out)."""
+    picked = scores.get("best_models")
+    candidates = scores.get("candidates")
+    drop_best = isinstance(picked, list) and len(picked) == 1 and _same_pick(picked[0], best)
+    drop_first = isinstance(candidates, list) and bool(candidates) and _same_pick(candidates[0], best)
+    if not (drop_best or drop_first):
+        return None, mask
+    scores = dict(scores)
+    if drop_best:
+        del scores["best_models"]
+        mask |= 1 << BEST_MODELS_BIT
+    if drop_first:
+        scores["candidates"] = candidates[1:]
+        mask |= 1 << FIRST_CANDIDATE_BIT
+    return scores, mask
+
+
+def _same_pick(value: Any, best: dict[str, float]) -> bool:
+    """Whether a ``{name: score}`` of the metadata is the row's pick, as JSON (1 and 1.0 differ)."""
+    if not isinstance(value, dict) or value.keys() != best.keys():
+        return False
+    (score,) = value.values()
+    (column,) = best.values()
+    return type(score) is float and score == column and math.copysign(1.0, score) == math.copysign(1.0, column)
 
 
 def _is_tildes(key: str) -> bool:
@@ -246,6 +285,14 @@ def metadata_of(row: Mapping[str, Any]) -> Any:
             elif isinstance(column, Decimal):  # PostgreSQL's numeric: a REAL column's float
                 column = float(column)
             (value if parent is None else value.setdefault(parent, {}))[key] = column
+    if mask >> BEST_MODELS_BIT:
+        score = row.get("score")
+        best = {row.get("best_model"): float(score) if isinstance(score, Decimal) else score}
+        scores = value.setdefault("scores", {})
+        if mask >> BEST_MODELS_BIT & 1:
+            scores["best_models"] = [best]
+        if mask >> FIRST_CANDIDATE_BIT & 1:
+            scores["candidates"] = [best, *scores.get("candidates", ())]
     return value
 
 

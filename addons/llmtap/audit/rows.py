@@ -8,12 +8,14 @@ its chain (one chain per store with SQLite, one per instance with PostgreSQL)::
 
 where ``prev_digest`` is the previous row's 32-byte digest (``GENESIS_DIGEST``, 32 zero
 bytes, for the first row; after retention pruned the oldest rows, the anchor: the digest of
-the last row deleted), stored as the row's ``prev_hash``; ``body`` maps every hashed column
+the last row deleted), the row's ``prev_hash`` (SQLite stores it empty, implied by the row
+before: ``llmtap.audit.sqlite.IMPLIED``); ``body`` maps every hashed column
 of the row (all but ``id``, ``prev_hash``, ``row_hash`` and the store's own bookkeeping
 columns) whose value is not NULL to the value as written (JSON columns as their canonical
 text), ``canonical_json`` is sorted keys, ``","``/``":"`` separators, non-ASCII kept as UTF-8,
-floats in Python ``repr`` form. SQLite stores both digests as BLOBs, PostgreSQL as ``bytea``
-(``prev_digest``, ``row_digest``). People, logs and saved heads see a digest as
+floats in Python ``repr`` form. SQLite stores the digest as a BLOB, PostgreSQL both as ``bytea``
+(``prev_digest``, ``row_digest``: its replay check re-hashes a replayed record on the stored link).
+SQLite also stores llmtap's own ids as raw bytes (``PACKED_IDS``); the body holds their text. People, logs and saved heads see a digest as
 ``"sha256:" + hex(digest)`` (``as_hex``).
 
 Rows written before this lean format stored the hash as text and
@@ -330,6 +332,8 @@ def link_fault(prev: bytes, stored_prev: Any, stored_hash: Any, body_json: str) 
         expected = legacy_hash(expected_prev, body_json)
     if stored_prev != expected_prev:
         return "prev_hash does not match the row before it (a row was removed, inserted or reordered)"
+    if stored_hash != expected and isinstance(stored_hash, bytes):  # the digest commits to the row before too
+        return "row_hash does not match the row's contents or the row before it (the row was edited, or one before it removed)"
     if stored_hash != expected:
         return "row_hash does not match the row's contents (the row was edited)"
     return None

@@ -121,6 +121,10 @@ def test_a_typical_pulze_remainder_keeps_only_what_no_column_holds():
     remainder = {"scores": {"candidates": [{"openai/gpt-4o": 0.5}]}, "~": mask | 1 << FIRST_CANDIDATE_BIT}
     assert json.loads(row["metadata_json"]) == remainder
     assert metadata_of(row) == metadata
+    metadata["scores"]["candidates"] = [{"openai/gpt-4o-mini": 0.78}]  # the pick alone: scores goes whole
+    row = row_builder(TYPES)(data) | {"row_hash": bytes(32)}
+    assert json.loads(row["metadata_json"]) == {"~": mask | 1 << FIRST_CANDIDATE_BIT}
+    assert metadata_of(row) == metadata
     old = row | {"row_hash": "sha256:" + "0" * 64, "metadata_json": canonical_json({"~": 5, "latency": 1})}
     assert metadata_of(old) == {"~": 5, "latency": 1}  # an old row's metadata is whole: no mask read
 

@@ -243,6 +243,8 @@ def _scores_remainder(scores: dict[str, Any], best: dict[str, float], mask: int)
         mask |= 1 << BEST_MODELS_BIT
     if drop_first:
         scores["candidates"] = candidates[1:]
+        if not scores["candidates"]:
+            del scores["candidates"]  # rebuilt as [pick]
         mask |= 1 << FIRST_CANDIDATE_BIT
     return scores, mask
 

@@ -199,10 +199,15 @@ def values_of(sources: Sequence[Sequence[Any]], decimal: Callable[[Any], Decimal
 
 
 def merge(into: Values, other: Values) -> None:
-    """Add ``other`` into ``into`` (NULL-preserving for the sums, as SQL's ``sum``)."""
-    for i, value in enumerate(other):
+    """Add ``other`` into ``into`` (NULL-preserving for the sums, as SQL's ``sum``; the
+    histograms of ``into`` are added to in place, no new Counter each)."""
+    for i in range(_HISTOGRAM_AT):
+        value = other[i]
         if value is not None:
             into[i] = value if into[i] is None else into[i] + value
+    for i in range(_HISTOGRAM_AT, len(other)):
+        if other[i]:
+            into[i].update(other[i])
 
 
 def aggregate(
@@ -255,9 +260,14 @@ def in_periods(totals: dict[Key, Values], seconds: int) -> dict[Key, Values]:
         return totals
     periods: dict[Key, Values] = {}
     for key, values in totals.items():
-        period = (key[0] // seconds * seconds, *key[1:])  # -inf (no start time) stays -inf
-        merge(periods.setdefault(period, empty()), values)
+        merge(periods.setdefault((period_of(key[0], seconds), *key[1:]), empty()), values)
     return periods
+
+
+def period_of(hour: float, seconds: int) -> float:
+    """The first hour of the period of ``seconds`` that holds ``hour``; -inf (rows without a
+    start time) stays -inf (``-inf // n`` is NaN, which SQLite stores as NULL)."""
+    return hour if hour == -math.inf else hour // seconds * seconds
 
 
 def _labels(labels: Any, names: list[str]) -> tuple | str | None:
@@ -284,9 +294,11 @@ def decimal_of(values: Values, name: str) -> Decimal | None:
     return values[_DECIMAL_AT + DECIMALS.index(name)]
 
 
+@functools.lru_cache(maxsize=32768)
 def storable_key(key: Key) -> bytes:
     """The key as the table's primary key: 16 bytes of BLAKE2b of its JSON (NULLs compare
-    equal in it; the key's columns are stored beside it for SQL)."""
+    equal in it; the key's columns are stored beside it for SQL). Memoized: a writer meets the
+    same keys batch after batch within an hour (a cache of a few MB at most)."""
     return hashlib.blake2b(json.dumps(key, ensure_ascii=False, separators=(",", ":")).encode(), digest_size=16).digest()
 
 
@@ -365,6 +377,186 @@ def write_periods(
     for table, found in periods.items():
         written.update(write(found, owner, fetch, executemany, sqlite=sqlite, table=table, known=known))
     return written
+
+
+# --- the writer's batches: hourly rollups per batch, each closed day folded into the daily table once ---
+
+#: Each store's (PostgreSQL: each instance's) watermark: ``rollups_daily`` holds the complete
+#: sums of its rows for every UTC day before ``daily_before`` (epoch seconds, a day's start).
+WATERMARKS = "rollup_watermarks"
+DAY = PERIODS["rollups_daily"]
+#: A day is folded once a batch holds an hour this long after its end (a row of that day
+#: arriving later is a late row: added to both tables, as a row before the watermark is).
+GRACE = 3600
+#: Bounded work per batch: it folds at most this many days (days without rollups count too),
+#: and no further day once it has read this many hourly rollup rows; the next batch goes on.
+FOLD_DAYS = 7
+FOLD_ROWS = 20_000
+_WATERMARK = (WATERMARKS, b"")  # the watermark's place among a writer's ``known`` rows
+
+
+def keep(
+    totals: dict[Key, Values],
+    owner: tuple[Any, ...],
+    fetch: Callable[[str, list[Any]], Iterable[Sequence[Any]]],
+    executemany: Callable[[str, list[list[Any]]], Any],
+    *,
+    sqlite: bool,
+    known: Mapping[tuple[str, bytes], Any] | None = None,
+    may_delete: bool = True,
+) -> dict[tuple[str, bytes], Any]:
+    """A batch's hourly ``totals`` into the rollups, inside the rows' transaction.
+
+    Every row goes to the hourly table; a row of a day before the watermark (a late row, an
+    import, a row without a start time) to the daily one too. A store's first batch with a
+    start time sets the watermark to that batch's first day (nothing before it exists). Then,
+    when the batch holds an hour ``GRACE`` past the watermark's day, the closed days are
+    folded (``fold``). Returns what was written, for ``known`` once committed (``write``)."""
+    stored = None if known is None else known.get(_WATERMARK)
+    watermark = stored if stored is not None else read_watermark(owner, fetch, sqlite)
+    hours = [key[0] for key in totals if key[0] != -math.inf]
+    if watermark is None and hours:
+        watermark = period_of(min(hours), DAY)
+        executemany(watermark_sql(len(owner), sqlite, insert=True), [[*owner, watermark]])
+    late = {key: values for key, values in totals.items() if watermark is None or key[0] < watermark}
+    daily = in_periods(late, DAY) if late else {}  # first: writing adds the stored values into ``totals``
+    written: dict[tuple[str, bytes], Any] = {}
+    written.update(write(totals, owner, fetch, executemany, sqlite=sqlite, known=known))
+    if daily:
+        written.update(write(daily, owner, fetch, executemany, sqlite=sqlite, table="rollups_daily", known=known))
+    if watermark is not None and hours:
+        watermark = fold(max(hours), watermark, owner, fetch, executemany, sqlite=sqlite, may_delete=may_delete)
+    if watermark is not None:
+        written[_WATERMARK] = watermark
+    return written
+
+
+def fold(
+    latest: float,
+    watermark: float,
+    owner: tuple[Any, ...],
+    fetch: Callable[[str, list[Any]], Iterable[Sequence[Any]]],
+    executemany: Callable[[str, list[list[Any]]], Any],
+    *,
+    sqlite: bool,
+    may_delete: bool = True,
+) -> float:
+    """Fold the closed days from ``watermark`` on from the hourly table into the daily one, a
+    day at a time (days without rollups skipped), up to ``FOLD_DAYS`` days or until
+    ``FOLD_ROWS`` hourly rows were read; the new watermark (stored)."""
+    closed = period_of(latest - GRACE, DAY)  # every day before it has ended, an hour ago at least
+    folded, read = watermark, 0
+    for _ in range(FOLD_DAYS):
+        if folded >= closed or read >= FOLD_ROWS:
+            break
+        folded, rows = _fold_day(closed, folded, owner, fetch, executemany, sqlite=sqlite, may_delete=may_delete)
+        read += rows
+    if folded != watermark:
+        executemany(watermark_sql(len(owner), sqlite), [[folded, *owner]])
+    return folded
+
+
+def _fold_day(
+    closed: float,
+    watermark: float,
+    owner: tuple[Any, ...],
+    fetch: Callable[[str, list[Any]], Iterable[Sequence[Any]]],
+    executemany: Callable[[str, list[list[Any]]], Any],
+    *,
+    sqlite: bool,
+    may_delete: bool,
+) -> tuple[float, int]:
+    """Fold the first day from ``watermark`` (before ``closed``) that has hourly rollups, and
+    the empty days before it; the new watermark and the hourly rows read.
+
+    The daily rows of those days are replaced, never added to: a database upgraded from
+    daily rollups kept per batch has its latest day's there, and they go stale. A stale row
+    whose key no hourly row has any more is deleted (zeroed when the role may not DELETE)."""
+    p = "?" if sqlite else "%s"
+    mine = "".join(f"instance_id = {p} AND " for _ in owner)
+    span = f"{mine}hour >= {p} AND hour < {p}"
+    first = next(iter(fetch(f"SELECT min(hour) FROM rollups WHERE {span}", [*owner, watermark, closed])))[0]
+    new = closed if first is None else period_of(float(first), DAY) + DAY
+    hours: dict[Key, Values] = {}
+    if first is not None:
+        columns = ", ".join(KEY_COLUMNS + VALUE_COLUMNS)
+        for row in fetch(f"SELECT {columns} FROM rollups WHERE {span}", [*owner, watermark, new]):
+            hours[stored_key(row)] = read_values(row[len(KEY_COLUMNS) :])
+    days = in_periods(hours, DAY)
+    hashed = sorted((storable_key(key), key) for key in days)
+    fresh = {digest for digest, _ in hashed}
+    stale = [
+        [*owner, row[0], bytes(row[1])]
+        for row in fetch(f"SELECT hour, key FROM rollups_daily WHERE {span}", [*owner, watermark, new])
+        if bytes(row[1]) not in fresh
+    ]
+    if stale:
+        if may_delete:
+            executemany(f"DELETE FROM rollups_daily WHERE {mine}hour = {p} AND key = {p}", stale)
+        else:
+            zero = ", ".join(f"{c} = {0 if c in COUNTS else 'NULL'}" for c in COUNTS + SUMS + DECIMALS)
+            empties = ", ".join(f"{c} = {p}" for c in HISTOGRAMS)
+            executemany(
+                f"UPDATE rollups_daily SET {zero}, {empties} WHERE {mine}hour = {p} AND key = {p}",
+                [["{}"] * len(HISTOGRAMS) + row for row in stale],
+            )
+    if hashed:
+        executemany(
+            upsert_sql("rollups_daily", len(owner), sqlite),
+            [[*owner, *parameters(digest, key, days[key], sqlite)] for digest, key in hashed],
+        )
+    return new, len(hours)
+
+
+def stored_key(row: Sequence[Any]) -> Key:
+    """A rollup key as read back from its columns (PostgreSQL's ``labels`` jsonb as the
+    canonical JSON text it was written as)."""
+    key = list(row[: len(KEY_COLUMNS)])
+    key[0] = float(key[0])
+    labels = key[_LABELS]
+    if labels is not None and not isinstance(labels, str):
+        key[_LABELS] = canonical_json(labels)
+    return tuple(key)
+
+
+_LABELS = KEY_COLUMNS.index("labels")
+
+
+def read_watermark(
+    owner: tuple[Any, ...], fetch: Callable[[str, list[Any]], Iterable[Sequence[Any]]], sqlite: bool
+) -> float | None:
+    """The store's (instance's) watermark; None before its first batch with a start time."""
+    found = list(fetch(watermark_sql(len(owner), sqlite, read=True), list(owner)))
+    return float(found[0][0]) if found else None
+
+
+@functools.cache
+def watermark_sql(owned: int, sqlite: bool, *, read: bool = False, insert: bool = False) -> str:
+    """Read, insert (its parameters: owner, value) or update (value, owner) a watermark."""
+    p = "?" if sqlite else "%s"
+    where = " WHERE instance_id = " + p if owned else ""
+    if read:
+        return f"SELECT daily_before FROM {WATERMARKS}{where}"
+    if insert:
+        return (
+            f"INSERT INTO {WATERMARKS} ({'instance_id, ' * owned}daily_before) VALUES ({', '.join([p] * (owned + 1))})"
+        )
+    return f"UPDATE {WATERMARKS} SET daily_before = {p}{where}"
+
+
+def watermarks_table_sql(owned: bool, types: Mapping[str, str]) -> str:
+    """The watermark table's DDL: one row (PostgreSQL: one row per instance)."""
+    owner = f"instance_id {types['text']} PRIMARY KEY, " if owned else ""
+    return f"CREATE TABLE {WATERMARKS} ({owner}daily_before {types['real']} NOT NULL)"
+
+
+def initial_watermarks(fetch: Callable[[str, list[Any]], Iterable[Sequence[Any]]], owned: bool) -> list[list[Any]]:
+    """For a database whose daily rollups were kept per batch (complete): each store's
+    (instance's) watermark at the day of its latest hourly rollup, that day re-folded later."""
+    owner = "instance_id, " if owned else ""
+    group = " GROUP BY instance_id" if owned else ""
+    found = fetch(f"SELECT {owner}max(hour) FROM rollups WHERE hour > -1e300{group}", [])
+    return [[*row[:-1], period_of(float(row[-1]), DAY)] for row in found if row[-1] is not None]
 
 
 #: How many rollup rows a writer remembers as it wrote them (about 1 kB each), before it forgets them all.

@@ -149,7 +149,7 @@ def _assert_table_equals_rows(conn, table: str, seconds: int, *, postgres: bool,
             f"GROUP BY {', '.join(map(str, range(1, n + 1)))}"
         )
     }
-    norm = lambda d: {(float(k[0]) if k[0] is not None else None, *k[1:]): v for k, v in d.items()}  # noqa: E731
+    norm = lambda d: {(_hour(k[0]), *k[1:]): v for k, v in d.items()}  # noqa: E731
     assert norm(got) == norm(want)
     # money (exact decimals) and histograms, per key
     money_cols = "cost_usd, cost_nanousd, cost_savings_usd, duration_s, ttft_s"
@@ -165,10 +165,10 @@ def _assert_table_equals_rows(conn, table: str, seconds: int, *, postgres: bool,
     cols = ", ".join(rollups.VALUE_COLUMNS)
     for r in conn.execute(f"SELECT {rollup_key}, {cols} FROM {table} WHERE {rollups_where}"):
         rollups.merge(stored[tuple(r[:n])], rollups.read_values(r[n:]))
-    assert {(float(k[0]) if k[0] is not None else None, *k[1:]) for k in stored} == set(norm(want))
-    stored = {(float(k[0]) if k[0] is not None else None, *k[1:]): v for k, v in stored.items()}
+    assert {(_hour(k[0]), *k[1:]) for k in stored} == set(norm(want))
+    stored = {(_hour(k[0]), *k[1:]): v for k, v in stored.items()}
     for key, acc in exact.items():
-        key = (float(key[0]) if key[0] is not None else None, *key[1:])
+        key = (_hour(key[0]), *key[1:])
         values = stored[key]
         assert rollups.decimal_of(values, "cost_decimal_usd") == acc["cost"]
         assert rollups.decimal_of(values, "cost_savings_usd") == acc["savings"]
@@ -178,6 +178,11 @@ def _assert_table_equals_rows(conn, table: str, seconds: int, *, postgres: bool,
             for p in (0.5, 0.95, 0.99):
                 if seconds:
                     assert_within_one_bucket(rollups.percentile(counts, p), nearest_rank(seconds, p))
+
+
+def _hour(hour) -> float | None:
+    """A key's hour: a row without a start time has none (SQL's NULL), its rollup hour -inf."""
+    return None if hour is None or float(hour) == -math.inf else float(hour)
 
 
 def _before_watermark(table: str, column: str, postgres: bool) -> str:

@@ -20,7 +20,8 @@ hashed as), ``jsonb`` for the structured columns, the epoch seconds that are has
 and run under an advisory lock by an owner role; the columns follow the SQLite schema (a new
 record field is a new nullable column in both). Sidecars need only INSERT and SELECT on the
 rows (and DELETE on ``exchanges``/``content`` when retention is on), plus UPDATE on
-``rollups`` and ``rollups_daily``: each adds its batches into its own instance's rollup rows.
+``rollups``, ``rollups_daily`` and ``rollup_watermarks``: each adds its batches into its own
+instance's rollup rows and folds its own closed days (``rollups.keep``).
 """
 
 from __future__ import annotations
@@ -246,7 +247,7 @@ def add_rollups(
     with conn.cursor() as cur:
         fetch = lambda sql, params: cur.execute(sql, params).fetchall()  # noqa: E731
         return rollups.write_periods(
-            totals, (instance,), fetch, cur.executemany, sqlite=False, tables=tables, known=known
+            totals, (instance,), fetch, _executemany(cur), sqlite=False, tables=tables, known=known
         )
 
 
@@ -258,8 +259,18 @@ def keep_rollups(
     with conn.cursor() as cur:
         fetch = lambda sql, params: cur.execute(sql, params).fetchall()  # noqa: E731
         return rollups.keep(
-            totals, (instance,), fetch, cur.executemany, sqlite=False, known=known, may_delete=may_delete
+            totals, (instance,), fetch, _executemany(cur), sqlite=False, known=known, may_delete=may_delete
         )
+
+
+def _executemany(cur: Any) -> Any:
+    """``cur.executemany`` returning the cursor (its ``rowcount``: the rows of every statement)."""
+
+    def run(sql: str, params: list[list[Any]]) -> Any:
+        cur.executemany(sql, params)
+        return cur
+
+    return run
 
 
 def _create_rollup_watermarks(cur: Any) -> None:
@@ -342,14 +353,13 @@ def migrate(conn: Any, grant: Iterable[str] = ()) -> list[int]:
                 )
                 .format(ident)
             )
-            # rollups are added to (UPDATE), and a closed day's daily rows replaced (DELETE of a
-            # stale one); the rows themselves stay INSERT-only
+            # rollups are added to and a closed day's daily rows replaced (UPDATE), the instance's
+            # watermark moved on; the rows themselves stay INSERT-only
             conn.execute(
                 psycopg()
                 .sql.SQL("GRANT SELECT, INSERT, UPDATE ON rollups, rollups_daily, {} TO {}")
                 .format(psycopg().sql.Identifier(rollups.WATERMARKS), ident)
             )
-            conn.execute(psycopg().sql.SQL("GRANT DELETE ON rollups_daily TO {}").format(ident))
     return applied
 
 
@@ -450,7 +460,7 @@ class PostgresStore:
                 ).fetchall()
             )
             self.head, self.rows = chain_head(self.conn, instance)
-            #: a role granted before daily rollups were folded may not DELETE a stale daily row (it zeroes it)
+            #: a stale daily row no fold overwrites is deleted, or zeroed by a role that may not DELETE
             self._may_delete_daily = self.conn.execute(
                 "SELECT has_table_privilege('rollups_daily', 'DELETE')"
             ).fetchone()[0]

@@ -105,7 +105,8 @@ Values = list  # aligned with VALUE_COLUMNS
 #: The rollup tables, by the seconds each row covers. A report reads whole UTC days from the
 #: daily table (a year is 365 periods of a key, not 8,760) and the hours around them, and any
 #: grouping by hour, from the hourly one. Both have the same columns; ``hour`` is the first hour
-#: of the row's period.
+#: of the row's period. The writer adds each batch to the hourly table and folds each closed day
+#: into the daily one once (``keep``); the daily table is complete before the watermark.
 PERIODS = {"rollups": 3600, "rollups_daily": 86400}
 
 
@@ -165,7 +166,19 @@ def picker(columns: tuple[str, ...]) -> Callable[[Sequence[Any]], tuple]:
 
 
 def empty() -> Values:
-    return [0] * len(COUNTS) + [None] * (len(SUMS) + len(DECIMALS)) + [Counter() for _ in HISTOGRAMS]
+    return [0] * len(COUNTS) + [None] * (len(SUMS) + len(DECIMALS)) + [_counter() for _ in HISTOGRAMS]
+
+
+#: An empty Counter without ``Counter.__init__`` (a Python call each; a batch makes thousands).
+_counter = functools.partial(Counter.__new__, Counter)
+
+
+def _counts(buckets: Iterable[int]) -> Counter:
+    """A histogram of ``buckets`` (each counted once)."""
+    counts = _counter()
+    for index in buckets:
+        counts[index] = counts.get(index, 0) + 1
+    return counts
 
 
 _known = functools.partial(operator.is_not, None)
@@ -179,6 +192,40 @@ def _sum(column: tuple) -> int | None:
 def values_of(sources: Sequence[Sequence[Any]], decimal: Callable[[Any], Decimal]) -> Values:
     """The rollup values of rows (each its source values), column by column at C speed.
     ``decimal``: how the store sums a float amount exactly (``sqlite_decimal``, ``postgres_decimal``)."""
+    if len(sources) == 1:  # most groups of a batch: one row (the same values, without the columns)
+        return _values_of_one(sources[0], decimal)
+    return _values_of_many(sources, decimal)
+
+
+def _one(value: Any) -> Any:
+    """``_sum`` of one value."""
+    return None if value is None else (value + 0 if value else 0)
+
+
+def _values_of_one(source: Sequence[Any], decimal: Callable[[Any], Decimal]) -> Values:
+    error, cost, nano, saved = source[7], source[_COST], source[_TOKENS[-1]], source[_SAVINGS]
+    unknown = cost is None
+    values = [
+        1,
+        0 if error is None else 1,
+        1 if unknown and source[12] != "deferred" else 0,
+        1 if unknown and error is None else 0,
+    ]
+    values += [_one(source[position]) for position in _TOKENS[:-1]]
+    values.append(None if unknown else _one(nano))
+    values.append(decimal(cost) if not unknown and nano is None else None)
+    values.append(None if saved is None else decimal(saved))
+    duration, ttft = source[_DURATION], source[_TTFT]
+    values.append(_counter())
+    values.append(_counter())
+    if duration is not None:
+        values[-2][bucket(duration)] = 1
+    if ttft is not None:
+        values[-1][bucket(ttft)] = 1
+    return values
+
+
+def _values_of_many(sources: Sequence[Sequence[Any]], decimal: Callable[[Any], Decimal]) -> Values:
     columns = list(zip(*sources))
     error, cost_source, cost, nano = columns[7], columns[12], columns[_COST], columns[_TOKENS[-1]]
     unknown = deferred = unpriced = 0
@@ -194,17 +241,17 @@ def values_of(sources: Sequence[Sequence[Any]], decimal: Callable[[Any], Decimal
     saved = [v for v in columns[_SAVINGS] if v is not None]
     values.append(sum(map(decimal, older)) if older else None)
     values.append(sum(map(decimal, saved)) if saved else None)
-    values += [Counter(map(bucket, filter(_known, columns[position]))) for position in (_DURATION, _TTFT)]
+    values += [_counts(map(bucket, filter(_known, columns[position]))) for position in (_DURATION, _TTFT)]
     return values
 
 
 def merge(into: Values, other: Values) -> None:
     """Add ``other`` into ``into`` (NULL-preserving for the sums, as SQL's ``sum``; the
     histograms of ``into`` are added to in place, no new Counter each)."""
-    for i in range(_HISTOGRAM_AT):
-        value = other[i]
-        if value is not None:
-            into[i] = value if into[i] is None else into[i] + value
+    into[:_HISTOGRAM_AT] = [
+        mine if theirs is None else theirs if mine is None else mine + theirs
+        for mine, theirs in zip(into[:_HISTOGRAM_AT], other[:_HISTOGRAM_AT])
+    ]
     for i in range(_HISTOGRAM_AT, len(other)):
         if other[i]:
             into[i].update(other[i])
@@ -340,23 +387,37 @@ def write(
     for ``known`` once the transaction has committed."""
     placeholder = "?" if sqlite else "%s"
     hashed = sorted((storable_key(key), key) for key in totals)
-    unread = []
+    unread, stored_rows = [], set()
     for digest, key in hashed:
         stored = None if known is None else known.get((table, digest))
         if stored is None:
             unread.append((digest, key))
         else:
             merge(totals[key], stored)
+            stored_rows.add(digest)
     by_hash = dict(unread)
     hours = sorted({key[0] for _, key in unread})
     for start in range(0, len(unread), 500):
         chunk = [digest for digest, _ in unread[start : start + 500]]
         sql = stored_sql(table, len(owner), len(hours), len(chunk), placeholder)
         for row in fetch(sql, [*owner, *hours, *chunk]):
-            merge(totals[by_hash[bytes(row[0])]], read_values(row[1:]))
-    executemany(
-        upsert_sql(table, len(owner), sqlite), [[*owner, *parameters(d, key, totals[key], sqlite)] for d, key in hashed]
-    )
+            digest = bytes(row[0])
+            merge(totals[by_hash[digest]], read_values(row[1:]))
+            stored_rows.add(digest)
+    # a row already there is updated in place (one look-up, its key's columns not bound again),
+    # a new one inserted; were one gone after all, all are upserted (the values are the new sums)
+    updates = [
+        [*value_parameters(totals[key], sqlite), *owner, *((key[0],) if sqlite else ()), digest]
+        for digest, key in hashed
+        if digest in stored_rows
+    ]
+    if updates and executemany(update_sql(table, len(owner), sqlite), updates).rowcount != len(updates):
+        stored_rows.clear()
+    upserts = [
+        [*owner, *parameters(digest, key, totals[key], sqlite)] for digest, key in hashed if digest not in stored_rows
+    ]
+    if upserts:
+        executemany(upsert_sql(table, len(owner), sqlite), upserts)
     return {(table, digest): totals[key] for digest, key in hashed}
 
 
@@ -581,6 +642,15 @@ def upsert_sql(table: str, owned: int, sqlite: bool) -> str:
     )
 
 
+@functools.cache
+def update_sql(table: str, owned: int, sqlite: bool) -> str:
+    """One stored rollup row's values replaced by their new sums (``value_parameters``, then the
+    row's primary key: SQLite's hour and key, PostgreSQL's instance and key)."""
+    p = "?" if sqlite else "%s"
+    where = f"hour = {p} AND key = {p}" if sqlite else " AND ".join([f"instance_id = {p}"] * owned + [f"key = {p}"])
+    return f"UPDATE {table} SET {', '.join(f'{c} = {p}' for c in VALUE_COLUMNS)} WHERE {where}"
+
+
 @functools.lru_cache(maxsize=256)
 def stored_sql(table: str, owned: int, hours: int, keys: int, placeholder: str) -> str:
     """The stored values of up to ``keys`` rollup rows of ``hours`` periods (of one instance)."""
@@ -606,17 +676,25 @@ _INT64 = 2**63
 
 
 def parameters(digest: bytes, key: Key, values: Values, sqlite: bool) -> list[Any]:
-    """An upsert's parameters after its table-key columns: histograms as JSON; in SQLite,
-    decimals as plain text and a sum beyond 64 bits (absurd journal values only) as a float,
-    as SQLite's own ``+`` makes it: a rollup never costs a batch."""
-    values = list(values)
-    for i in range(_HISTOGRAM_AT, len(values)):
-        values[i] = orjson.dumps(dict(sorted(values[i].items())), option=orjson.OPT_NON_STR_KEYS).decode()
+    """An upsert's parameters after its table-key columns (``value_parameters``)."""
+    return [digest, *key, *value_parameters(values, sqlite)]
+
+
+_DUMP = functools.partial(orjson.dumps, option=orjson.OPT_NON_STR_KEYS)
+
+
+def value_parameters(values: Values, sqlite: bool) -> list[Any]:
+    """Values as written: histograms as JSON; in SQLite, decimals as plain text and a sum
+    beyond 64 bits (absurd journal values only) as a float, as SQLite's own ``+`` makes it: a
+    rollup never costs a batch."""
+    written = values[:_HISTOGRAM_AT]
     if sqlite:
         for i in range(_DECIMAL_AT):
-            if values[i] is not None and abs(values[i]) >= _INT64:
-                values[i] = float(values[i])
+            if written[i] is not None and abs(written[i]) >= _INT64:
+                written[i] = float(written[i])
         for i in range(_DECIMAL_AT, _HISTOGRAM_AT):
-            if values[i] is not None:
-                values[i] = format(values[i], "f")
-    return [digest, *key, *values]
+            if written[i] is not None:
+                written[i] = format(written[i], "f")
+    for counts in values[_HISTOGRAM_AT:]:
+        written.append(_DUMP(dict(sorted(counts.items()))).decode())
+    return written

@@ -284,9 +284,11 @@ def test_postgres_migration_sets_each_instances_watermark_and_a_sidecar_role_fol
     stores = [postgres.PostgresStore(pg_url, name, capture_content=False) for name in ("i-a", "i-b")]
     stores[0].apply(1, [record_line(i, DAY0 + i * 5000).encode() for i in range(40)], 100)
     stores[1].apply(1, [record_line(i, DAY0 + i * 900).encode() for i in range(20)], 100)
+    stores[1].apply(1, [record_line(77, None).encode()], 200)  # no start time: the release before added it up
     conn = stores[0].conn
     number = postgres.MIGRATIONS.index(postgres._create_rollup_watermarks) + 1
     conn.execute("DROP TABLE rollup_watermarks")  # as a database of the release before
+    conn.execute("UPDATE rollups_daily SET hour = 'NaN' WHERE hour = '-Infinity'")  # by day under -inf // 86400
     conn.execute("DELETE FROM llmtap_schema WHERE version >= %s", (number,))
     for store in stores:
         store.close()
@@ -295,6 +297,7 @@ def test_postgres_migration_sets_each_instances_watermark_and_a_sidecar_role_fol
     pg_cluster.psql(f"CREATE ROLE {role} LOGIN PASSWORD 'pw'")
     try:
         assert number in postgres.migrate(conn, grant=(role,))
+        assert conn.execute("SELECT count(*) FROM rollups_daily WHERE hour = 'NaN'").fetchone()[0] == 0
         assert watermarks(conn, postgres=True) == {
             "i-a": rollups.period_of(DAY0 + 39 * 5000, DAY),
             "i-b": rollups.period_of(DAY0 + 19 * 900, DAY),

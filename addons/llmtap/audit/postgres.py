@@ -277,6 +277,10 @@ def _create_rollup_watermarks(cur: Any) -> None:
     """Each instance's daily-rollup watermark (``rollups.keep``): until now daily rollups were
     kept per batch, so they are complete; each instance's latest day is folded again later."""
     if cur.execute("SELECT to_regclass(%s)", (rollups.WATERMARKS,)).fetchone()[0] is None:
+        # rows without a start time were added up by day under hour NaN (-inf // 86400), which
+        # sorts after every hour here: they are the hourly rows of hour -inf, whose day is -inf
+        cur.execute("DELETE FROM rollups_daily WHERE hour = 'NaN'")
+        cur.execute("INSERT INTO rollups_daily SELECT * FROM rollups WHERE hour = '-Infinity' ON CONFLICT DO NOTHING")
         cur.execute(rollups.watermarks_table_sql(True, _ROLLUP_TYPES))
         fetch = lambda sql, params: cur.execute(sql, params).fetchall()  # noqa: E731
         cur.executemany(rollups.watermark_sql(1, False, insert=True), rollups.initial_watermarks(fetch, True))

@@ -543,7 +543,13 @@ def _fold_day(
         columns = ", ".join(KEY_COLUMNS + VALUE_COLUMNS)
         for row in fetch(f"SELECT {columns} FROM rollups WHERE {span}", [*owner, watermark, new]):
             hours[stored_key(row)] = read_values(row[len(KEY_COLUMNS) :])
-    days = in_periods(hours, DAY)
+    days: dict[Key, Values] = {}
+    for key, values in hours.items():  # in_periods, adopting each day's first values (read here, not shared)
+        day = (period_of(key[0], DAY), *key[1:])
+        if day in days:
+            merge(days[day], values)
+        else:
+            days[day] = values
     hashed = sorted((storable_key(key), key) for key in days)
     fresh = {digest for digest, _ in hashed}
     stale = [
@@ -668,7 +674,9 @@ def read_values(stored: Sequence[Any]) -> Values:
             values[i] = Decimal(values[i])
     for i in range(_HISTOGRAM_AT, len(values)):
         counts = orjson.loads(values[i]) if isinstance(values[i], str) else values[i] or {}
-        values[i] = Counter({int(index): count for index, count in counts.items()})
+        values[i] = histogram_of = _counter()
+        for index, count in counts.items():
+            histogram_of[int(index)] = count
     return values
 
 

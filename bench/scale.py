@@ -120,6 +120,53 @@ def fill(db: Path, lines, rows: int) -> dict:
     """Apply ``lines`` in the writer's batches; the writer's rows/s."""
     labels = {"rollup_labels": ("team",)} if "rollup_labels" in inspect.signature(AuditStore).parameters else {}
     store = AuditStore(str(db), fsync_batch=False, capture_content=False, **labels)  # as --metric-labels team
+    result = apply_all(store, lines, rows)
+    store.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    store.close()
+    return result
+
+
+def fill_postgres(lines, rows: int) -> dict:
+    """The same rows in a throwaway PostgreSQL cluster (as the tests start one): the writer's
+    rows/s, and the bytes per exchange of the tables with their TOAST and indexes."""
+    from pg import PASSWORD, Cluster
+
+    from llmtap.audit import postgres
+
+    os.environ["PGPASSWORD"] = PASSWORD
+    cluster = Cluster(free_port())
+    try:
+        cluster.start()
+        store = postgres.PostgresStore(
+            cluster.create_database("scale"), "scale", capture_content=False, rollup_labels=("team",)
+        )
+        result = apply_all(store, lines, rows)
+        tables = [name for (name,) in store.conn.execute("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")]
+        # as written (the rollups' updated rows leave dead versions that autovacuum makes reusable),
+        # then compacted (VACUUM FULL): what the live rows take
+        for state, vacuum in (("as_written", "VACUUM ANALYZE"), ("compacted", "VACUUM FULL")):
+            store.conn.execute(vacuum)
+            sql = "SELECT pg_total_relation_size(%s)"
+            parts = {name: store.conn.execute(sql, (name,)).fetchone()[0] for name in tables}
+            result[state] = {
+                "bytes_per_exchange": round(sum(parts.values()) / rows, 1),
+                "per_exchange_by_table": {name: round(n / rows, 1) for name, n in parts.items() if n > 16384},
+            }
+        store.close()
+    finally:
+        cluster.stop()
+    return result
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def apply_all(store, lines, rows: int) -> dict:
     batch, size, offset, done = [], 0, 0, 0
     began = last = time.perf_counter()
     cpu = time.process_time()
@@ -139,8 +186,6 @@ def fill(db: Path, lines, rows: int) -> dict:
         done += len(batch)
     wall = time.perf_counter() - began
     cpu = time.process_time() - cpu
-    store.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-    store.close()
     return {
         "rows": done,
         "seconds": round(wall, 1),
@@ -227,6 +272,7 @@ def main() -> None:
     parser.add_argument("--reuse", action="store_true", help="measure an existing --db instead of filling it")
     parser.add_argument("--skip-verify", action="store_true")
     parser.add_argument("--fill-only", action="store_true", help="fill --db and measure its size, nothing else")
+    parser.add_argument("--postgres", action="store_true", help="also fill a throwaway PostgreSQL with the same rows")
     args = parser.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="llmtap-scale-"))
     db = args.db or workdir / "scale.db"
@@ -239,6 +285,9 @@ def main() -> None:
         print(f"{len(samples)} template records; filling {args.rows:,} rows", file=sys.stderr)
         result["writer"] = fill(db, month(samples, args.rows, end, args.days), args.rows)
         print(f"  writer: {result['writer']}", file=sys.stderr)
+        if args.postgres:
+            result["postgres"] = fill_postgres(month(samples, args.rows, end, args.days), args.rows)
+            print(f"  postgres: {result['postgres']}", file=sys.stderr)
     else:
         conn = sqlite3.connect(db)
         end = (conn.execute("SELECT max(request_start) FROM exchanges").fetchone()[0] // 3600 + 1) * 3600

@@ -9,6 +9,7 @@ from pathlib import Path
 from click.testing import CliRunner
 
 from llmtap.audit.report import audit
+from llmtap.audit.sqlite import as_hashed, content_as_hashed
 from llmtap.config import Settings
 from llmtap.health import Health
 from llmtap.record import ExchangeRecord
@@ -99,7 +100,10 @@ def db_rows(db: Path | str, table: str = "exchanges") -> list[dict]:
     conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)  # never create it by accident
     conn.row_factory = sqlite3.Row
     try:
-        return [dict(r) for r in conn.execute(f"SELECT * FROM {table} ORDER BY rowid")]
+        rows = (dict(r) for r in conn.execute(f"SELECT * FROM {table} ORDER BY rowid"))
+        if table == "exchanges":  # the values as hashed: ids as text, prev_hash as implied
+            return list(as_hashed(conn, rows))
+        return [content_as_hashed(row) if table == "content" else row for row in rows]
     finally:
         conn.close()
 

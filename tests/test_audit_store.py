@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import sqlite3
+import time
 
 import pytest
 from audit_helpers import (
@@ -23,8 +24,10 @@ from audit_helpers import (
     run_verify,
     write_records,
 )
+from click.testing import CliRunner
 from conftest import wait_until
 
+from llmtap.audit.report import report as report_command
 from llmtap.audit.rows import as_hex, body_json, chain_hash, metadata_of, row_builder
 from llmtap.audit.sqlite import MIGRATIONS, PAGE_SIZE, AuditStore, connect, verify_chain
 from llmtap.health import Health
@@ -243,6 +246,31 @@ def test_retention_prunes_in_batches_and_verify_still_passes(tmp_path):
     result = run_verify(db)
     assert result.exit_code == 0 and "OK: 25 rows" in result.output and "retention anchor" in result.output
     assert as_hex(db_rows(db)[0]["prev_hash"]) == pruned[-1]["anchor_hash"]
+
+
+def test_rollups_outlive_the_rows_they_count_and_go_at_their_own_retention(tmp_path):
+    db, day = tmp_path / "llmtap.db", 86400
+    hour0 = NOW // 3600 * 3600
+    sink = new_sink(tmp_path, retention_days=30, rollup_retention_days=60)
+    ages = [90] * 3 + [40] * 4 + [0] * 2  # days: past both retentions, past the rows' only, recent
+    for i, age in enumerate(ages):
+        start = hour0 - age * day - 1800 + i
+        sink.emit(make_record(i, request_start=start, response_end=start + 1))
+    sink.close()  # the writer's last cycle applies, then prunes rows and rollups
+    assert [r["exchange_id"] for r in db_rows(db)] == ["ex-00007", "ex-00008"]
+    assert {p["rows"] for p in db_rows(db, "pruned")} == {7}
+
+    def report(*extra: str) -> dict:
+        since, until = (time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) for t in (hour0 - 100 * day, hour0 - day))
+        args = ["--db", str(db), "--since", since, "--until", until, "--by", "model", "--format", "json", *extra]
+        result = CliRunner().invoke(report_command, args)
+        assert result.exit_code == 0, result.output
+        return json.loads(result.stdout)
+
+    rolled = report()
+    assert rolled["totals"]["requests"] == 4 and "rollups" in rolled["source"]  # the 40-day-old hour only
+    scanned = report("--exact")
+    assert scanned["totals"]["requests"] == 0 and "deleted by retention" in scanned["source"]
 
 
 # --- content capture ------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ import re
 import subprocess
 import threading
 import time
+import uuid
 from collections import Counter
 from pathlib import Path
 
@@ -22,6 +23,7 @@ import httpx
 import openai
 import psycopg
 import pytest
+from audit_helpers import db_rows
 from conftest import API_KEY, LLMTAP, free_port, start_tap, wait_until
 from pg import PASSWORD, Cluster
 
@@ -235,6 +237,8 @@ def test_import_from_sqlite_keeps_the_chain(tmp_path, simulator, pg_url):
     with sqlite3.connect(tap.db) as conn:
         hashes = [r[0] for r in conn.execute("SELECT row_hash FROM exchanges ORDER BY id")]
     assert [r[0] for r in rows(pg_url, "SELECT row_digest FROM exchanges ORDER BY id")] == hashes  # raw digests
+    ids = [r[0] for r in rows(pg_url, "SELECT exchange_id FROM exchanges ORDER BY id")]  # SQLite's bytes as text
+    assert ids == [r["exchange_id"] for r in db_rows(tap.db)] and all(str(uuid.UUID(i)) == i for i in ids)
     # the SQLite head saved before the move checks out against PostgreSQL's copy
     saved = tmp_path / "head.json"
     saved.write_text(

@@ -13,15 +13,26 @@ import subprocess
 import sys
 from pathlib import Path
 
-from audit_helpers import make_record
+from audit_helpers import db_rows, make_record
 from click.testing import CliRunner
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from llmtap.audit import postgres
 from llmtap.audit.report import audit
-from llmtap.audit.rows import HELD, RowBuilder, as_hex, body_json, metadata_of, row_builder
-from llmtap.audit.sqlite import AuditStore, verify_chain
+from llmtap.audit.rows import (
+    BEST_MODELS_BIT,
+    FIRST_CANDIDATE_BIT,
+    HELD,
+    RowBuilder,
+    as_digest,
+    as_hex,
+    body_json,
+    chain_digest,
+    metadata_of,
+    row_builder,
+)
+from llmtap.audit.sqlite import IMPLIED, PACKED_IDS, AuditStore, packed_id, verify_chain
 from llmtap.protocols.pulze import metadata_fields
 from llmtap.record import canonical_json
 
@@ -52,12 +63,22 @@ def pulze_metadata(draw):
             holder = metadata if parent is None else metadata.setdefault(parent, {} if draw(st.integers(0, 9)) else [])
             if isinstance(holder, dict):
                 holder[key] = draw(leaf)
+    if draw(st.booleans()):  # the router's pick, in best_models and first among the candidates, as a rule
+        name, score = draw(st.sampled_from(["openai/gpt-4o", "x"])), draw(st.sampled_from([0.8, 1.0, 1, -0.0, 0.0]))
+        pick = draw(st.sampled_from([{name: score}, {name: 0.5}, {name: score, "y": 1}, name]))
+        scores = {"best_models": draw(st.sampled_from([[pick], [pick, pick], [], pick]))}
+        scores["candidates"] = draw(st.lists(st.sampled_from([pick, {name: score}, {"z": 0.1}]), max_size=3))
+        metadata["scores"] = draw(st.sampled_from([scores, {"candidates": scores["candidates"]}, [], {}]))
+        metadata["score"] = draw(st.sampled_from([score, 0.5, None]))
     metadata.update(draw(st.dictionaries(st.one_of(text, tilde_keys), leaf, max_size=3)))
     return metadata
 
 
 @settings(max_examples=300, deadline=None)
-@given(metadata=pulze_metadata(), changed=st.sets(st.sampled_from([name for _, _, name in HELD]), max_size=4))
+@given(
+    metadata=pulze_metadata(),
+    changed=st.sets(st.sampled_from([*(name for _, _, name in HELD), "best_model"]), max_size=4),
+)
 def test_metadata_is_rebuilt_exactly_from_columns_and_remainder(metadata, changed):
     data = make_record(1).to_dict() | metadata_fields(metadata, keep_content=True)
     data["cost_usd"] = data.pop("reported_cost_usd")
@@ -91,8 +112,18 @@ def test_a_typical_pulze_remainder_keeps_only_what_no_column_holds():
     held = {"app_id", "served_model", "served_provider", "served_namespace", "cost_prompt_usd", "cost_completion_usd"}
     held |= {"cost_usd", "upstream_latency_s", "response_labels", "score", "upstream_status_code", "retries"}
     held |= {"warning", "upstream_error"}
-    mask = sum(1 << bit for bit, (_, _, name) in enumerate(HELD) if name in held)
-    assert json.loads(row["metadata_json"]) == {"scores": metadata["scores"], "~": mask}
+    mask = sum(1 << bit for bit, (_, _, name) in enumerate(HELD) if name in held) | 1 << BEST_MODELS_BIT
+    assert json.loads(row["metadata_json"]) == {"~": mask}  # the pick is best_model and score
+    assert metadata_of(row) == metadata
+    metadata["scores"]["candidates"] = [{"openai/gpt-4o-mini": 0.78}, {"openai/gpt-4o": 0.5}]
+    data["metadata"] = metadata
+    row = row_builder(TYPES)(data) | {"row_hash": bytes(32)}
+    remainder = {"scores": {"candidates": [{"openai/gpt-4o": 0.5}]}, "~": mask | 1 << FIRST_CANDIDATE_BIT}
+    assert json.loads(row["metadata_json"]) == remainder
+    assert metadata_of(row) == metadata
+    metadata["scores"]["candidates"] = [{"openai/gpt-4o-mini": 0.78}]  # the pick alone: scores goes whole
+    row = row_builder(TYPES)(data) | {"row_hash": bytes(32)}
+    assert json.loads(row["metadata_json"]) == {"~": mask | 1 << FIRST_CANDIDATE_BIT}
     assert metadata_of(row) == metadata
     old = row | {"row_hash": "sha256:" + "0" * 64, "metadata_json": canonical_json({"~": 5, "latency": 1})}
     assert metadata_of(old) == {"~": 5, "latency": 1}  # an old row's metadata is whole: no mask read
@@ -120,11 +151,14 @@ def test_old_text_rows_then_new_blob_rows_verify_as_one_chain(tmp_path):
     conn = sqlite3.connect(db)
     kinds = [k for (k,) in conn.execute("SELECT typeof(row_hash) FROM exchanges ORDER BY id")]
     assert kinds == ["text"] * 4 + ["blob"] * 5
-    first_new = conn.execute("SELECT prev_hash FROM exchanges WHERE typeof(row_hash) = 'blob' ORDER BY id").fetchone()
+    stored = conn.execute("SELECT prev_hash FROM exchanges WHERE typeof(row_hash) = 'blob'").fetchall()
+    assert stored == [(IMPLIED,)] * 5  # each new row's link is implied by the row before it
     last_old = conn.execute(
         "SELECT row_hash FROM exchanges WHERE typeof(row_hash) = 'text' ORDER BY id DESC"
     ).fetchone()
-    assert as_hex(first_new[0]) == last_old[0]  # chained on from the last old row's digest
+    first_new = next(row for row in db_rows(db) if isinstance(row["row_hash"], bytes))
+    assert as_hex(first_new["prev_hash"]) == last_old[0]  # chained on from the last old row's digest
+    assert first_new["row_hash"] == chain_digest(as_digest(last_old[0]), body_json(first_new))
     assert verify_chain(conn).ok and verify_chain(conn).rows == 9
     conn.execute("UPDATE exchanges SET path = '/edited' WHERE id = 2")  # an old row
     conn.commit()
@@ -135,19 +169,20 @@ def test_old_text_rows_then_new_blob_rows_verify_as_one_chain(tmp_path):
 def test_verify_names_an_edited_and_a_removed_lean_row(tmp_path):
     db = tmp_path / "llmtap.db"
     store = AuditStore(str(db), fsync_batch=False, capture_content=False)
-    apply(store, [make_record(i) for i in range(10)])
+    apply(store, [make_record(i, request_start=1.8e9 + i * 3600, response_end=1.8e9 + i * 3600 + 1) for i in range(10)])
     store.close()
     conn = sqlite3.connect(db)
     conn.execute("UPDATE exchanges SET metadata_json = '{}' WHERE id = 4")  # the remainder is hashed too
     conn.commit()
     broken = verify("--db", str(db))
     assert broken.exit_code == 1 and "id=4" in broken.output and "edited" in broken.output
-    conn.execute("DELETE FROM exchanges WHERE id <= 4")
     conn.execute("DELETE FROM exchanges WHERE id = 7")
     conn.commit()
     conn.close()
-    gap = verify("--db", str(db), "--since", "2000-01-01")  # a range starts at its first row's link
+    # a range from row 5 starts at the link of the row before it (row 4's row_hash, as stored)
+    gap = verify("--db", str(db), "--since", "2027-01-15T12:00:00")
     assert gap.exit_code == 1 and "id=8" in gap.output and "removed" in gap.output
+    assert "2 rows before it verified" in gap.output
 
 
 def test_a_range_checks_the_links_inside_it(tmp_path):
@@ -272,3 +307,60 @@ def test_postgres_old_rows_then_lean_rows_verify_and_edits_and_gaps_are_named(tm
         assert full.exit_code == 1 and "exchange_id=ex-00203" in full.output
     finally:
         store.close()
+
+
+# --- SQLite: llmtap's own ids as raw bytes, the link implied ----------------------------------------
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    name=st.sampled_from(sorted(PACKED_IDS)),
+    text=st.one_of(
+        st.uuids().map(str),
+        st.binary(min_size=8, max_size=16).map(bytes.hex),
+        st.uuids().map(lambda u: str(u).upper()),
+        st.text(alphabet="0123456789abcdefABCDEF- g", max_size=40),
+        st.text(max_size=40),
+    ),
+)
+def test_an_id_is_packed_only_in_its_canonical_form_and_reads_back_exactly(name, text):
+    pack, unpack = PACKED_IDS[name]
+    stored = pack(text)
+    if isinstance(stored, bytes):
+        assert len(stored) == {"exchange_id": 16, "trace_id": 16, "span_id": 8}[name]
+        assert unpack(stored) == text
+    else:
+        assert stored is text
+
+
+def test_ids_are_stored_as_bytes_and_read_back_as_the_text_hashed(tmp_path):
+    db = tmp_path / "llmtap.db"
+    store = AuditStore(str(db), fsync_batch=False, capture_content=True)
+    flow_id, trace, span = (
+        "e7b227e9-4665-4a19-9d10-6a37e58376fb",
+        "4110b8bc24c1276c74d6d11fd0cce893",
+        "f6de2fbe80915aaf",
+    )
+    said = ({"role": "user", "content": "hi"},)
+    records = [
+        make_record(0, exchange_id=flow_id, trace_id=trace, span_id=span, input_messages=said),
+        make_record(1, trace_id=trace.upper(), input_messages=said),  # not canonical: stays text, as ex-00001 does
+    ]
+    apply(store, records)
+    store.close()
+    conn = sqlite3.connect(db)
+    stored = conn.execute("SELECT typeof(exchange_id), typeof(trace_id), typeof(span_id), prev_hash FROM exchanges")
+    assert stored.fetchall() == [("blob", "blob", "blob", IMPLIED), ("text", "text", "blob", IMPLIED)]
+    found = conn.execute("SELECT id FROM exchanges WHERE exchange_id = ?", (packed_id("exchange_id", flow_id),))
+    assert found.fetchall() == [(1,)]
+    joined = "SELECT count(*) FROM content c JOIN exchanges e ON c.exchange_id = e.exchange_id"
+    assert conn.execute(joined).fetchone()[0] == 2  # content is keyed the same way
+    conn.close()
+    rows = db_rows(db)
+    assert [(r["exchange_id"], r["trace_id"], r["span_id"]) for r in rows] == [
+        (flow_id, trace, span),
+        ("ex-00001", trace.upper(), "b" * 16),
+    ]
+    assert [c["exchange_id"] for c in db_rows(db, "content")] == [flow_id, "ex-00001"]
+    assert rows[1]["prev_hash"] == rows[0]["row_hash"]  # the implied link, read back
+    assert verify("--db", str(db)).exit_code == 0

@@ -932,7 +932,7 @@ def verify(conn: Any, only: str | None = None) -> list[InstanceCheck]:
 def import_sqlite(sqlite_path: str, url: str, instance: str | None = None) -> tuple[str, int]:
     """Copy a SQLite audit log (rows, content, retention ledger) into PostgreSQL as one chain,
     hashes kept, in one transaction; the chain's instance id and the rows copied."""
-    from llmtap.audit.sqlite import connect_readonly
+    from llmtap.audit.sqlite import as_hashed, connect_readonly, content_as_hashed
 
     source = connect_readonly(sqlite_path)
     conn = connect_migrated(url)
@@ -960,9 +960,9 @@ def import_sqlite(sqlite_path: str, url: str, instance: str | None = None) -> tu
                         as_hex(row["anchor_hash"]),
                     ),
                 )
-            select = f"SELECT {', '.join(names)}, prev_hash, row_hash FROM exchanges ORDER BY id"
             with conn.cursor() as cur, cur.copy(f"COPY exchanges ({', '.join(columns)}) FROM STDIN") as copy:
-                for row in source.execute(select):
+                for stored in as_hashed(source, map(dict, source.execute("SELECT * FROM exchanges ORDER BY id"))):
+                    row = [stored[name] for name in (*names, "prev_hash", "row_hash")]
                     values, exact = _storable(row[: len(names)], names, json_names)
                     json_exact = json.dumps(exact, ensure_ascii=False) if exact else None
                     links = (
@@ -974,7 +974,10 @@ def import_sqlite(sqlite_path: str, url: str, instance: str | None = None) -> tu
                     copied += 1
             contents = source.execute("SELECT exchange_id, input_messages, output_messages, truncated FROM content")
             with conn.cursor() as cur:
-                cur.executemany("INSERT INTO content VALUES (%s, %s, %s, %s)", [tuple(r) for r in contents])
+                cur.executemany(
+                    "INSERT INTO content VALUES (%s, %s, %s, %s)",
+                    [tuple(content_as_hashed(dict(r)).values()) for r in contents],
+                )
             backfill(conn, instance)
             set_watermark(conn, instance)
     finally:

@@ -8,12 +8,14 @@ its chain (one chain per store with SQLite, one per instance with PostgreSQL)::
 
 where ``prev_digest`` is the previous row's 32-byte digest (``GENESIS_DIGEST``, 32 zero
 bytes, for the first row; after retention pruned the oldest rows, the anchor: the digest of
-the last row deleted), stored as the row's ``prev_hash``; ``body`` maps every hashed column
+the last row deleted), the row's ``prev_hash`` (SQLite stores it empty, implied by the row
+before: ``llmtap.audit.sqlite.IMPLIED``); ``body`` maps every hashed column
 of the row (all but ``id``, ``prev_hash``, ``row_hash`` and the store's own bookkeeping
 columns) whose value is not NULL to the value as written (JSON columns as their canonical
 text), ``canonical_json`` is sorted keys, ``","``/``":"`` separators, non-ASCII kept as UTF-8,
-floats in Python ``repr`` form. SQLite stores both digests as BLOBs, PostgreSQL as ``bytea``
-(``prev_digest``, ``row_digest``). People, logs and saved heads see a digest as
+floats in Python ``repr`` form. SQLite stores the digest as a BLOB, PostgreSQL both as ``bytea``
+(``prev_digest``, ``row_digest``: its replay check re-hashes a replayed record on the stored link).
+SQLite also stores llmtap's own ids as raw bytes (``PACKED_IDS``); the body holds their text. People, logs and saved heads see a digest as
 ``"sha256:" + hex(digest)`` (``as_hex``).
 
 Rows written before this lean format stored the hash as text and
@@ -31,7 +33,10 @@ The new rows' ``metadata_json`` holds only the part of the router's raw ``metada
 that no column holds (``metadata_remainder``): a leaf listed in ``HELD`` is left out when its
 canonical JSON equals that of its column's value, and the remainder's ``"~"`` key is the
 bitmask of the leaves left out (bit *i* = ``HELD[i]``; a top-level key of tildes only, which
-the object itself may have, gains one ``~``). ``metadata_of(row)`` gives the whole object back.
+the object itself may have, gains one ``~``). The two bits after ``HELD``'s leave out the
+router's pick from ``scores`` when it is exactly ``{best_model: score}`` of the row's columns
+(``best_models`` as that one pick; the first of ``candidates``). ``metadata_of(row)`` gives the
+whole object back.
 The hash covers the remainder, as stored, like any column.
 """
 
@@ -173,11 +178,14 @@ HELD = (
 )
 #: The remainder's key for the mask of the leaves left out.
 MASK_KEY = "~"
+#: The bits after ``HELD``'s: ``scores.best_models`` left out as ``[{best_model: score}]``, and the
+#: first of ``scores.candidates`` as ``{best_model: score}`` (the router's pick is both, as a rule).
+BEST_MODELS_BIT, FIRST_CANDIDATE_BIT = len(HELD), len(HELD) + 1
 
-
-#: The columns of ``HELD``, in its order: what ``metadata_remainder`` compares the leaves with.
-HELD_COLUMNS = tuple(name for _, _, name in HELD)
+#: The columns ``metadata_remainder`` compares the metadata with: ``HELD``'s, in its order, then ``best_model``.
+HELD_COLUMNS = (*(name for _, _, name in HELD), "best_model")
 _HELD_PLAN = tuple((1 << bit, parent, key, name in JSON_COLUMNS) for bit, (parent, key, name) in enumerate(HELD))
+_SCORE = HELD_COLUMNS.index("score")
 
 
 def metadata_remainder(metadata: Any, held: Sequence[Any]) -> Any:
@@ -207,12 +215,47 @@ def metadata_remainder(metadata: Any, held: Sequence[Any]) -> Any:
             copied.append(parent)
         del holder[key]
         mask |= flag
+    scores = rest.get("scores")
+    if isinstance(scores, dict) and held[-1] is not None and held[_SCORE] is not None:
+        scores, mask = _scores_remainder(scores, {held[-1]: held[_SCORE]}, mask)
+        if scores is not None:
+            rest["scores"] = scores
+            copied.append("scores")
     for parent in copied:
         if not rest[parent]:
             del rest[parent]  # rebuilt from its leaves' bits
     if mask:
         rest[MASK_KEY] = mask
     return rest
+
+
+def _scores_remainder(scores: dict[str, Any], best: dict[str, float], mask: int) -> tuple[dict[str, Any] | None, int]:
+    """``scores`` without the router's pick where it is exactly ``best`` (None: nothing left out)."""
+    picked = scores.get("best_models")
+    candidates = scores.get("candidates")
+    drop_best = isinstance(picked, list) and len(picked) == 1 and _same_pick(picked[0], best)
+    drop_first = isinstance(candidates, list) and bool(candidates) and _same_pick(candidates[0], best)
+    if not (drop_best or drop_first):
+        return None, mask
+    scores = dict(scores)
+    if drop_best:
+        del scores["best_models"]
+        mask |= 1 << BEST_MODELS_BIT
+    if drop_first:
+        scores["candidates"] = candidates[1:]
+        if not scores["candidates"]:
+            del scores["candidates"]  # rebuilt as [pick]
+        mask |= 1 << FIRST_CANDIDATE_BIT
+    return scores, mask
+
+
+def _same_pick(value: Any, best: dict[str, float]) -> bool:
+    """Whether a ``{name: score}`` of the metadata is the row's pick, as JSON (1 and 1.0 differ)."""
+    if not isinstance(value, dict) or value.keys() != best.keys():
+        return False
+    (score,) = value.values()
+    (column,) = best.values()
+    return type(score) is float and score == column and math.copysign(1.0, score) == math.copysign(1.0, column)
 
 
 def _is_tildes(key: str) -> bool:
@@ -246,6 +289,14 @@ def metadata_of(row: Mapping[str, Any]) -> Any:
             elif isinstance(column, Decimal):  # PostgreSQL's numeric: a REAL column's float
                 column = float(column)
             (value if parent is None else value.setdefault(parent, {}))[key] = column
+    if mask >> BEST_MODELS_BIT:
+        score = row.get("score")
+        best = {row.get("best_model"): float(score) if isinstance(score, Decimal) else score}
+        scores = value.setdefault("scores", {})
+        if mask >> BEST_MODELS_BIT & 1:
+            scores["best_models"] = [best]
+        if mask >> FIRST_CANDIDATE_BIT & 1:
+            scores["candidates"] = [best, *scores.get("candidates", ())]
     return value
 
 
@@ -283,6 +334,8 @@ def link_fault(prev: bytes, stored_prev: Any, stored_hash: Any, body_json: str) 
         expected = legacy_hash(expected_prev, body_json)
     if stored_prev != expected_prev:
         return "prev_hash does not match the row before it (a row was removed, inserted or reordered)"
+    if stored_hash != expected and isinstance(stored_hash, bytes):  # the digest commits to the row before too
+        return "row_hash does not match the row's contents or the row before it (the row was edited, or one before it removed)"
     if stored_hash != expected:
         return "row_hash does not match the row's contents (the row was edited)"
     return None

@@ -9,6 +9,7 @@ loop. Rows and the hash chain (the contract ``llmtap audit verify`` checks) are
 
 from __future__ import annotations
 
+import functools
 import gc
 import itertools
 import json
@@ -16,7 +17,7 @@ import operator
 import os
 import sqlite3
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from itertools import takewhile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -66,6 +67,84 @@ __all__ = [
 PAGE_SIZE = 16384
 #: Per-row faults: the row is dropped and counted; anything else (locked, I/O) retries the batch.
 _ROW_SQL_FAULTS = (sqlite3.IntegrityError, sqlite3.InterfaceError, sqlite3.DataError)
+
+
+# --- what SQLite stores in place of some hashed values (rows.py hashes the values themselves) ------
+
+#: A lean row's ``prev_hash`` as SQLite stores it: empty, implying the previous row's
+#: ``row_hash`` (the row's digest commits to it). Rows of older llmtaps store it whole.
+IMPLIED = b""
+
+
+def _uuid_bytes(text: str) -> bytes | str:
+    hexed = text.replace("-", "")
+    if len(text) != 36 or text[8] + text[13] + text[18] + text[23] != "----" or hexed != hexed.lower():
+        return text
+    return _hex_bytes(32, hexed)
+
+
+def _uuid_text(raw: bytes) -> str:
+    hexed = raw.hex()
+    return f"{hexed[:8]}-{hexed[8:12]}-{hexed[12:16]}-{hexed[16:20]}-{hexed[20:]}"
+
+
+def _hex_bytes(length: int, text: str) -> bytes | str:
+    if len(text) != length or text != text.lower():
+        return text
+    try:
+        raw = bytes.fromhex(text)
+    except ValueError:
+        return text
+    return raw if len(raw) * 2 == length else text  # fromhex skips spaces
+
+
+#: Ids stored as raw bytes when in their canonical text form (llmtap's own: a flow's UUID, W3C
+#: trace and span ids, lowercase hex): 36 + 32 + 16 bytes of text become 16 + 16 + 8. Any other
+#: text stays text, so each reads back as exactly the text that was hashed.
+PACKED_IDS: dict[str, tuple[Callable[[str], bytes | str], Callable[[bytes], str]]] = {
+    "exchange_id": (_uuid_bytes, _uuid_text),
+    "trace_id": (functools.partial(_hex_bytes, 32), bytes.hex),
+    "span_id": (functools.partial(_hex_bytes, 16), bytes.hex),
+}
+
+
+def packed_id(name: str, text: str) -> bytes | str:
+    """An id as stored (to look a row up by it): ``packed_id("exchange_id", "e7b2...")``."""
+    return PACKED_IDS[name][0](text)
+
+
+@functools.lru_cache(maxsize=256)
+def _packing(insert: str) -> tuple[tuple[int, Callable[[str], bytes | str]], ...]:
+    """Where the ids sit in the parameters of an ``insert_sql``, and how each is packed."""
+    names = insert_columns(insert)
+    return tuple((names.index(name), pack) for name, (pack, _) in PACKED_IDS.items() if name in names)
+
+
+def as_hashed(conn: sqlite3.Connection, rows: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    """``rows`` (consecutive ``exchanges`` rows in id order, as dicts) with the values the chain
+    hashed: ids as text, an implied ``prev_hash`` as the previous row's ``row_hash``."""
+    previous = None
+    for row in rows:
+        for name, (_, unpack) in PACKED_IDS.items():
+            if isinstance(row.get(name), bytes):
+                row[name] = unpack(row[name])
+        if row.get("prev_hash") == IMPLIED:
+            row["prev_hash"] = as_digest(_row_hash_before(conn, row["id"]) if previous is None else previous)
+        previous = row.get("row_hash")
+        yield row
+
+
+def _row_hash_before(conn: sqlite3.Connection, row_id: int) -> bytes | str:
+    """The ``row_hash`` of the row before ``row_id`` (the chain's anchor for its first)."""
+    found = conn.execute("SELECT row_hash FROM exchanges WHERE id < ? ORDER BY id DESC LIMIT 1", (row_id,)).fetchone()
+    return chain_anchor(conn) if found is None else found[0]
+
+
+def content_as_hashed(row: dict[str, Any]) -> dict[str, Any]:
+    """A ``content`` row with its exchange id as text."""
+    if isinstance(row.get("exchange_id"), bytes):
+        row["exchange_id"] = _uuid_text(row["exchange_id"])
+    return row
 
 
 # --- schema: an append-only list of small migrations; PRAGMA user_version counts those applied ---
@@ -451,8 +530,7 @@ def chain_links(conn: sqlite3.Connection, first_id: int = 0, last_id: int = 2**6
     """The rows from ``first_id`` to ``last_id`` in id order, one at a time (the cursor streams)."""
     cursor = conn.execute("SELECT * FROM exchanges WHERE id BETWEEN ? AND ? ORDER BY id", (first_id, last_id))
     names = [d[0] for d in cursor.description]
-    for values in cursor:
-        row = dict(zip(names, values))
+    for row in as_hashed(conn, (dict(zip(names, values)) for values in cursor)):
         yield Link(row["id"], row["exchange_id"], row["prev_hash"], row["row_hash"], body_json(row))
 
 
@@ -562,7 +640,13 @@ class AuditStore:
                 corrupt.append(exc)
                 continue
             try:
-                rows.append(_Row(*self._row(data, clean=clean), content_row(data, self.capture_content), data))
+                insert, params, body = self._row(data, clean=clean)
+                for position, pack in _packing(insert):
+                    params[position] = pack(params[position])
+                content = content_row(data, self.capture_content)
+                if content is not None:
+                    content = (packed_id("exchange_id", content[0]), *content[1:])
+                rows.append(_Row(insert, params, body, content, data))
             except Exception as exc:  # a record that cannot become a row must not block the rest
                 rejected.append(exc)
         return rows, corrupt, rejected
@@ -573,8 +657,8 @@ class AuditStore:
         replay) or faulted."""
         head = as_digest(self.head)
         for row in rows:
-            row.params[-2:] = head, chain_digest(head, row.body)
-            head = row.params[-1]
+            head = chain_digest(head, row.body)
+            row.params[-2:] = IMPLIED, head
         self.conn.execute("SAVEPOINT batch")
         try:
             inserted = sum(
@@ -597,7 +681,7 @@ class AuditStore:
         """Insert ``rows`` one by one, chaining only those inserted (added to ``inserted``); the new head."""
         head = as_digest(self.head)
         for row in rows:
-            row.params[-2:] = head, chain_digest(head, row.body)
+            row.params[-2:] = IMPLIED, chain_digest(head, row.body)
             try:
                 if self.conn.execute(row.insert, row.params).rowcount != 1:
                     continue  # already there (a replay): the chain is untouched
@@ -696,7 +780,7 @@ class AuditStore:
             text = dict(zip(names[split:], values[split:]))
             has_text = text.get("input_messages") is not None or text.get("output_messages") is not None
             found.append((dict(zip(names[:split], values[:split])), text if has_text else None))
-        return found
+        return list(zip(as_hashed(self.conn, (row for row, _ in found)), (text for _, text in found)))
 
     def advance_log_export(self, last_id: int) -> None:
         """Record that the collector acknowledged every row up to ``last_id`` (never backwards)."""

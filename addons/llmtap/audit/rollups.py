@@ -56,7 +56,7 @@ KEY_COLUMNS = (
 COUNTS = ("requests", "errors", "unknown_cost", "unpriced")
 SUMS = ("input_tokens", "output_tokens", "total_tokens", "cached_input_tokens", "reasoning_tokens", "cost_nanousd")
 DECIMALS = ("cost_decimal_usd", "cost_savings_usd")
-#: Sparse histograms, stored as JSON objects of bucket -> count (``{"41":2,"45":1}``): a rollup
+#: Sparse histograms, stored as JSON objects of bucket -> count (``{"41":2,"45":1,"9":1}``): a rollup
 #: row holds a few requests, so a few buckets; 20 bytes where fixed columns took 170.
 HISTOGRAMS = ("duration", "ttft")
 BUCKETS = 86
@@ -158,11 +158,10 @@ def label_names(allowed: Iterable[str]) -> str:
 def picker(columns: tuple[str, ...]) -> Callable[[Sequence[Any]], tuple]:
     """From a row's values in ``columns`` order (more may follow) to its source values (None
     for a column not among them)."""
-    absent = len(columns)
-    getter = operator.itemgetter(*[columns.index(c) if c in columns else absent for c in SOURCE_COLUMNS])
+    getter = operator.itemgetter(*[columns.index(c) if c in columns else -1 for c in SOURCE_COLUMNS])
     if all(c in columns for c in SOURCE_COLUMNS):
         return getter
-    return lambda values: getter([*values[:absent], None])
+    return lambda values: getter([*values, None])  # a column not among them: the None appended
 
 
 def empty() -> Values:
@@ -275,30 +274,46 @@ def aggregate(
         groups[raw].append(source)
     totals: dict[Key, Values] = {}
     for (hour, kept, labels), sources in groups.items():
-        model, requested, provider, app, key, status, error, operation, family, schema, instance, cost_source = kept
-        if isinstance(labels, tuple):
-            labels = canonical_json({name: value for name, _, value in labels})
-        key = (
-            hour * 3600,  # -inf for a row without a start time: before every hour
-            model if model is not None else requested,
-            provider,
-            app,
-            key,
-            str(status) if status is not None else error,  # as the report's status
-            operation,
-            family,
-            1 if schema is None else schema,  # rows before schemas were numbered
-            instance,
-            cost_source,
-            None if labels is None else labels.encode("utf-8", "replace").decode("utf-8"),  # as the row's labels text
-            names_text,
-        )
+        tail = _TAILS.get((kept, labels, names_text))
+        if tail is None:
+            tail = _tail(kept, labels, names_text)
+        key = (hour * 3600, *tail)  # -inf for a row without a start time: before every hour
         values = values_of(sources, decimal)
         if key in totals:
             merge(totals[key], values)
         else:
             totals[key] = values
     return totals
+
+
+#: The keys' columns after the hour, by a group's raw values (a batch meets the same few hundred
+#: again and again): bounded, emptied when full.
+_TAILS: dict[tuple, tuple] = {}
+_TAILS_MAX = 50_000
+
+
+def _tail(kept: tuple, labels: tuple | str | None, names_text: str) -> tuple:
+    """A key's columns after the hour, from a group's raw values (remembered in ``_TAILS``)."""
+    model, requested, provider, app, key, status, error, operation, family, schema, instance, cost_source = kept
+    text = canonical_json({name: value for name, _, value in labels}) if isinstance(labels, tuple) else labels
+    tail = (
+        model if model is not None else requested,
+        provider,
+        app,
+        key,
+        str(status) if status is not None else error,  # as the report's status
+        operation,
+        family,
+        1 if schema is None else schema,  # rows before schemas were numbered
+        instance,
+        cost_source,
+        None if text is None else text.encode("utf-8", "replace").decode("utf-8"),  # as the row's labels text
+        names_text,
+    )
+    if len(_TAILS) >= _TAILS_MAX:
+        _TAILS.clear()
+    _TAILS[kept, labels, names_text] = tail
+    return tail
 
 
 def in_periods(totals: dict[Key, Values], seconds: int) -> dict[Key, Values]:
@@ -449,8 +464,9 @@ DAY = PERIODS["rollups_daily"]
 #: A day is folded once a batch holds an hour this long after its end (a row of that day
 #: arriving later is a late row: added to both tables, as a row before the watermark is).
 GRACE = 3600
-#: Bounded work per batch: it folds at most this many days (days without rollups count too),
-#: and no further day once it has read this many hourly rollup rows; the next batch goes on.
+#: Bounded work per batch: it folds at most this many days with rollups (the empty days between
+#: them are skipped over), and no further day once it has read this many hourly rollup rows;
+#: the next batch goes on.
 FOLD_DAYS = 7
 FOLD_ROWS = 20_000
 _WATERMARK = (WATERMARKS, b"")  # the watermark's place among a writer's ``known`` rows
@@ -688,7 +704,9 @@ def parameters(digest: bytes, key: Key, values: Values, sqlite: bool) -> list[An
     return [digest, *key, *value_parameters(values, sqlite)]
 
 
-_DUMP = functools.partial(orjson.dumps, option=orjson.OPT_NON_STR_KEYS)
+#: A histogram's JSON, its buckets in the text order of their numbers ("10" before "9"): orjson
+#: sorts them itself, four times faster than sorting them here (any order reads the same).
+_DUMP = functools.partial(orjson.dumps, option=orjson.OPT_NON_STR_KEYS | orjson.OPT_SORT_KEYS)
 
 
 def value_parameters(values: Values, sqlite: bool) -> list[Any]:
@@ -704,5 +722,5 @@ def value_parameters(values: Values, sqlite: bool) -> list[Any]:
             if written[i] is not None:
                 written[i] = format(written[i], "f")
     for counts in values[_HISTOGRAM_AT:]:
-        written.append(_DUMP(dict(sorted(counts.items()))).decode())
+        written.append(_DUMP(counts).decode())
     return written

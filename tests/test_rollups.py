@@ -112,7 +112,8 @@ def assert_within_one_bucket(got: float, exact: float) -> None:
 
 def assert_rollups_equal_rows(conn, *, postgres: bool = False, labelled: bool = True) -> None:
     """Every rollup sum, hourly and daily, equals the same aggregate over the rows, per key
-    (with ``labelled``, the team label too)."""
+    (with ``labelled``, the team label too); the daily ones for the days before the watermark
+    (of each instance), the days the daily table holds complete."""
     for table, seconds in rollups.PERIODS.items():
         _assert_table_equals_rows(conn, table, seconds, postgres=postgres, labelled=labelled)
 
@@ -127,20 +128,28 @@ def _assert_table_equals_rows(conn, table: str, seconds: int, *, postgres: bool,
             f"CAST(request_start / {seconds} AS INTEGER) * {seconds}.0", f"floor(request_start / {seconds}) * {seconds}"
         )
     n = 12
+    rows_where = rollups_where = "1 = 1"
+    if table == "rollups_daily":
+        rows_where, rollups_where = (
+            _before_watermark("exchanges", "request_start", postgres),
+            _before_watermark(table, "hour", postgres),
+        )
     want = {
         tuple(r[:n]): tuple(int(v) if v is not None else None for v in r[n:])
         for r in conn.execute(
-            f"SELECT {row_key}, {ROW_SUMS} FROM exchanges GROUP BY {', '.join(map(str, range(1, n + 1)))}"
+            f"SELECT {row_key}, {ROW_SUMS} FROM exchanges WHERE {rows_where} "
+            f"GROUP BY {', '.join(map(str, range(1, n + 1)))}"
         )
     }
     rollup_key = ROLLUP_KEY.format(team=team_rows)
     got = {
         tuple(r[:n]): tuple(int(v) if v is not None else None for v in r[n:])
         for r in conn.execute(
-            f"SELECT {rollup_key}, {ROLLUP_SUMS} FROM {table} GROUP BY {', '.join(map(str, range(1, n + 1)))}"
+            f"SELECT {rollup_key}, {ROLLUP_SUMS} FROM {table} WHERE {rollups_where} "
+            f"GROUP BY {', '.join(map(str, range(1, n + 1)))}"
         )
     }
-    norm = lambda d: {(float(k[0]) if k[0] is not None else None, *k[1:]): v for k, v in d.items()}  # noqa: E731
+    norm = lambda d: {(_hour(k[0]), *k[1:]): v for k, v in d.items()}  # noqa: E731
     assert norm(got) == norm(want)
     # money (exact decimals) and histograms, per key
     money_cols = "cost_usd, cost_nanousd, cost_savings_usd, duration_s, ttft_s"
@@ -149,17 +158,17 @@ def _assert_table_equals_rows(conn, table: str, seconds: int, *, postgres: bool,
             "key": tuple(r[:n]),
             **dict(zip(["cost_usd", "cost_nanousd", "cost_savings_usd", "duration_s", "ttft_s"], r[n:])),
         }
-        for r in conn.execute(f"SELECT {row_key}, {money_cols} FROM exchanges")
+        for r in conn.execute(f"SELECT {row_key}, {money_cols} FROM exchanges WHERE {rows_where}")
     ]
     exact = row_aggregates(rows)
     stored: dict[tuple, rollups.Values] = defaultdict(rollups.empty)
     cols = ", ".join(rollups.VALUE_COLUMNS)
-    for r in conn.execute(f"SELECT {rollup_key}, {cols} FROM {table}"):
+    for r in conn.execute(f"SELECT {rollup_key}, {cols} FROM {table} WHERE {rollups_where}"):
         rollups.merge(stored[tuple(r[:n])], rollups.read_values(r[n:]))
-    assert {(float(k[0]) if k[0] is not None else None, *k[1:]) for k in stored} == set(norm(want))
-    stored = {(float(k[0]) if k[0] is not None else None, *k[1:]): v for k, v in stored.items()}
+    assert {(_hour(k[0]), *k[1:]) for k in stored} == set(norm(want))
+    stored = {(_hour(k[0]), *k[1:]): v for k, v in stored.items()}
     for key, acc in exact.items():
-        key = (float(key[0]) if key[0] is not None else None, *key[1:])
+        key = (_hour(key[0]), *key[1:])
         values = stored[key]
         assert rollups.decimal_of(values, "cost_decimal_usd") == acc["cost"]
         assert rollups.decimal_of(values, "cost_savings_usd") == acc["savings"]
@@ -169,6 +178,19 @@ def _assert_table_equals_rows(conn, table: str, seconds: int, *, postgres: bool,
             for p in (0.5, 0.95, 0.99):
                 if seconds:
                     assert_within_one_bucket(rollups.percentile(counts, p), nearest_rank(seconds, p))
+
+
+def _hour(hour) -> float | None:
+    """A key's hour: a row without a start time has none (SQL's NULL), its rollup hour -inf."""
+    return None if hour is None or float(hour) == -math.inf else float(hour)
+
+
+def _before_watermark(table: str, column: str, postgres: bool) -> str:
+    """SQL: the row of ``table`` is of a day before its store's (instance's) watermark, or has
+    no start time (none: the daily rollups are complete)."""
+    mine = f" WHERE w.instance_id = {table}.instance_id" if postgres else ""
+    watermark = f"(SELECT daily_before FROM rollup_watermarks w{mine})"
+    return f"({column} IS NULL OR {watermark} IS NULL OR {column} < {watermark})"
 
 
 def apply_in_batches(store, lines: list[str], cuts: list[int]) -> None:
@@ -323,6 +345,7 @@ def test_a_label_rolled_up_hourly_only_reads_the_hourly_rollups(tmp_path):
     conn = sqlite3.connect(path)  # as after the upgrade that added daily rollups (it knows no allow-list)
     number = MIGRATIONS.index(next(m for m in MIGRATIONS if m.__name__ == "_create_daily_rollups")) + 1
     conn.execute("DROP TABLE rollups_daily")
+    conn.execute("DROP TABLE rollup_watermarks")
     conn.execute(f"PRAGMA user_version = {number - 1}")
     conn.commit()
     conn.close()
@@ -331,7 +354,9 @@ def test_a_label_rolled_up_hourly_only_reads_the_hourly_rollups(tmp_path):
     fast, exact = json.loads(invoke(*args)), json.loads(invoke(*args, "--exact"))
     assert fast["source"] == "hourly rollups"
     assert_same_report(fast, exact)
-    assert json.loads(invoke("--db", str(path), "--by", "model", "--format", "json"))["source"] == "daily rollups"
+    # the days before the watermark from the daily rollups, the latest day (not folded yet) from the hourly
+    by_model = json.loads(invoke("--db", str(path), "--by", "model", "--format", "json"))
+    assert by_model["source"] == "daily and hourly rollups"
 
 
 def test_a_label_not_rolled_up_and_reprice_read_rows(tmp_path):
@@ -388,7 +413,7 @@ def test_the_v1_fixture_is_backfilled_and_its_money_reads_the_same(tmp_path):
     conn.close()
     fast = json.loads(invoke("--db", str(db), "--by", "model", "--format", "json"))
     exact = json.loads(invoke("--db", str(db), "--by", "model", "--format", "json", "--exact"))
-    assert fast["source"] == "daily rollups"
+    assert fast["source"] == "daily and hourly rollups"  # the latest day is not folded yet
     assert_same_report(fast, exact)
 
 
@@ -403,6 +428,7 @@ def test_a_schema_before_rollups_upgrades_with_its_rows_rolled_up(tmp_path):
     number = MIGRATIONS.index(next(m for m in MIGRATIONS if m.__name__ == "_create_rollups")) + 1
     store.conn.execute("DROP TABLE rollups")  # as a database of the release before rollups
     store.conn.execute("DROP TABLE rollups_daily")
+    store.conn.execute("DROP TABLE rollup_watermarks")
     store.conn.execute(f"PRAGMA user_version = {number - 1}")
     store.close()
     conn = sqlite3.connect(path)
@@ -454,7 +480,7 @@ def test_a_postgres_schema_before_rollups_upgrades_with_its_rows_rolled_up(pg_ur
     lines = [make_record(i, request_start=HOUR0 + i * 700).to_json().encode() for i in range(40)]
     store.apply(1, lines, 100)
     number = postgres.MIGRATIONS.index(postgres._create_rollups) + 1
-    store.conn.execute("DROP TABLE rollups, rollups_daily")  # as a database of the release before rollups
+    store.conn.execute("DROP TABLE rollups, rollups_daily, rollup_watermarks")  # as the release before rollups
     store.conn.execute("DELETE FROM llmtap_schema WHERE version >= %s", (number,))
     store.close()
     conn = postgres.connect(pg_url)

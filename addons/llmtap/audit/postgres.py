@@ -20,7 +20,8 @@ hashed as), ``jsonb`` for the structured columns, the epoch seconds that are has
 and run under an advisory lock by an owner role; the columns follow the SQLite schema (a new
 record field is a new nullable column in both). Sidecars need only INSERT and SELECT on the
 rows (and DELETE on ``exchanges``/``content`` when retention is on), plus UPDATE on
-``rollups`` and ``rollups_daily``: each adds its batches into its own instance's rollup rows.
+``rollups``, ``rollups_daily`` and ``rollup_watermarks``: each adds its batches into its own
+instance's rollup rows and folds its own closed days (``rollups.keep``).
 """
 
 from __future__ import annotations
@@ -246,8 +247,58 @@ def add_rollups(
     with conn.cursor() as cur:
         fetch = lambda sql, params: cur.execute(sql, params).fetchall()  # noqa: E731
         return rollups.write_periods(
-            totals, (instance,), fetch, cur.executemany, sqlite=False, tables=tables, known=known
+            totals, (instance,), fetch, _executemany(cur), sqlite=False, tables=tables, known=known
         )
+
+
+def keep_rollups(
+    conn: Any, instance: str, totals: dict[rollups.Key, rollups.Values], *, known: dict | None, may_delete: bool
+) -> dict[tuple[str, bytes], Any]:
+    """A batch's hourly ``totals`` into an instance's rollups, its closed days folded into the
+    daily ones (``rollups.keep``; inside the caller's transaction); what was written."""
+    with conn.cursor() as cur:
+        fetch = lambda sql, params: cur.execute(sql, params).fetchall()  # noqa: E731
+        return rollups.keep(
+            totals, (instance,), fetch, _executemany(cur), sqlite=False, known=known, may_delete=may_delete
+        )
+
+
+def _executemany(cur: Any) -> Any:
+    """``cur.executemany`` returning the cursor (its ``rowcount``: the rows of every statement)."""
+
+    def run(sql: str, params: list[list[Any]]) -> Any:
+        cur.executemany(sql, params)
+        return cur
+
+    return run
+
+
+def _create_rollup_watermarks(cur: Any) -> None:
+    """Each instance's daily-rollup watermark (``rollups.keep``): until now daily rollups were
+    kept per batch, so they are complete; each instance's latest day is folded again later."""
+    if cur.execute("SELECT to_regclass(%s)", (rollups.WATERMARKS,)).fetchone()[0] is None:
+        # rows without a start time were added up by day under hour NaN (-inf // 86400), which
+        # sorts after every hour here: they are the hourly rows of hour -inf, whose day is -inf
+        cur.execute("DELETE FROM rollups_daily WHERE hour = 'NaN'")
+        cur.execute("INSERT INTO rollups_daily SELECT * FROM rollups WHERE hour = '-Infinity' ON CONFLICT DO NOTHING")
+        cur.execute(rollups.watermarks_table_sql(True, _ROLLUP_TYPES))
+        fetch = lambda sql, params: cur.execute(sql, params).fetchall()  # noqa: E731
+        cur.executemany(rollups.watermark_sql(1, False, insert=True), rollups.initial_watermarks(fetch, True))
+
+
+def set_watermark(conn: Any, instance: str) -> None:
+    """An instance whose rollups were all just added to both tables (an import): its daily
+    rollups are complete, its latest day included (a row of that day written later is a late
+    row, added to both); an instance that writes no more never holds the report's split back."""
+    with conn.cursor() as cur:
+        found = cur.execute(
+            "SELECT max(hour) FROM rollups WHERE instance_id = %s AND hour > -1e300", (instance,)
+        ).fetchone()[0]
+        if found is not None:
+            cur.execute(
+                rollups.watermark_sql(1, False, insert=True) + " ON CONFLICT (instance_id) DO NOTHING",
+                (instance, rollups.period_of(float(found), rollups.DAY) + rollups.DAY),
+            )
 
 
 #: Numbered steps; ``llmtap_schema`` holds how many were applied. ``_add_columns`` re-runs
@@ -259,6 +310,7 @@ MIGRATIONS = (
     _lean_rows,
     _create_rollups,
     _create_daily_rollups,
+    _create_rollup_watermarks,
 )
 
 
@@ -305,9 +357,12 @@ def migrate(conn: Any, grant: Iterable[str] = ()) -> list[int]:
                 )
                 .format(ident)
             )
-            # rollups are added to (UPDATE); the rows themselves stay INSERT-only
+            # rollups are added to and a closed day's daily rows replaced (UPDATE), the instance's
+            # watermark moved on; the rows themselves stay INSERT-only
             conn.execute(
-                psycopg().sql.SQL("GRANT SELECT, INSERT, UPDATE ON rollups, rollups_daily TO {}").format(ident)
+                psycopg()
+                .sql.SQL("GRANT SELECT, INSERT, UPDATE ON rollups, rollups_daily, {} TO {}")
+                .format(psycopg().sql.Identifier(rollups.WATERMARKS), ident)
             )
     return applied
 
@@ -393,8 +448,8 @@ class PostgresStore:
         self.rollup_labels = rollup_labels
         #: this instance's rollup rows as its writer last committed them (the journal's writer lock
         #: makes this the instance's only writer)
-        self._known_rollups: dict[tuple[str, bytes], rollups.Values] = {}
-        self._written: dict[tuple[str, bytes], rollups.Values] = {}  # by the batch's transaction
+        self._known_rollups: dict[tuple[str, bytes], Any] = {}
+        self._written: dict[tuple[str, bytes], Any] = {}  # by the batch's transaction
         self.conn = connect_migrated(url)
         try:
             self.types = {name: kind for name, kind in sqlite_types().items()}
@@ -409,6 +464,10 @@ class PostgresStore:
                 ).fetchall()
             )
             self.head, self.rows = chain_head(self.conn, instance)
+            #: a stale daily row no fold overwrites is deleted, or zeroed by a role that may not DELETE
+            self._may_delete_daily = self.conn.execute(
+                "SELECT has_table_privilege('rollups_daily', 'DELETE')"
+            ).fetchone()[0]
         except BaseException:
             self.conn.close()
             raise
@@ -489,7 +548,9 @@ class PostgresStore:
         source = rollups.picker(tuple(self.columns))
         counted = [(source(row.values), row.data.get("labels")) for row in kept]
         totals = rollups.aggregate(counted, self.rollup_labels, rollups.postgres_decimal)
-        self._written = add_rollups(self.conn, self.instance, totals, known=self._known_rollups)
+        self._written = keep_rollups(
+            self.conn, self.instance, totals, known=self._known_rollups, may_delete=self._may_delete_daily
+        )
         contents = [row.content for row in kept if row.content is not None]
         if contents:
             with self.conn.cursor() as cur:
@@ -918,6 +979,7 @@ def import_sqlite(sqlite_path: str, url: str, instance: str | None = None) -> tu
                     [tuple(content_as_hashed(dict(r)).values()) for r in contents],
                 )
             backfill(conn, instance)
+            set_watermark(conn, instance)
     finally:
         source.close()
         conn.close()

@@ -261,7 +261,7 @@ def plan(
         return Source((), ((since, until),), "rows (less than one whole hour)")
     candidates = [(("rollups", start, end),)]
     if "hour" not in by and "rollups_daily" in tables:
-        candidates.insert(0, _days_and_hours(start, end))
+        candidates.insert(0, _days_and_hours(start, end, _daily_before(reader)))
     labels = {name[6:] for name in by if name.startswith("label:")}
     periods = next((periods for periods in candidates if _rolled_up(reader, periods, labels)), None)
     if periods is None:
@@ -283,15 +283,39 @@ def _rolled_up(reader: _Reader, periods: tuple[tuple[str, float | None, float | 
     return True
 
 
-def _days_and_hours(start: float | None, end: float | None) -> tuple[tuple[str, float | None, float | None], ...]:
-    """The whole UTC days of [start, end) from the daily rollups, the hours around them from the hourly."""
+def _days_and_hours(
+    start: float | None, end: float | None, daily_before: float | None = None
+) -> tuple[tuple[str, float | None, float | None], ...]:
+    """The whole UTC days of [start, end) from the daily rollups (those before ``daily_before``,
+    the watermark: the later ones are not folded yet and come from the hourly rollups), the
+    hours around them from the hourly ones."""
     first = None if start is None else math.ceil(start / 86400) * 86400.0
     last = None if end is None else math.floor(end / 86400) * 86400.0
     if first is not None and last is not None and first >= last:
         return (("rollups", start, end),)
     before = (("rollups", start, first),) if start is not None and start != first else ()
     after = (("rollups", last, end),) if end is not None and end != last else ()
-    return (*before, ("rollups_daily", first, last), *after)
+    days: tuple[tuple[str, float | None, float | None], ...] = (("rollups_daily", first, last),)
+    if daily_before is not None and (last is None or daily_before < last):
+        cut = daily_before if first is None else max(first, daily_before)
+        days = (("rollups", cut, last),)
+        if first is None or first < cut:
+            # a range open at both ends holds the rows without a start time (hour -inf): in the daily part
+            days = (("rollups_daily", -math.inf if first is None and last is None else first, cut), *days)
+    return (*before, *days, *after)
+
+
+def _daily_before(reader: _Reader) -> float | None:
+    """The daily rollups' watermark (``rollups.keep``): whole days before it are complete there
+    (in PostgreSQL, for every instance: the earliest instance's). None: complete throughout (no
+    store has one yet, or a database not migrated to watermarks, whose daily rollups were kept
+    per batch)."""
+    if reader.postgres:
+        if not reader.rows("SELECT to_regclass(?) IS NOT NULL AS found", [rollups.WATERMARKS])[0]["found"]:
+            return None
+    elif not reader.rows("SELECT 1 AS found FROM sqlite_master WHERE name = ?", [rollups.WATERMARKS]):
+        return None
+    return reader.rows(f"SELECT min(daily_before) AS daily_before FROM {rollups.WATERMARKS}", [])[0]["daily_before"]
 
 
 def _rollup_tables(reader: _Reader) -> set[str]:

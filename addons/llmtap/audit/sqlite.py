@@ -403,6 +403,23 @@ def add_rollups(
     return rollups.write_periods(totals, (), fetch, conn.executemany, sqlite=True, tables=tables, known=known)
 
 
+def keep_rollups(
+    conn: sqlite3.Connection, totals: dict[rollups.Key, rollups.Values], known: dict | None = None
+) -> dict[tuple[str, bytes], Any]:
+    """A batch's hourly ``totals`` into the rollups, closed days folded into the daily ones
+    (``rollups.keep``; inside the caller's transaction); what was written."""
+    fetch = lambda sql, params: conn.execute(sql, params)  # noqa: E731
+    return rollups.keep(totals, (), fetch, conn.executemany, sqlite=True, known=known)
+
+
+def _create_rollup_watermarks(db: Database) -> None:
+    """The daily rollups' watermark (``rollups.keep``): until now they were kept per batch, so
+    they are complete; the day of the latest hourly rollup is folded again (replaced) later."""
+    db.execute(rollups.watermarks_table_sql(False, _ROLLUP_TYPES))
+    fetch = lambda sql, params: db.conn.execute(sql, params)  # noqa: E731
+    db.conn.executemany(rollups.watermark_sql(0, True, insert=True), rollups.initial_watermarks(fetch, False))
+
+
 MIGRATIONS: tuple[Callable[[Database], None], ...] = (
     _create_exchanges,
     _create_content,
@@ -418,6 +435,7 @@ MIGRATIONS: tuple[Callable[[Database], None], ...] = (
     _drop_unused_indexes,
     _create_rollups,
     _create_daily_rollups,
+    _create_rollup_watermarks,
 )
 
 
@@ -559,7 +577,7 @@ class AuditStore:
         self.capture_content = capture_content
         self.rollup_labels = rollup_labels
         #: the rollup rows as this writer last committed them (the writer lock makes it the file's only writer)
-        self._known_rollups: dict[tuple[str, bytes], rollups.Values] = {}
+        self._known_rollups: dict[tuple[str, bytes], Any] = {}
         try:
             self.types = {c.name: c.type.upper() for c in self.db["exchanges"].columns if c.name != "id"}
             self.offsets: dict[int, int] = dict(self.conn.execute("SELECT gen, offset FROM journal_offsets"))
@@ -602,7 +620,7 @@ class AuditStore:
                     head = self._insert_each(rows, rejected, inserted)
                 counted = [(rollups.picker(insert_columns(r.insert))(r.params), r.data.get("labels")) for r in inserted]
                 totals = rollups.aggregate(counted, self.rollup_labels, rollups.sqlite_decimal)
-                written = add_rollups(self.conn, totals, self._known_rollups)
+                written = keep_rollups(self.conn, totals, self._known_rollups)
                 self.conn.execute("INSERT OR REPLACE INTO journal_offsets (gen, offset) VALUES (?, ?)", (gen, end))
             rollups.remember(self._known_rollups, written)  # committed
         finally:

@@ -175,10 +175,13 @@ def apply_all(store, lines, rows: int) -> dict:
     began = last = time.perf_counter()
     writer_wall = writer_cpu = 0.0
 
-    def apply(batch: list[bytes], end: int) -> None:
+    # a backlog: more lines wait behind every batch but the last (an llmtap before ``more`` has no such flag)
+    backlog = {"more": True} if "more" in inspect.signature(store.apply).parameters else {}
+
+    def apply(batch: list[bytes], end: int, last: bool = False) -> None:
         nonlocal writer_wall, writer_cpu
         wall, cpu = time.perf_counter(), time.process_time()
-        store.apply(1, batch, end)
+        store.apply(1, batch, end, **({} if last else backlog))
         writer_wall += time.perf_counter() - wall
         writer_cpu += time.process_time() - cpu
 
@@ -194,8 +197,10 @@ def apply_all(store, lines, rows: int) -> dict:
                 last = time.perf_counter()
                 print(f"  {done:,} / {rows:,} rows, {done / (last - began):,.0f} rows/s", file=sys.stderr)
     if batch:
-        apply(batch, offset + size)
+        apply(batch, offset + size, last=True)
         done += len(batch)
+    elif backlog:
+        apply([], offset, last=True)  # nothing behind it: what is held is rolled up
     return {
         "rows": done,
         "seconds": round(writer_wall, 1),

@@ -269,7 +269,7 @@ def test_a_sidecar_role_with_only_insert_and_select_works_after_the_owner_migrat
             pg_url,
             "SELECT table_name, privilege_type FROM information_schema.role_table_grants WHERE grantee = 'sidecar'",
         )
-        rolled = ("rollups", "rollups_daily", "rollup_watermarks")
+        rolled = ("rollups", "rollups_daily", "rollup_watermarks", "rolled_up")
         privileges = set(r[1] for r in grants if r[0] not in rolled)
         assert privileges == {"SELECT", "INSERT"}  # the rows: insert-only
         for table in rolled:

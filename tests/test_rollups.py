@@ -346,6 +346,7 @@ def test_a_label_rolled_up_hourly_only_reads_the_hourly_rollups(tmp_path):
     number = MIGRATIONS.index(next(m for m in MIGRATIONS if m.__name__ == "_create_daily_rollups")) + 1
     conn.execute("DROP TABLE rollups_daily")
     conn.execute("DROP TABLE rollup_watermarks")
+    conn.execute("DROP TABLE rolled_up")
     conn.execute(f"PRAGMA user_version = {number - 1}")
     conn.commit()
     conn.close()
@@ -429,6 +430,7 @@ def test_a_schema_before_rollups_upgrades_with_its_rows_rolled_up(tmp_path):
     store.conn.execute("DROP TABLE rollups")  # as a database of the release before rollups
     store.conn.execute("DROP TABLE rollups_daily")
     store.conn.execute("DROP TABLE rollup_watermarks")
+    store.conn.execute("DROP TABLE rolled_up")
     store.conn.execute(f"PRAGMA user_version = {number - 1}")
     store.close()
     conn = sqlite3.connect(path)

@@ -196,6 +196,7 @@ def _as_before_watermarks(store: AuditStore) -> None:
     conn.execute("DELETE FROM rollups_daily")
     add_rollups(conn, rollups.aggregate(rows, (), rollups.sqlite_decimal), tables=("rollups_daily",))
     conn.execute("DROP TABLE rollup_watermarks")
+    conn.execute("DROP TABLE rolled_up")
     conn.execute(
         f"PRAGMA user_version = {MIGRATIONS.index(next(m for m in MIGRATIONS if m.__name__ == '_create_rollup_watermarks'))}"
     )
@@ -288,6 +289,7 @@ def test_postgres_migration_sets_each_instances_watermark_and_a_sidecar_role_fol
     conn = stores[0].conn
     number = postgres.MIGRATIONS.index(postgres._create_rollup_watermarks) + 1
     conn.execute("DROP TABLE rollup_watermarks")  # as a database of the release before
+    conn.execute("DROP TABLE rolled_up")
     conn.execute("UPDATE rollups_daily SET hour = 'NaN' WHERE hour = '-Infinity'")  # by day under -inf // 86400
     conn.execute("DELETE FROM llmtap_schema WHERE version >= %s", (number,))
     for store in stores:

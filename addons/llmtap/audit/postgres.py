@@ -301,6 +301,16 @@ def set_watermark(conn: Any, instance: str) -> None:
             )
 
 
+def _create_rolled_up(cur: Any) -> None:
+    """Each instance's last row id whose rollups are written (``rollups.HOLD_ROWS``): all its rows so far."""
+    if cur.execute("SELECT to_regclass(%s)", (rollups.ROLLED_UP,)).fetchone()[0] is None:
+        cur.execute(rollups.rolled_up_table_sql(True, _ROLLUP_TYPES | {"integer": "bigint"}))
+        cur.execute(
+            f"INSERT INTO {rollups.ROLLED_UP} (instance_id, last_id) "
+            "SELECT instance_id, max(id) FROM exchanges GROUP BY instance_id"
+        )
+
+
 #: Numbered steps; ``llmtap_schema`` holds how many were applied. ``_add_columns`` re-runs
 #: whenever a column is missing (it is idempotent).
 MIGRATIONS = (
@@ -311,6 +321,7 @@ MIGRATIONS = (
     _create_rollups,
     _create_daily_rollups,
     _create_rollup_watermarks,
+    _create_rolled_up,
 )
 
 
@@ -358,11 +369,13 @@ def migrate(conn: Any, grant: Iterable[str] = ()) -> list[int]:
                 .format(ident)
             )
             # rollups are added to and a closed day's daily rows replaced (UPDATE), the instance's
-            # watermark moved on; the rows themselves stay INSERT-only
+            # watermark and its last rolled-up row moved on; the rows themselves stay INSERT-only
             conn.execute(
                 psycopg()
-                .sql.SQL("GRANT SELECT, INSERT, UPDATE ON rollups, rollups_daily, {} TO {}")
-                .format(psycopg().sql.Identifier(rollups.WATERMARKS), ident)
+                .sql.SQL("GRANT SELECT, INSERT, UPDATE ON rollups, rollups_daily, {}, {} TO {}")
+                .format(
+                    psycopg().sql.Identifier(rollups.WATERMARKS), psycopg().sql.Identifier(rollups.ROLLED_UP), ident
+                )
             )
     return applied
 
@@ -468,6 +481,10 @@ class PostgresStore:
             self._may_delete_daily = self.conn.execute(
                 "SELECT has_table_privilege('rollups_daily', 'DELETE')"
             ).fetchone()[0]
+            #: rows inserted whose rollups are not written yet (``rollups.HOLD_ROWS``): after a
+            #: crash, the rows after the last one rolled up, read back
+            self._held = self._rows_not_rolled_up()
+            self._more = False
         except BaseException:
             self.conn.close()
             raise
@@ -494,15 +511,30 @@ class PostgresStore:
         getter = operator.itemgetter(*[given.get(column, blank) for column in self.columns])
         return lambda values: getter([*values, None])
 
-    def apply(self, gen: int, lines: list[bytes], end: int) -> Batch:
-        """Insert the records of ``lines`` and record ``end`` as gen's offset, in one transaction."""
+    def _rows_not_rolled_up(self) -> list[tuple[tuple, Any]]:
+        with self.conn.transaction():
+            self.conn.execute(
+                rollups.rolled_up_sql(1, False, insert=True),  # a new instance: none of its rows yet
+                (self.instance, self._last_id()),
+            )
+            (last_id,) = self.conn.execute(rollups.rolled_up_sql(1, False, read=True), (self.instance,)).fetchone()
+            found = self.conn.execute(rollups.held_rows_sql(1, False), (self.instance, last_id)).fetchall()
+        return [(row[:-1], row[-1]) for row in found]
+
+    def _last_id(self) -> int:
+        found = self.conn.execute("SELECT max(id) FROM exchanges WHERE instance_id = %s", (self.instance,)).fetchone()
+        return found[0] or 0
+
+    def apply(self, gen: int, lines: list[bytes], end: int, *, more: bool = False) -> Batch:
+        """Insert the records of ``lines`` and record ``end`` as gen's offset, in one transaction.
+        ``more``: more journal lines wait; the rollups may wait for the next batches (``rollups.HOLD_ROWS``)."""
         collecting = gc.isenabled()
         gc.disable()
         corrupt: list[Exception] = []
         rejected: list[Exception] = []
         conflicts: list[str] = []
         pg = psycopg()
-        self._written = {}
+        self._written, self._more, self._held_after = {}, more, self._held
         try:
             try:  # optimistic: rows streamed as built, no look-up (an id already stored is rare: a replay)
                 head, kept = self._stream(gen, end, lines, corrupt, rejected)
@@ -520,7 +552,8 @@ class PostgresStore:
         finally:
             if collecting:
                 gc.enable()
-        rollups.remember(self._known_rollups, self._written)  # committed
+        self._held = self._held_after  # committed
+        rollups.remember(self._known_rollups, self._written)
         self.rows += len(kept)
         self.head, self.offsets[gen] = head, end
         return Batch(corrupt, rejected, [row.data for row in kept], conflicts)
@@ -546,11 +579,10 @@ class PostgresStore:
     def _finish(self, gen: int, end: int, kept: list[_Row]) -> None:
         """The batch's content rows, its rollups and its journal position (inside its transaction)."""
         source = rollups.picker(tuple(self.columns))
-        counted = [(source(row.values), row.data.get("labels")) for row in kept]
-        totals = rollups.aggregate(counted, self.rollup_labels, rollups.postgres_decimal)
-        self._written = keep_rollups(
-            self.conn, self.instance, totals, known=self._known_rollups, may_delete=self._may_delete_daily
-        )
+        held = [*self._held, *((source(row.values), row.data.get("labels")) for row in kept)]
+        released = rollups.release(held, self._more)
+        self._written = self._roll_up(held) if released else {}
+        self._held_after = [] if released else held
         contents = [row.content for row in kept if row.content is not None]
         if contents:
             with self.conn.cursor() as cur:
@@ -699,6 +731,7 @@ class PostgresStore:
             old.append(row)
         if not old:
             return 0
+        self.release_rollups()  # a row is rolled up before it goes
         try:
             self._delete(old, cutoff)
         except psycopg().errors.InsufficientPrivilege as exc:
@@ -790,7 +823,30 @@ class PostgresStore:
             (self.instance, last_id),
         )
 
+    def _roll_up(self, held: list[tuple[tuple, Any]]) -> dict[tuple[str, bytes], Any]:
+        """Write the rollups of the ``held`` rows, and that every row of this instance so far is
+        rolled up (inside the caller's transaction); what was written."""
+        totals = rollups.aggregate(held, self.rollup_labels, rollups.postgres_decimal)
+        written = keep_rollups(
+            self.conn, self.instance, totals, known=self._known_rollups, may_delete=self._may_delete_daily
+        )
+        self.conn.execute(rollups.rolled_up_sql(1, False), (self._last_id(), self.instance))
+        return written
+
+    def release_rollups(self) -> None:
+        """Write the rollups of the rows held back, if any (before pruning, and on close)."""
+        if self._held:
+            with self.conn.transaction():
+                self.conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (self.instance,))
+                written = self._roll_up(self._held)
+            self._held = []
+            rollups.remember(self._known_rollups, written)
+
     def close(self) -> None:
+        try:
+            self.release_rollups()
+        except Exception:
+            log.exception("the rollups of %d rows held back stay unwritten until the next start", len(self._held))
         try:
             self.conn.close()
         except Exception:

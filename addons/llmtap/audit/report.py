@@ -240,7 +240,9 @@ class Source(NamedTuple):
     """Where a report reads from: whole days and hours from the rollups, the rest from rows."""
 
     periods: tuple[tuple[str, float | None, float | None], ...]  # (table, start, end): its periods in [start, end)
-    edges: tuple[tuple[float | None, float | None], ...]  # row ranges [since, until)
+    #: row ranges [since, until); a third item, the rows after each store's (instance's) last
+    #: rolled-up id ((instance or None, id) pairs): rows a writer has not rolled up yet
+    edges: tuple[tuple[Any, ...], ...]
     text: str  # said in the table's title and as JSON's "source"
 
 
@@ -269,7 +271,38 @@ def plan(
     edges = tuple(edge for edge in ((since, start), (end, until)) if edge[0] is not None and edge[0] != edge[1])
     partial = f" + {len(edges)} partial hour{'s' if len(edges) > 1 else ''} from rows" if edges else ""
     kinds = " and ".join(dict.fromkeys("daily" if table == "rollups_daily" else "hourly" for table, _, _ in periods))
+    after, waiting = _not_rolled_up(reader)
+    if waiting:
+        edges += ((start, end, after),)
+        partial += f" + {waiting:,} row{'s' if waiting > 1 else ''} not rolled up yet"
     return Source(periods, edges, f"{kinds} rollups{partial}")
+
+
+def _not_rolled_up(reader: _Reader) -> tuple[tuple[tuple[str | None, int], ...], int]:
+    """Each store's (instance's) last rolled-up row id, and how many rows follow them: rows a
+    writer holds back from the rollups while it works off a backlog (``rollups.HOLD_ROWS``)."""
+    if reader.postgres:
+        if not reader.rows("SELECT to_regclass(?) IS NOT NULL AS found", [rollups.ROLLED_UP])[0]["found"]:
+            return (), 0
+        after = tuple(
+            (row["instance_id"], row["last_id"]) for row in reader.rows(f"SELECT * FROM {rollups.ROLLED_UP}", [])
+        )
+    elif reader.rows("SELECT 1 AS found FROM sqlite_master WHERE name = ?", [rollups.ROLLED_UP]):
+        after = tuple((None, row["last_id"]) for row in reader.rows(f"SELECT last_id FROM {rollups.ROLLED_UP}", []))
+    else:
+        return (), 0
+    if not after:
+        return (), 0
+    where, params = _after(after)
+    return after, reader.rows(f"SELECT count(*) AS n FROM exchanges WHERE {where}", params)[0]["n"]
+
+
+def _after(after: Sequence[tuple[str | None, int]]) -> tuple[str, list[Any]]:
+    """The rows after each store's (instance's) last rolled-up id (through the primary key, or
+    PostgreSQL's (instance_id, id) index)."""
+    if after[0][0] is None:
+        return "id > ?", [after[0][1]]
+    return "(" + " OR ".join(["(instance_id = ? AND id > ?)"] * len(after)) + ")", [v for pair in after for v in pair]
 
 
 def _rolled_up(reader: _Reader, periods: tuple[tuple[str, float | None, float | None], ...], labels: set[str]) -> bool:
@@ -344,14 +377,21 @@ def _hours(start: float | None, end: float | None) -> tuple[str, list[float]]:
     return " AND ".join(where), params
 
 
-def _rows_where(since: float | None, until: float | None) -> tuple[str, list[float]]:
+def _rows_where(
+    since: float | None, until: float | None, after: Sequence[tuple[str | None, int]] = ()
+) -> tuple[str, list[Any]]:
     where, params = ["1 = 1"], []
+    start = "+request_start" if after else "request_start"  # rows after an id: found by id, not by time
     if since is not None:
-        where.append("request_start >= ?")
+        where.append(f"{start} >= ?")
         params.append(since)
     if until is not None:
-        where.append("request_start < ?")
+        where.append(f"{start} < ?")
         params.append(until)
+    if after:
+        rows, ids = _after(after)
+        where.append(rows)
+        params += ids
     return " AND ".join(where), params
 
 
@@ -660,7 +700,7 @@ def report(
         why = " (--reprice prices each row)" if reprice else ""
         source = plan(conn, group.names, since, until, exact=exact or reprice, why=why)
         gone = pruned_before(conn)
-        if gone is not None and any(start is None or start < gone for start, _ in source.edges):
+        if gone is not None and any(edge[0] is None or edge[0] < gone for edge in source.edges if len(edge) == 2):
             source = source._replace(text=f"{source.text}; rows before {_when(gone)} were deleted by retention")
         rows, totals = spend(conn, group.names, since, until, pricer, source)
         missing = unpriced(conn, since, until, source)

@@ -642,6 +642,52 @@ def initial_watermarks(fetch: Callable[[str, list[Any]], Iterable[Sequence[Any]]
     return [[*row[:-1], period_of(float(row[-1]), DAY)] for row in found if row[-1] is not None]
 
 
+# --- a backlog's rows held back: their rollups written once for them all ---------------------------
+
+#: While more journal lines wait (a backlog), a writer holds back up to this many inserted rows
+#: from the rollups and then writes the rollups of them all at once (on the month's mix a batch
+#: of ~2,000 rows touches ~800 rollup rows; 20,000 rows touch about as many). ``ROLLED_UP``
+#: holds the last row id whose rollups are written, updated in the transaction that writes them:
+#: a report reads the rows after it itself, and a writer that restarts reads them back.
+HOLD_ROWS = 20_000
+ROLLED_UP = "rolled_up"
+
+
+def rolled_up_table_sql(owned: bool, types: Mapping[str, str]) -> str:
+    """The table of the last row id rolled up: one row (PostgreSQL: one per instance)."""
+    owner = f"instance_id {types['text']} PRIMARY KEY, " if owned else ""
+    return f"CREATE TABLE {ROLLED_UP} ({owner}last_id {types['integer']} NOT NULL)"
+
+
+@functools.cache
+def rolled_up_sql(owned: int, sqlite: bool, *, read: bool = False, insert: bool = False) -> str:
+    """Read the last row id rolled up (parameters: owner), insert it if there is none yet
+    (owner, id), or set it (id, owner)."""
+    p = "?" if sqlite else "%s"
+    where = f" WHERE instance_id = {p}" if owned else ""
+    if read:
+        return f"SELECT last_id FROM {ROLLED_UP}{where}"
+    if insert:
+        columns = "instance_id, last_id" if owned else "last_id"
+        conflict = " ON CONFLICT (instance_id) DO NOTHING" if owned else ""
+        return f"INSERT INTO {ROLLED_UP} ({columns}) VALUES ({', '.join([p] * (owned + 1))}){conflict}"
+    return f"UPDATE {ROLLED_UP} SET last_id = {p}{where}"
+
+
+@functools.cache
+def held_rows_sql(owned: int, sqlite: bool) -> str:
+    """The source values and labels of a store's (instance's) rows after an id, in id order."""
+    p = "?" if sqlite else "%s"
+    mine = f"instance_id = {p} AND " if owned else ""
+    return f"SELECT {', '.join(SOURCE_COLUMNS)}, labels FROM exchanges WHERE {mine}id > {p} ORDER BY id"
+
+
+def release(held: list, more: bool) -> bool:
+    """Whether a writer writes the rollups of the rows it holds now: when no more lines wait,
+    or it holds ``HOLD_ROWS``."""
+    return bool(held) and (not more or len(held) >= HOLD_ROWS)
+
+
 #: How many rollup rows a writer remembers as it wrote them (about 1 kB each), before it forgets them all.
 KNOWN_ROWS = 20_000
 

@@ -420,6 +420,15 @@ def _create_rollup_watermarks(db: Database) -> None:
     db.conn.executemany(rollups.watermark_sql(0, True, insert=True), rollups.initial_watermarks(fetch, False))
 
 
+def _create_rolled_up(db: Database) -> None:
+    """The last row id whose rollups are written (``rollups.HOLD_ROWS``): every row so far."""
+    db.execute(rollups.rolled_up_table_sql(False, _ROLLUP_TYPES))
+    db.execute(
+        rollups.rolled_up_sql(0, True, insert=True),
+        [db.execute("SELECT coalesce(max(id), 0) FROM exchanges").fetchone()[0]],
+    )
+
+
 MIGRATIONS: tuple[Callable[[Database], None], ...] = (
     _create_exchanges,
     _create_content,
@@ -436,6 +445,7 @@ MIGRATIONS: tuple[Callable[[Database], None], ...] = (
     _create_rollups,
     _create_daily_rollups,
     _create_rollup_watermarks,
+    _create_rolled_up,
 )
 
 
@@ -588,10 +598,18 @@ class AuditStore:
                 self.conn.execute("SELECT count(*) FROM exchanges").fetchone()[0]
                 + self.conn.execute("SELECT coalesce(sum(rows), 0) FROM pruned").fetchone()[0]
             )
+            #: rows inserted whose rollups are not written yet (``rollups.HOLD_ROWS``): after a
+            #: crash, the rows after the last one rolled up, read back
+            self._held = self._rows_not_rolled_up()
         except BaseException:
             self.conn.close()
             raise
         self._row = RowBuilder(self.types)
+
+    def _rows_not_rolled_up(self) -> list[tuple[tuple, Any]]:
+        (last_id,) = self.conn.execute(rollups.rolled_up_sql(0, True, read=True)).fetchone()
+        cursor = self.conn.execute(rollups.held_rows_sql(0, True), (last_id,))
+        return [(row[:-1], None if row[-1] is None else json.loads(row[-1])) for row in cursor]
 
     @classmethod
     def from_settings(cls, settings: Settings) -> AuditStore:
@@ -602,11 +620,13 @@ class AuditStore:
             rollup_labels=settings.metric_labels,
         )
 
-    def apply(self, gen: int, lines: list[bytes], end: int) -> Batch:
+    def apply(self, gen: int, lines: list[bytes], end: int, *, more: bool = False) -> Batch:
         """Insert the records of ``lines`` and record ``end`` as gen's offset, atomically.
 
-        The garbage collector is paused meanwhile: the rows a batch holds until its end set off
-        a few collections per batch, about 2% of the time.
+        ``more``: more journal lines wait (a backlog); the rollups of the rows inserted may then
+        be held back and written with later batches' (``rollups.HOLD_ROWS``). The garbage
+        collector is paused meanwhile: the rows a batch holds until its end set off a few
+        collections per batch, about 2% of the time.
         """
         collecting = gc.isenabled()
         gc.disable()
@@ -618,17 +638,36 @@ class AuditStore:
                 if head is None:
                     inserted = []
                     head = self._insert_each(rows, rejected, inserted)
-                counted = [(rollups.picker(insert_columns(r.insert))(r.params), r.data.get("labels")) for r in inserted]
-                totals = rollups.aggregate(counted, self.rollup_labels, rollups.sqlite_decimal)
-                written = keep_rollups(self.conn, totals, self._known_rollups)
+                held = [*self._held]
+                held += [(rollups.picker(insert_columns(r.insert))(r.params), r.data.get("labels")) for r in inserted]
+                released = rollups.release(held, more)
+                written = self._roll_up(held) if released else {}
                 self.conn.execute("INSERT OR REPLACE INTO journal_offsets (gen, offset) VALUES (?, ?)", (gen, end))
-            rollups.remember(self._known_rollups, written)  # committed
+            self._held = [] if released else held  # committed
+            rollups.remember(self._known_rollups, written)
         finally:
             if collecting:
                 gc.enable()
         self.head, self.offsets[gen] = head, end
         self.rows += len(inserted)
         return Batch(corrupt, rejected, [row.data for row in rows])
+
+    def _roll_up(self, held: list[tuple[tuple, Any]]) -> dict[tuple[str, bytes], Any]:
+        """Write the rollups of the ``held`` rows, and that every row so far is rolled up
+        (inside the caller's transaction); what was written."""
+        totals = rollups.aggregate(held, self.rollup_labels, rollups.sqlite_decimal)
+        written = keep_rollups(self.conn, totals, self._known_rollups)
+        last_id = self.conn.execute("SELECT max(id) FROM exchanges").fetchone()[0]
+        self.conn.execute(rollups.rolled_up_sql(0, True), (last_id,))
+        return written
+
+    def release_rollups(self) -> None:
+        """Write the rollups of the rows held back, if any (before pruning, and on close)."""
+        if self._held:
+            with self.db.atomic():
+                written = self._roll_up(self._held)
+            self._held = []
+            rollups.remember(self._known_rollups, written)
 
     def _build(self, lines: list[bytes]) -> tuple[list[_Row], list[Exception], list[Exception]]:
         """The rows of ``lines``, the lines that are not a record, the records that are no row."""
@@ -727,6 +766,7 @@ class AuditStore:
         old = list(takewhile(lambda r: (r[1] or 0.0) < cutoff, rows))  # a prefix keeps the chain whole
         if not old:
             return 0
+        self.release_rollups()  # a row is rolled up before it goes
         last_id = old[-1][0]
         with self.db.atomic():
             self.conn.execute(
@@ -792,7 +832,10 @@ class AuditStore:
             )
 
     def close(self) -> None:
-        self.conn.close()
+        try:
+            self.release_rollups()
+        finally:
+            self.conn.close()
 
 
 #: This module's store, for the registry (``llmtap.audit.stores``).

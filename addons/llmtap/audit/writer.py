@@ -165,7 +165,8 @@ class Writer:
             lines, end = read_lines(path, offset)
             if end == offset:
                 return True
-            self._settle(self.store.apply(gen, lines, end))
+            more = os.path.getsize(path) > end  # a backlog: the rollups may wait for the next batches
+            self._settle(self.store.apply(gen, lines, end, more=more))
             offset, batches = end, batches - 1
         return False
 

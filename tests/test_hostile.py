@@ -13,6 +13,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from audit_helpers import db_rows
 from conftest import start_tap, wait_until
 
 from llmtap.devtools.hostile import HostileUpstream
@@ -24,10 +25,8 @@ def hostile() -> Iterator[HostileUpstream]:
         yield upstream
 
 
-def rows(db: Path, where: str = "1") -> list[dict]:
-    with sqlite3.connect(db) as conn:
-        conn.row_factory = sqlite3.Row
-        return [dict(r) for r in conn.execute(f"SELECT * FROM exchanges WHERE {where}")]
+def rows(db: Path) -> list[dict]:
+    return db_rows(db)
 
 
 BODY = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}], "stream": True}

@@ -14,6 +14,7 @@ from decimal import Decimal
 
 import genai_prices
 import pytest
+from audit_helpers import db_rows
 from click.testing import CliRunner
 from conftest import start_tap, wait_until
 from genai_prices import Usage, calc_price
@@ -509,7 +510,7 @@ def test_unknown_database_and_reported_costs_end_to_end(tmp_path, simulator) -> 
 
     conn = connect_readonly(tap.db)
     try:
-        rows = {r["exchange_id"]: dict(r) for r in conn.execute("SELECT * FROM exchanges")}
+        rows = {r["exchange_id"]: r for r in db_rows(tap.db)}
         assert verify_chain(conn).ok
         _, totals = spend(conn, [], None, None)
     finally:

@@ -9,12 +9,12 @@ an OTLP receiver decoded.
 from __future__ import annotations
 
 import json
-import sqlite3
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from audit_helpers import db_rows
 from conftest import API_KEY, TapProcess, run_sdk, start_tap, wait_until
 from otlp_receiver import OTLPHTTPReceiver, ReceivedSpan
 
@@ -63,10 +63,7 @@ def check_sinks_agree(tap: TapProcess, receiver: OTLPHTTPReceiver, records: list
     for record in records:
         _check_span(spans[record.span_id], record)
     tap.stop()
-    conn = sqlite3.connect(tap.db)
-    conn.row_factory = sqlite3.Row
-    rows = {row["exchange_id"]: dict(row) for row in conn.execute("SELECT * FROM exchanges")}
-    conn.close()
+    rows = {row["exchange_id"]: row for row in db_rows(tap.db)}
     for record in records:
         row = rows[record.exchange_id]
         for name in FIELD_NAMES:

@@ -14,6 +14,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from audit_helpers import db_rows
 from conftest import API_KEY, LLMTAP, start_tap
 
 from llmtap.audit.sqlite import MIGRATIONS
@@ -24,12 +25,7 @@ FIXTURE = Path(__file__).parent / "fixtures" / "v1_audit"
 
 
 def rows(db: Path) -> dict[str, dict]:
-    conn = sqlite3.connect(db)
-    conn.row_factory = sqlite3.Row
-    try:
-        return {row["exchange_id"]: dict(row) for row in conn.execute("SELECT * FROM exchanges ORDER BY id")}
-    finally:
-        conn.close()
+    return {row["exchange_id"]: row for row in db_rows(db)}
 
 
 def test_a_v1_audit_log_migrates_keeps_verifying_and_reports_old_rows_as_written(tmp_path: Path) -> None:

@@ -15,7 +15,7 @@ import sqlite3
 import sys
 import time
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any, NamedTuple
@@ -56,7 +56,7 @@ ROLLUP_DIMENSIONS = {
     "app": "app_id",
     "key": "key_fingerprint",
     "day": "strftime('%Y-%m-%d', hour, 'unixepoch')",
-    "hour": "strftime('%Y-%m-%dT%H:00Z', hour, 'unixepoch')",
+    "hour": "hour",  # formatted here (``_HOUR_TEXT``): strftime over a month's hourly rows took 0.8 s
     "status": "status",
     "instance": "instance",
     "family": "family",
@@ -66,9 +66,19 @@ _PG_HOUR = "(CASE WHEN hour BETWEEN -2.0e11 AND 9.2e12 THEN to_timestamp(hour) E
 PG_ROLLUP_DIMENSIONS = {
     **ROLLUP_DIMENSIONS,
     "day": f"to_char({_PG_HOUR}, 'YYYY-MM-DD')",
-    "hour": f'to_char({_PG_HOUR}, \'YYYY-MM-DD"T"HH24:00"Z"\')',
     "instance": "coalesce(instance, instance_id)",
 }
+
+
+def _hour_text(hour: float | None) -> str | None:
+    """A rollup's hour as the rows' ``hour`` dimension shows it (None: rows without a start time)."""
+    if hour is None or not -62135596800.0 <= float(hour) < 253402300800.0:  # years 1 to 9999
+        return None
+    return time.strftime("%Y-%m-%dT%H:00Z", time.gmtime(float(hour)))
+
+
+#: Rollup dimensions read raw and formatted here, and how.
+_ROLLUP_FORMATS = {"hour": _hour_text}
 METRICS = (
     "requests",
     "errors",
@@ -156,6 +166,13 @@ class Grouping(NamedTuple):
     names: list[str]  # as the user wrote them: "model", "label:team"
     exprs: list[str]  # SQL expressions
     params: list[str]  # bound parameters of the expressions (label JSON paths)
+    formats: tuple[Callable[[Any], Any] | None, ...] = ()  # over rollups: a value read raw, formatted here
+
+    def key(self, values: Sequence[Any]) -> tuple:
+        """The group of a result row (its first values), formatted."""
+        if not self.formats:
+            return tuple(values[: len(self.exprs)])
+        return tuple(value if f is None else f(value) for f, value in zip(self.formats, values))
 
 
 def grouping(by: Sequence[str], postgres: bool = False, *, rollups: bool = False) -> Grouping:
@@ -180,7 +197,8 @@ def grouping(by: Sequence[str], postgres: bool = False, *, rollups: bool = False
                 f"{dimension!r}: use one of {', '.join(DIMENSIONS)} or label:NAME", param_hint="--by"
             )
         names.append(dimension)
-    return Grouping(names, exprs, params)
+    formats = tuple(_ROLLUP_FORMATS.get(name) for name in names) if rollups else ()
+    return Grouping(names, exprs, params, formats if any(formats) else ())
 
 
 def percentile(sorted_values: Sequence[float], p: float) -> float | None:
@@ -512,14 +530,14 @@ def _spend_rollups(reader: _Reader, by: Sequence[str], source: Source) -> tuple[
             for name, amount in zip(rollups.DECIMALS, values[-2:]):
                 if amount is not None:
                     found[name] = amount if isinstance(amount, Decimal) else sum(map(Decimal, amount.split(",")))
-            rollups.merge(groups[tuple(values[: len(keys)])], [found.get(c) for c in rollups.VALUE_COLUMNS])
+            rollups.merge(groups[group.key(values)], [found.get(c) for c in rollups.VALUE_COLUMNS])
         # the latency histogram, bucket by bucket (a rollup row holds a few: JSON objects, summed by the engine)
         for values in reader.tuples(
             f"SELECT {select}CAST(j.key AS INTEGER) AS bucket, sum({count}) AS n FROM {table}, {each}({table}.duration) AS j "
             f"WHERE {where} GROUP BY {', '.join(str(i + 1) for i in range(len(keys) + 1))}",
             [*group.params, *params],
         ):
-            rollups.histogram(groups[tuple(values[: len(keys)])], "duration")[values[-2]] += int(values[-1])
+            rollups.histogram(groups[group.key(values)], "duration")[values[-2]] += int(values[-1])
     rows_group = grouping(by, reader.postgres)
     columns = _columns(reader)
     wanted = [c if c in columns else f"NULL AS {c}" for c in rollups.SOURCE_COLUMNS]

@@ -15,8 +15,8 @@ columns) whose value is not NULL to the value as written (JSON columns as their 
 text), ``canonical_json`` is sorted keys, ``","``/``":"`` separators, non-ASCII kept as UTF-8,
 floats in Python ``repr`` form. SQLite stores the digest as a BLOB, PostgreSQL both as ``bytea``
 (``prev_digest``, ``row_digest``: its replay check re-hashes a replayed record on the stored link).
-SQLite also stores llmtap's own ids as raw bytes (``PACKED_IDS``); the body holds their text. People, logs and saved heads see a digest as
-``"sha256:" + hex(digest)`` (``as_hex``).
+SQLite also stores llmtap's own ids as raw bytes (``PACKED_IDS``); the body holds their text.
+People, logs and saved heads see a digest as ``"sha256:" + hex(digest)`` (``as_hex``).
 
 Rows written before this lean format stored the hash as text and
 chained on it::
@@ -206,10 +206,8 @@ def metadata_remainder(metadata: Any, held: Sequence[Any]) -> Any:
         if json_column:
             if not (leaf is None if value is None else type(leaf) in (dict, list) and canonical_json(leaf) == value):
                 continue
-        elif type(leaf) is not type(value) or leaf != value:  # 1 and 1.0, true and 1 differ in JSON
+        elif not _same_scalar(leaf, value):
             continue
-        elif leaf == 0.0 and type(leaf) is float and math.copysign(1.0, leaf) != math.copysign(1.0, value):
-            continue  # equal floats of one sign have one repr (a column holds no NaN)
         if parent is not None and parent not in copied:
             holder = rest[parent] = dict(holder)
             copied.append(parent)
@@ -250,12 +248,20 @@ def _scores_remainder(scores: dict[str, Any], best: dict[str, float], mask: int)
 
 
 def _same_pick(value: Any, best: dict[str, float]) -> bool:
-    """Whether a ``{name: score}`` of the metadata is the row's pick, as JSON (1 and 1.0 differ)."""
+    """Whether a ``{name: score}`` of the metadata is the row's pick, as JSON."""
     if not isinstance(value, dict) or value.keys() != best.keys():
         return False
     (score,) = value.values()
     (column,) = best.values()
-    return type(score) is float and score == column and math.copysign(1.0, score) == math.copysign(1.0, column)
+    return _same_scalar(score, column)
+
+
+def _same_scalar(leaf: Any, value: Any) -> bool:
+    """Whether a metadata leaf is a column's scalar value, as JSON: 1 and 1.0, true and 1
+    differ; equal floats of one sign have one repr (a column holds no NaN)."""
+    if type(leaf) is not type(value) or leaf != value:
+        return False
+    return not (type(leaf) is float and leaf == 0.0 and math.copysign(1.0, leaf) != math.copysign(1.0, value))
 
 
 def _is_tildes(key: str) -> bool:

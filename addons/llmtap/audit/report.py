@@ -56,7 +56,7 @@ ROLLUP_DIMENSIONS = {
     "app": "app_id",
     "key": "key_fingerprint",
     "day": "strftime('%Y-%m-%d', hour, 'unixepoch')",
-    "hour": "hour",  # formatted here (``_HOUR_TEXT``): strftime over a month's hourly rows took 0.8 s
+    "hour": "hour",  # formatted here (``_hour_text``): strftime over a month's hourly rows took 0.8 s
     "status": "status",
     "instance": "instance",
     "family": "family",
@@ -272,7 +272,7 @@ def plan(
     alone with ``exact`` (``why`` says why)."""
     reader = _Reader(conn)
     everything = Source((), ((since, until),), f"rows{why}")
-    tables = _rollup_tables(reader)
+    tables = _tables(reader, (*rollups.PERIODS, rollups.WATERMARKS, rollups.ROLLED_UP))
     if exact or "rollups" not in tables:
         return everything
     start = None if since is None else math.ceil(since / 3600) * 3600.0
@@ -281,7 +281,7 @@ def plan(
         return Source((), ((since, until),), "rows (less than one whole hour)")
     candidates = [(("rollups", start, end),)]
     if "hour" not in by and "rollups_daily" in tables:
-        candidates.insert(0, _days_and_hours(start, end, _daily_before(reader)))
+        candidates.insert(0, _days_and_hours(start, end, _daily_before(reader, tables)))
     labels = {name[6:] for name in by if name.startswith("label:")}
     periods = next((periods for periods in candidates if _rolled_up(reader, periods, labels)), None)
     if periods is None:
@@ -289,26 +289,22 @@ def plan(
     edges = tuple(edge for edge in ((since, start), (end, until)) if edge[0] is not None and edge[0] != edge[1])
     partial = f" + {len(edges)} partial hour{'s' if len(edges) > 1 else ''} from rows" if edges else ""
     kinds = " and ".join(dict.fromkeys("daily" if table == "rollups_daily" else "hourly" for table, _, _ in periods))
-    after, waiting = _not_rolled_up(reader)
+    after, waiting = _not_rolled_up(reader, tables)
     if waiting:
         edges += ((start, end, after),)
         partial += f" + {waiting:,} row{'s' if waiting > 1 else ''} not rolled up yet"
     return Source(periods, edges, f"{kinds} rollups{partial}")
 
 
-def _not_rolled_up(reader: _Reader) -> tuple[tuple[tuple[str | None, int], ...], int]:
+def _not_rolled_up(reader: _Reader, tables: set[str]) -> tuple[tuple[tuple[str | None, int], ...], int]:
     """Each store's (instance's) last rolled-up row id, and how many rows follow them: rows a
-    writer holds back from the rollups while it works off a backlog (``rollups.HOLD_ROWS``)."""
-    if reader.postgres:
-        if not reader.rows("SELECT to_regclass(?) IS NOT NULL AS found", [rollups.ROLLED_UP])[0]["found"]:
-            return (), 0
-        after = tuple(
-            (row["instance_id"], row["last_id"]) for row in reader.rows(f"SELECT * FROM {rollups.ROLLED_UP}", [])
-        )
-    elif reader.rows("SELECT 1 AS found FROM sqlite_master WHERE name = ?", [rollups.ROLLED_UP]):
-        after = tuple((None, row["last_id"]) for row in reader.rows(f"SELECT last_id FROM {rollups.ROLLED_UP}", []))
-    else:
+    writer holds back from the rollups while it works off a backlog (``rollups.HOLD_ROWS``).
+    ``tables``: those this database has (``_tables``)."""
+    if rollups.ROLLED_UP not in tables:
         return (), 0
+    owner = "instance_id" if reader.postgres else "NULL AS instance_id"
+    found = reader.rows(f"SELECT {owner}, last_id FROM {rollups.ROLLED_UP}", [])
+    after = tuple((row["instance_id"], row["last_id"]) for row in found)
     if not after:
         return (), 0
     where, params = _after(after)
@@ -356,27 +352,23 @@ def _days_and_hours(
     return (*before, *days, *after)
 
 
-def _daily_before(reader: _Reader) -> float | None:
+def _daily_before(reader: _Reader, tables: set[str]) -> float | None:
     """The daily rollups' watermark (``rollups.keep``): whole days before it are complete there
     (in PostgreSQL, for every instance: the earliest instance's). None: complete throughout (no
     store has one yet, or a database not migrated to watermarks, whose daily rollups were kept
-    per batch)."""
-    if reader.postgres:
-        if not reader.rows("SELECT to_regclass(?) IS NOT NULL AS found", [rollups.WATERMARKS])[0]["found"]:
-            return None
-    elif not reader.rows("SELECT 1 AS found FROM sqlite_master WHERE name = ?", [rollups.WATERMARKS]):
+    per batch). ``tables``: those this database has (``_tables``)."""
+    if rollups.WATERMARKS not in tables:
         return None
     return reader.rows(f"SELECT min(daily_before) AS daily_before FROM {rollups.WATERMARKS}", [])[0]["daily_before"]
 
 
-def _rollup_tables(reader: _Reader) -> set[str]:
-    """The rollup tables this database has (an older one has none, or no daily one)."""
+def _tables(reader: _Reader, names: Sequence[str]) -> set[str]:
+    """Which of these tables this database has (an older one lacks the rollup tables, or some)."""
     if reader.postgres:
         found = "SELECT to_regclass(?) IS NOT NULL AS found"
-        return {table for table in rollups.PERIODS if reader.rows(found, [table])[0]["found"]}
-    tables = list(rollups.PERIODS)
-    sql = f"SELECT name FROM sqlite_master WHERE name IN ({', '.join('?' * len(tables))})"
-    return {row["name"] for row in reader.rows(sql, tables)}
+        return {table for table in names if reader.rows(found, [table])[0]["found"]}
+    sql = f"SELECT name FROM sqlite_master WHERE name IN ({', '.join('?' * len(names))})"
+    return {row["name"] for row in reader.rows(sql, list(names))}
 
 
 def _hours(start: float | None, end: float | None) -> tuple[str, list[float]]:
